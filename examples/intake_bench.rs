@@ -1,0 +1,355 @@
+//! Intake benchmark: N simulated MQTT devices (rumqttc, QoS 1) against the release binary.
+//!
+//! Reports messages per second committed to SQLite, publish-to-commit latency (p50/p99/max)
+//! at a fixed rate, and the gateway's peak RSS (VmHWM). The load generator runs on the same
+//! machine and competes for the same cores.
+//!
+//! ```text
+//! cargo build --release && cargo run --release --example intake_bench -- --devices 200 --messages 1000
+//! ```
+//! Commit time is observed from outside: a reader polls the database every millisecond for
+//! new rows and takes "now" as their commit time, so latencies are upper bounds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+struct Args {
+    devices: usize,
+    messages: usize,
+    rate: u64,
+    rate_seconds: u64,
+    binary: PathBuf,
+    synchronous: String,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        devices: 200,
+        messages: 1000,
+        rate: 5000,
+        rate_seconds: 10,
+        binary: PathBuf::from("target/release/branch-gateway"),
+        synchronous: "full".into(),
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let v = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--devices" => a.devices = v.parse().expect("--devices N"),
+            "--messages" => a.messages = v.parse().expect("--messages N (per device)"),
+            "--rate" => a.rate = v.parse().expect("--rate MSGS_PER_S"),
+            "--rate-seconds" => a.rate_seconds = v.parse().expect("--rate-seconds S"),
+            "--binary" => a.binary = PathBuf::from(v),
+            "--synchronous" => a.synchronous = v,
+            other => panic!("unknown argument {other}; see the file's doc comment"),
+        }
+        i += 2;
+    }
+    assert!(a.devices > 0 && a.devices <= 2000 && a.messages <= 100_000 && a.rate_seconds <= 300);
+    a
+}
+
+const PROFILE: &str = r#"{
+  "name": "bench-sensor",
+  "description": "benchmark device: a timestamp, a counter and padding to ~200 bytes",
+  "telemetry": { "max_bytes": 1024, "fields": {
+      "ts_us": {"type": "integer", "min": 0},
+      "n": {"type": "integer", "min": 0},
+      "device": {"type": "string", "max_length": 32},
+      "pad": {"type": "string", "max_length": 256}
+  }}
+}"#;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+fn payload(device: &str, n: usize) -> String {
+    let head = format!(
+        r#"{{"ts_us":{},"n":{n},"device":"{device}","pad":""#,
+        now_us()
+    );
+    let pad = 200usize.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+fn write_setup(dir: &Path, port: u16, args: &Args) -> PathBuf {
+    std::fs::create_dir_all(dir.join("profiles")).unwrap();
+    std::fs::write(dir.join("profiles/bench-sensor.json"), PROFILE).unwrap();
+    let mut cfg = format!(
+        "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"warn\"\n\
+         [broker]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nsynchronous = \"{}\"\n",
+        args.synchronous
+    );
+    for d in 0..args.devices {
+        cfg.push_str(&format!(
+            "[[devices]]\nid = \"bench-{d:04}\"\nprofile = \"bench-sensor\"\npassword = \"pw-{d}\"\n"
+        ));
+    }
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+fn start_gateway(binary: &Path, config: &Path, port: u16) -> Child {
+    let child = Command::new(binary)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (cargo build --release first)",
+                binary.display()
+            )
+        });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "gateway did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn vm_hwm_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn connect(port: u16, d: usize, acked: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> AsyncClient {
+    let id = format!("bench-{d:04}");
+    let mut opts = MqttOptions::new(&id, "127.0.0.1", port);
+    opts.set_credentials(&id, format!("pw-{d}"));
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(100);
+    let (client, mut el) = AsyncClient::new(opts, 128);
+    let (ok_tx, ok_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut ok_tx = Some(ok_tx);
+        while !stop.load(Ordering::Relaxed) {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if let Some(tx) = ok_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("{id}: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), ok_rx)
+        .await
+        .expect("CONNACK in time")
+        .unwrap();
+    client
+}
+
+fn wait_for_rows(db: &Path, want: i64, limit: Duration) -> (i64, Instant) {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let deadline = Instant::now() + limit;
+    loop {
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+            .unwrap_or(0);
+        if n >= want || Instant::now() > deadline {
+            return (n, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Polls for rows after `from_seq` every millisecond; latency = seen - ts_us in the payload.
+fn tail_latencies(db: PathBuf, from_seq: i64, want: usize, stop: Arc<AtomicBool>) -> Vec<u64> {
+    let conn =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut st = conn
+        .prepare("SELECT seq, json_extract(payload, '$.ts_us') FROM messages WHERE seq > ?1 ORDER BY seq")
+        .unwrap();
+    let mut last = from_seq;
+    let mut out = Vec::with_capacity(want);
+    while out.len() < want && !stop.load(Ordering::Relaxed) {
+        let seen = now_us();
+        let rows: Vec<(i64, i64)> = st
+            .query_map([last], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for (seq, ts) in rows {
+            last = seq;
+            out.push(seen.saturating_sub(ts as u64));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    out
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    let dir = std::env::temp_dir().join(format!("branch-gateway-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let port = free_port();
+    let config = write_setup(&dir, port, &args);
+    let db = dir.join("data/branch-gateway.sqlite");
+    let mut child = start_gateway(&args.binary, &config, port);
+    let pid = child.id();
+
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for d in 0..args.devices {
+        clients.push(connect(port, d, acked.clone(), stop.clone()).await);
+    }
+    println!(
+        "{} devices connected; gateway pid {pid}, RSS so far {} KiB",
+        args.devices,
+        vm_hwm_kb(pid)
+    );
+
+    // Phase 1: every device publishes its messages as fast as the link takes them.
+    let total = (args.devices * args.messages) as i64;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (d, client) in clients.iter().enumerate() {
+        let client = client.clone();
+        let n = args.messages;
+        tasks.push(tokio::spawn(async move {
+            let id = format!("bench-{d:04}");
+            let topic = format!("devices/{id}/telemetry");
+            for i in 0..n {
+                client
+                    .publish(&topic, QoS::AtLeastOnce, false, payload(&id, i))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let db2 = db.clone();
+    let (committed, done_at) =
+        tokio::task::spawn_blocking(move || wait_for_rows(&db2, total, Duration::from_secs(300)))
+            .await
+            .unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = done_at.duration_since(started).as_secs_f64();
+    println!(
+        "throughput: {committed}/{total} messages committed in {secs:.2} s = {:.0} msg/s ({} devices x {} msgs, ~200 B, QoS 1, synchronous={})",
+        committed as f64 / secs,
+        args.devices,
+        args.messages,
+        args.synchronous
+    );
+    assert_eq!(committed, total, "every message must be committed");
+
+    // Phase 2: a fixed total rate spread over all devices; latency publish -> commit.
+    let want = (args.rate * args.rate_seconds) as usize;
+    let tail_stop = Arc::new(AtomicBool::new(false));
+    let tailer = {
+        let (db, stop) = (db.clone(), tail_stop.clone());
+        tokio::task::spawn_blocking(move || tail_latencies(db, total, want, stop))
+    };
+    let period = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let mut tick = tokio::time::interval(period.max(Duration::from_micros(50)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let per_tick = if period < Duration::from_micros(50) {
+        (Duration::from_micros(50).as_secs_f64() / period.as_secs_f64()).round() as usize
+    } else {
+        1
+    };
+    let mut sent = 0usize;
+    let phase2 = Instant::now();
+    while sent < want {
+        tick.tick().await;
+        for _ in 0..per_tick.min(want - sent) {
+            let d = sent % args.devices;
+            let id = format!("bench-{d:04}");
+            clients[d]
+                .publish(
+                    format!("devices/{id}/telemetry"),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload(&id, sent),
+                )
+                .await
+                .unwrap();
+            sent += 1;
+        }
+    }
+    let sent_secs = phase2.elapsed().as_secs_f64();
+    let waiter = {
+        let stop = tail_stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let mut lat = tailer.await.unwrap();
+    waiter.abort();
+    lat.sort_unstable();
+    println!(
+        "latency at {:.0} msg/s offered ({} msgs over {sent_secs:.1} s): publish->commit p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} observed)",
+        sent as f64 / sent_secs,
+        sent,
+        pct(&lat, 0.50),
+        pct(&lat, 0.99),
+        pct(&lat, 1.0),
+        lat.len()
+    );
+    println!(
+        "gateway peak RSS (VmHWM): {:.1} MiB",
+        vm_hwm_kb(pid) as f64 / 1024.0
+    );
+    stop.store(true, Ordering::Relaxed);
+    sigterm(pid);
+    let status = child.wait().unwrap();
+    println!("gateway exited: {status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}

@@ -1,0 +1,248 @@
+//! Wiring only: open the buffer, start the broker and intake, connect them with bounded
+//! channels, and stop them in order when `shutdown` fires.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerEvent, BrokerSettings};
+use crate::buffer::{Buffer, BufferOptions, Write};
+use crate::config::{Loaded, SharedDevices};
+use crate::intake::{Intake, IntakeStats};
+use crate::model::{DeviceId, Presence};
+
+/// Capacity of the broker's event channel (connects, disconnects, denials).
+const BROKER_EVENTS: usize = 4096;
+/// How often the gateway logs a one-line summary.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Buffer(#[from] crate::buffer::BufferError),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+}
+
+/// Live figures of a running gateway, shared with the summary log and the demo.
+#[derive(Debug, Default)]
+pub struct Figures {
+    pub intake: Arc<IntakeStats>,
+    pub devices_online: AtomicUsize,
+    pub router_lost: AtomicU64,
+}
+
+/// Run the gateway until `shutdown` is cancelled; then stop intake, commit everything the
+/// broker accepted, and return. `ready` is called once devices can connect.
+pub async fn run(
+    loaded: Loaded,
+    shutdown: CancellationToken,
+    figures: Arc<Figures>,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), AppError> {
+    let cfg = &loaded.config;
+    let devices = SharedDevices::new(loaded.device_table());
+    let configured: Vec<(DeviceId, String)> = cfg
+        .devices
+        .iter()
+        .map(|d| (d.id.clone(), d.profile.clone()))
+        .collect();
+
+    let db_path = loaded.database_path();
+    let buffer = tokio::task::block_in_place(|| {
+        Buffer::open(
+            &db_path,
+            BufferOptions {
+                synchronous: cfg.storage.synchronous,
+                rejected_keep: cfg.storage.rejected_keep,
+                queue_capacity: cfg.storage.queue_capacity,
+            },
+            &configured,
+        )
+    })?;
+    let buffer_stats = buffer.stats();
+    tracing::info!(
+        path = %db_path.display(),
+        last_seq = buffer_stats.last_seq.load(Ordering::Relaxed),
+        "buffer open"
+    );
+
+    let (events_tx, events_rx) = mpsc::channel(BROKER_EVENTS);
+    let settings = BrokerSettings {
+        listen: cfg.broker.listen,
+        max_connections: cfg.broker.max_connections,
+        connect_timeout_ms: cfg.broker.connect_timeout_ms,
+        intake_buffer_bytes: cfg.broker.router_buffer_mb * 1024 * 1024,
+        // Room for the topic and MQTT 5 properties on top of the largest payload.
+        max_packet_bytes: loaded.max_payload().max(1024) + 1024,
+    };
+    let (broker, link) = Broker::start(settings.clone(), devices.clone(), events_tx).await?;
+
+    let tasks = tokio_util::task::TaskTracker::new();
+    let presence = tasks.spawn(track_presence(
+        events_rx,
+        buffer.sender(),
+        figures.clone(),
+        shutdown.clone(),
+    ));
+    let intake_done = tasks.spawn(
+        Intake {
+            link,
+            devices: devices.clone(),
+            writer: buffer.sender(),
+            stats: figures.intake.clone(),
+        }
+        .run(shutdown.clone()),
+    );
+    watch_alerts(&broker, figures.clone());
+    tasks.spawn(log_summaries(
+        figures.clone(),
+        buffer_stats.clone(),
+        shutdown.clone(),
+    ));
+    tasks.close();
+
+    tracing::info!(
+        listen = %settings.listen,
+        branch = %cfg.gateway.branch_id,
+        devices = cfg.devices.len(),
+        max_packet_bytes = settings.max_packet_bytes,
+        "gateway ready: devices can connect"
+    );
+    ready(settings.listen);
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: closing device connections, draining intake");
+    broker.close_connections();
+    let _ = intake_done.await;
+    drop(broker);
+    let _ = presence.await;
+    let closed = tokio::task::spawn_blocking(move || buffer.close()).await;
+    tasks.wait().await;
+    match closed {
+        Ok(Ok(())) => tracing::info!(
+            committed = buffer_stats.messages_committed.load(Ordering::Relaxed),
+            last_seq = buffer_stats.last_seq.load(Ordering::Relaxed),
+            "buffer flushed; stopped"
+        ),
+        Ok(Err(e)) => tracing::error!(error = %e, "buffer did not close cleanly"),
+        Err(e) => tracing::error!(error = %e, "buffer close task failed"),
+    }
+    Ok(())
+}
+
+/// Turn broker events into buffer writes. Counts connections per device so a device
+/// that reconnects (the old session is dropped after the new one connects) stays online.
+/// Stops at shutdown once the events already queued are written (open connections keep
+/// their senders alive, so the channel itself never closes).
+async fn track_presence(
+    mut events: mpsc::Receiver<BrokerEvent>,
+    writer: mpsc::Sender<Write>,
+    figures: Arc<Figures>,
+    shutdown: CancellationToken,
+) {
+    let mut connections: HashMap<DeviceId, u32> = HashMap::new();
+    loop {
+        let event = tokio::select! {
+            biased;
+            e = events.recv() => e,
+            _ = shutdown.cancelled() => events.try_recv().ok(),
+        };
+        let Some(event) = event else { break };
+        let write = match event {
+            BrokerEvent::Presence(Presence::Connected { device, at_ms }) => {
+                let n = connections.entry(device.clone()).or_insert(0);
+                *n += 1;
+                if *n > 1 {
+                    continue;
+                }
+                tracing::info!(device = %device, "device connected");
+                Write::Presence(Presence::Connected { device, at_ms })
+            }
+            BrokerEvent::Presence(Presence::Disconnected { device, at_ms }) => {
+                match connections.get_mut(&device) {
+                    Some(n) if *n > 1 => {
+                        *n -= 1;
+                        continue;
+                    }
+                    Some(_) => {
+                        connections.remove(&device);
+                    }
+                    None => continue,
+                }
+                tracing::info!(device = %device, "device disconnected");
+                Write::Presence(Presence::Disconnected { device, at_ms })
+            }
+            BrokerEvent::Denied {
+                device: Some(device),
+                what,
+            } => Write::Denied {
+                device,
+                what: what.as_str(),
+                at_ms: crate::model::now_ms(),
+            },
+            BrokerEvent::Denied { device: None, .. } => continue,
+        };
+        figures
+            .devices_online
+            .store(connections.len(), Ordering::Relaxed);
+        if writer.send(write).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// rumqttd reports a subscriber that fell behind its ring (`CursorJump`) only as an alert.
+fn watch_alerts(broker: &Broker, figures: Arc<Figures>) {
+    let Ok(alerts) = broker.alerts() else {
+        tracing::warn!("cannot watch broker alerts");
+        return;
+    };
+    tokio::spawn(async move {
+        while let Ok(batch) = alerts.next().await {
+            for alert in batch {
+                if alert.kind.name() == "cursor_jump" {
+                    figures.router_lost.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::error!(
+                    client = %alert.client_id,
+                    alert = %alert.kind.name(),
+                    detail = %alert.kind.description(),
+                    "broker alert: a subscriber fell behind and messages were skipped"
+                );
+            }
+        }
+    });
+}
+
+async fn log_summaries(
+    figures: Arc<Figures>,
+    buffer: Arc<crate::buffer::BufferStats>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SUMMARY_EVERY);
+    tick.tick().await;
+    let (mut last_acc, mut last_rej) = (0, 0);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let acc = figures.intake.accepted.load(Ordering::Relaxed);
+        let rej = figures.intake.rejected.load(Ordering::Relaxed);
+        tracing::info!(
+            accepted = acc - last_acc,
+            rejected = rej - last_rej,
+            devices_online = figures.devices_online.load(Ordering::Relaxed),
+            committed_total = buffer.messages_committed.load(Ordering::Relaxed),
+            last_seq = buffer.last_seq.load(Ordering::Relaxed),
+            commit_errors = buffer.commit_errors.load(Ordering::Relaxed),
+            "intake in the last minute"
+        );
+        (last_acc, last_rej) = (acc, rej);
+    }
+}

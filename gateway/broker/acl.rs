@@ -1,0 +1,67 @@
+//! Which topics a device may publish to and subscribe to. Pure string rules.
+//!
+//! A device `ID` may publish only under `devices/ID/` and subscribe only to
+//! `devices/ID/commands[/...]` and to the read-only `branch/...` tree.
+
+/// May `device` publish to `topic`?
+pub fn may_publish(device: &str, topic: &str) -> bool {
+    let Some(rest) = topic
+        .strip_prefix("devices/")
+        .and_then(|r| r.strip_prefix(device))
+        .and_then(|r| r.strip_prefix('/'))
+    else {
+        return false;
+    };
+    !rest.is_empty() && !rest.contains(['+', '#'])
+}
+
+/// May `device` subscribe to `filter`?
+pub fn may_subscribe(device: &str, filter: &str) -> bool {
+    if filter == "branch" || filter.starts_with("branch/") {
+        return true;
+    }
+    match filter
+        .strip_prefix("devices/")
+        .and_then(|r| r.strip_prefix(device))
+        .and_then(|r| r.strip_prefix("/commands"))
+    {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_rules() {
+        assert!(may_publish("k1", "devices/k1/telemetry"));
+        assert!(may_publish("k1", "devices/k1/events"));
+        assert!(may_publish("k1", "devices/k1/whatever"));
+        assert!(!may_publish("k1", "devices/k1/"));
+        assert!(!may_publish("k1", "devices/k1"));
+        assert!(!may_publish("k1", "devices/k10/events"));
+        assert!(!may_publish("k10", "devices/k1/events"));
+        assert!(!may_publish("k1", "devices/k2/events"));
+        assert!(!may_publish("k1", "branch/summary/live"));
+        assert!(!may_publish("k1", "devices/k1/a/#"));
+    }
+
+    #[test]
+    fn subscribe_rules() {
+        assert!(may_subscribe("k1", "devices/k1/commands/#"));
+        assert!(may_subscribe("k1", "devices/k1/commands"));
+        assert!(may_subscribe("k1", "devices/k1/commands/reboot"));
+        assert!(may_subscribe("k1", "branch/#"));
+        assert!(may_subscribe("k1", "branch/summary/live"));
+        assert!(!may_subscribe("k1", "#"));
+        assert!(!may_subscribe("k1", "devices/#"));
+        assert!(!may_subscribe("k1", "devices/+/commands/#"));
+        assert!(!may_subscribe("k1", "devices/k1/#"));
+        assert!(!may_subscribe("k1", "devices/k1/commandsX"));
+        assert!(!may_subscribe("k1", "devices/k2/commands/#"));
+        assert!(!may_subscribe("k1", "branchX/#"));
+        assert!(!may_subscribe("k1", "$share/g/branch/#"));
+    }
+}

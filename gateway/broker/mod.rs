@@ -1,0 +1,226 @@
+//! The embedded MQTT broker devices connect to: rumqttd's router and one listener (MQTT
+//! 3.1.1 and 5) on our runtime, wrapped by [`protocol::DeviceProtocol`] for auth and ACLs,
+//! plus the in-process link intake reads every device message from.
+//!
+//! rumqttd acknowledges and silently drops a publish that matches no subscription, so the
+//! intake link subscribes to `devices/#` before the listener accepts anyone.
+
+pub mod acl;
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
+use tokio::sync::mpsc;
+
+use crate::config::SharedDevices;
+pub use protocol::{BrokerEvent, BrokerStats, Denial, Shared};
+
+/// The filter intake subscribes to.
+pub const INTAKE_FILTER: &str = "devices/#";
+
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+    pub connect_timeout_ms: u16,
+    /// Memory for intake's `devices/#` subscription in the router, in bytes.
+    pub intake_buffer_bytes: usize,
+    /// Largest MQTT packet accepted from a device (payload plus topic and header).
+    pub max_packet_bytes: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker.listen {addr}: cannot listen: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("broker.listen {addr}: listener stopped: {message}")]
+    Listener { addr: SocketAddr, message: String },
+    #[error("embedded broker link: {0}")]
+    Link(String),
+}
+
+type NewLink = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), BrokerError> + Send + Sync>;
+type NewAlerts = Box<dyn Fn() -> Result<rumqttd::alerts::AlertsLink, BrokerError> + Send + Sync>;
+
+/// A running embedded broker. rumqttd has no shutdown: [`Broker::close_connections`]
+/// stops acknowledging devices and the process exits afterwards.
+pub struct Broker {
+    /// rumqttd does not export its router channel's item type, so the sender is kept
+    /// inside closures that create links from it.
+    new_link: NewLink,
+    new_alerts: NewAlerts,
+    shared: Arc<Shared>,
+    accept: tokio::task::JoinHandle<()>,
+    listen: SocketAddr,
+}
+
+/// The in-process subscription to `devices/#` that intake drains.
+pub struct IntakeLink {
+    pub tx: LinkTx,
+    pub rx: LinkRx,
+}
+
+impl Broker {
+    /// Start the router, subscribe intake, then start the listener and wait until it
+    /// accepts TCP connections.
+    pub async fn start(
+        settings: BrokerSettings,
+        devices: SharedDevices,
+        events: mpsc::Sender<BrokerEvent>,
+    ) -> Result<(Broker, IntakeLink), BrokerError> {
+        // Fail early and clearly if the address is taken (rumqttd would only log it).
+        std::net::TcpListener::bind(settings.listen).map_err(|source| BrokerError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+
+        let segment = |total: usize, count: usize| rumqttd::SegmentConfig {
+            max_segment_size: (total / count).max(64 * 1024),
+            max_segment_count: count,
+        };
+        let mut custom = HashMap::new();
+        custom.insert(
+            INTAKE_FILTER.to_owned(),
+            segment(settings.intake_buffer_bytes, 4),
+        );
+        let router = RouterConfig {
+            max_connections: settings.max_connections + 8,
+            max_outgoing_packet_count: 1024,
+            // Every other filter (a device's commands, `branch/#`) carries little traffic.
+            max_segment_size: 256 * 1024,
+            max_segment_count: 2,
+            custom_segment: Some(custom),
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        };
+        let router_tx = rumqttd::Router::new(0, router).spawn();
+
+        let (mut tx, rx, _ack) =
+            rumqttd::local::LinkBuilder::new("gateway-intake", router_tx.clone())
+                .clean_session(true)
+                .build()
+                .map_err(|e| BrokerError::Link(e.to_string()))?;
+        tx.subscribe(INTAKE_FILTER)
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+
+        let shared = Arc::new(Shared::new(devices, events));
+        let server_settings = ServerSettings {
+            name: "devices".to_owned(),
+            listen: settings.listen,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: ConnectionSettings {
+                connection_timeout_ms: settings.connect_timeout_ms,
+                max_payload_size: settings.max_packet_bytes,
+                max_inflight_count: 100,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: false,
+            },
+        };
+        let mut server = rumqttd::Server::new(
+            server_settings,
+            router_tx.clone(),
+            protocol::DeviceProtocol::new(shared.clone()),
+        );
+        let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel();
+        let accept = tokio::spawn(async move {
+            if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
+                let _ = failed_tx.send(e.to_string());
+            }
+        });
+        let probe = probe_addr(settings.listen);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(message) = failed_rx.try_recv() {
+                return Err(BrokerError::Listener {
+                    addr: settings.listen,
+                    message,
+                });
+            }
+            if tokio::net::TcpStream::connect(probe).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(BrokerError::Listener {
+                    addr: settings.listen,
+                    message: "not accepting connections after 5 s".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok((
+            Broker {
+                new_link: {
+                    let router_tx = router_tx.clone();
+                    Box::new(move |client_id: &str| {
+                        rumqttd::local::LinkBuilder::new(client_id, router_tx.clone())
+                            .clean_session(true)
+                            .build()
+                            .map(|(tx, rx, _)| (tx, rx))
+                            .map_err(|e| BrokerError::Link(e.to_string()))
+                    })
+                },
+                new_alerts: Box::new(move || {
+                    rumqttd::alerts::AlertsLink::new(router_tx.clone())
+                        .map_err(|e| BrokerError::Link(e.to_string()))
+                }),
+                shared,
+                accept,
+                listen: settings.listen,
+            },
+            IntakeLink { tx, rx },
+        ))
+    }
+
+    pub fn stats(&self) -> &BrokerStats {
+        &self.shared.stats
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// A new in-process client of the router (for gateway-originated publishes).
+    pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
+        (self.new_link)(client_id)
+    }
+
+    /// Router alerts, e.g. `CursorJump` when intake fell too far behind.
+    pub fn alerts(&self) -> Result<rumqttd::alerts::AlertsLink, BrokerError> {
+        (self.new_alerts)()
+    }
+
+    /// Stop accepting connections and close every open one at its next packet, so no
+    /// device gets another acknowledgement from this process.
+    pub fn close_connections(&self) {
+        self.accept.abort();
+        self.shared.closing.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Where to probe a listener: its own address, or loopback for a wildcard one.
+pub fn probe_addr(listen: SocketAddr) -> SocketAddr {
+    match listen {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,95 @@
+//! Schema and migrations, versioned with `PRAGMA user_version`.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::BufferError;
+use crate::config::Synchronous;
+
+/// Migrations in order; entry `i` moves the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE messages (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    device       TEXT    NOT NULL,
+    kind         TEXT    NOT NULL,
+    received_ms  INTEGER NOT NULL,
+    payload      TEXT    NOT NULL,
+    delivered_ms INTEGER
+);
+CREATE INDEX messages_undelivered ON messages(seq) WHERE delivered_ms IS NULL;
+CREATE TABLE rejected (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    device      TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    received_ms INTEGER NOT NULL,
+    reason      TEXT    NOT NULL,
+    detail      TEXT    NOT NULL,
+    excerpt     TEXT    NOT NULL
+);
+CREATE TABLE devices (
+    id                 TEXT PRIMARY KEY,
+    profile            TEXT    NOT NULL,
+    configured         INTEGER NOT NULL DEFAULT 1,
+    online             INTEGER NOT NULL DEFAULT 0,
+    last_seen_ms       INTEGER,
+    last_connect_ms    INTEGER,
+    last_disconnect_ms INTEGER,
+    reported_status    TEXT,
+    reported_status_ms INTEGER,
+    last_reject_reason TEXT,
+    last_reject_detail TEXT,
+    last_reject_ms     INTEGER
+);
+CREATE TABLE device_counters (
+    device  TEXT    NOT NULL,
+    counter TEXT    NOT NULL,
+    value   INTEGER NOT NULL,
+    last_ms INTEGER NOT NULL,
+    PRIMARY KEY (device, counter)
+) WITHOUT ROWID;
+"#];
+
+/// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).
+pub fn prepare(conn: &Connection, sync: Synchronous) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        tracing::warn!(journal_mode = mode, "SQLite refused WAL mode");
+    }
+    let sync = match sync {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+pub fn migrate(conn: &mut Connection, path: &Path) -> Result<(), BufferError> {
+    let sql_err = |source| BufferError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql_err)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(BufferError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(sql_err)?;
+        tx.execute_batch(sql).map_err(sql_err)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(sql_err)?;
+        tx.commit().map_err(sql_err)?;
+        tracing::info!(path = %path.display(), version = i + 1, "database schema migrated");
+    }
+    Ok(())
+}

@@ -1,0 +1,577 @@
+//! The gateway's TOML config and the device profiles it names.
+//!
+//! Parsing is strict (`deny_unknown_fields`: a typo is an error, never silently ignored);
+//! semantics serde cannot see are checked afterwards by [`Config::check`], which reports
+//! every problem with the key it concerns. [`load`] does both and loads every profile the
+//! devices use, so `check-config` and `run` accept exactly the same files.
+
+pub mod profile;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::Deserialize;
+
+use crate::model::DeviceId;
+pub use profile::Profile;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewaySection,
+    pub broker: BrokerSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default)]
+    pub devices: Vec<DeviceSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    pub branch_id: String,
+    /// Where the SQLite buffer lives; relative paths resolve against the config file's folder.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "default_profiles_dir")]
+    pub profiles_dir: PathBuf,
+    /// Log filter (`error`..`trace`, or a tracing directive); `RUST_LOG` wins when set.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    /// One listener for MQTT 3.1.1 and MQTT 5 (the protocol level of each CONNECT decides).
+    pub listen: SocketAddr,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long a new TCP connection may take to send its CONNECT.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u16,
+    /// Memory the embedded broker may hold per subscription filter, in MiB. Intake's own
+    /// subscription (`devices/#`) uses it to ride out a slow disk; see README "Bounds".
+    #[serde(default = "default_router_buffer_mb")]
+    pub router_buffer_mb: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// How many rejected messages to keep for branch IT to inspect (oldest go first).
+    #[serde(default = "default_rejected_keep")]
+    pub rejected_keep: u64,
+    /// SQLite `synchronous`: `full` (a commit survives power loss) or `normal` (faster,
+    /// the last commits can roll back on power loss).
+    #[serde(default)]
+    pub synchronous: Synchronous,
+    /// Capacity of the queue between intake and the SQLite writer, in messages.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection {
+            rejected_keep: default_rejected_keep(),
+            synchronous: Synchronous::default(),
+            queue_capacity: default_queue(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    #[default]
+    Full,
+    Normal,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    pub id: DeviceId,
+    pub profile: String,
+    /// Plain text, or an argon2 PHC string (`$argon2id$...`, see `branch-gateway hash-password`).
+    pub password: String,
+}
+
+impl fmt::Debug for DeviceSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceSection")
+            .field("id", &self.id)
+            .field("profile", &self.profile)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_profiles_dir() -> PathBuf {
+    PathBuf::from("./device-profiles")
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_connect_timeout_ms() -> u16 {
+    5000
+}
+fn default_router_buffer_mb() -> usize {
+    16
+}
+fn default_rejected_keep() -> u64 {
+    10_000
+}
+fn default_queue() -> usize {
+    8192
+}
+
+/// One semantic problem: the key it concerns and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", list(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    let mut s = String::new();
+    for (i, p) in problems.iter().enumerate() {
+        if i > 0 {
+            s.push_str("\n  ");
+        }
+        s.push_str(&p.to_string());
+    }
+    s
+}
+
+/// A device id is its MQTT username and a topic level: keep it to safe characters.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Semantic checks; every problem is reported with its key.
+    pub fn check(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut push = |key: String, message: String| problems.push(Problem { key, message });
+        if !valid_id(&self.gateway.branch_id) {
+            push(
+                "gateway.branch_id".into(),
+                "must be 1-64 characters of A-Z a-z 0-9 - _ .".into(),
+            );
+        }
+        if self.broker.max_connections == 0 {
+            push("broker.max_connections".into(), "must be at least 1".into());
+        }
+        if self.broker.connect_timeout_ms < 100 {
+            push(
+                "broker.connect_timeout_ms".into(),
+                "must be at least 100".into(),
+            );
+        }
+        if !(1..=1024).contains(&self.broker.router_buffer_mb) {
+            push(
+                "broker.router_buffer_mb".into(),
+                "must be between 1 and 1024".into(),
+            );
+        }
+        if !(16..=1_000_000).contains(&self.storage.queue_capacity) {
+            push(
+                "storage.queue_capacity".into(),
+                "must be between 16 and 1000000".into(),
+            );
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.gateway.log_level).is_err() {
+            push(
+                "gateway.log_level".into(),
+                format!("{:?} is not a log level or filter", self.gateway.log_level),
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            let key = |k: &str| format!("devices[{i}].{k} (id {:?})", d.id);
+            if !valid_id(&d.id) {
+                push(
+                    key("id"),
+                    "must be 1-64 characters of A-Z a-z 0-9 - _ .".into(),
+                );
+            }
+            if !seen.insert(d.id.as_str()) {
+                push(key("id"), "is used by an earlier device".into());
+            }
+            if let Err(e) = Password::parse(&d.password) {
+                push(key("password"), e);
+            }
+            if !valid_id(&d.profile) {
+                push(key("profile"), "is not a valid profile name".into());
+            }
+        }
+        problems
+    }
+}
+
+/// A device secret as configured: compared in constant time, or verified against argon2.
+#[derive(Clone)]
+pub enum Password {
+    Plain(String),
+    Argon2(String),
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Password::Plain(_) => f.write_str("Password::Plain(<redacted>)"),
+            Password::Argon2(_) => f.write_str("Password::Argon2(<redacted>)"),
+        }
+    }
+}
+
+impl Password {
+    pub fn parse(s: &str) -> Result<Password, String> {
+        if s.is_empty() {
+            return Err("must not be empty".into());
+        }
+        if s.starts_with("$argon2") {
+            let hash = argon2::PasswordHash::new(s)
+                .map_err(|e| format!("looks like an argon2 hash but does not parse: {e}"))?;
+            if hash.salt.is_none() || hash.hash.is_none() {
+                return Err("looks like an argon2 hash but has no salt or hash part".into());
+            }
+            return Ok(Password::Argon2(s.to_owned()));
+        }
+        Ok(Password::Plain(s.to_owned()))
+    }
+
+    /// Constant-time for plain secrets; argon2 is slow by design (tens of ms).
+    pub fn verify(&self, given: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        match self {
+            Password::Plain(p) => p.as_bytes().ct_eq(given).into(),
+            Password::Argon2(phc) => {
+                use argon2::PasswordVerifier;
+                match argon2::PasswordHash::new(phc) {
+                    Ok(hash) => argon2::Argon2::default()
+                        .verify_password(given, &hash)
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+
+    /// An argon2id PHC string for `secret`, with a fresh random salt.
+    pub fn hash(secret: &str) -> String {
+        use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+        let salt = SaltString::generate(&mut OsRng);
+        argon2::Argon2::default()
+            .hash_password(secret.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// One configured device, as the broker and intake see it.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub id: DeviceId,
+    pub profile: Arc<Profile>,
+    pub password: Password,
+}
+
+/// The configured devices by id. Shared read-mostly between the broker's protocol wrapper
+/// (auth, ACL) and intake (validation); replaced whole on reload.
+#[derive(Debug, Default)]
+pub struct DeviceTable {
+    pub devices: HashMap<DeviceId, Device>,
+}
+
+impl DeviceTable {
+    pub fn get(&self, id: &str) -> Option<&Device> {
+        self.devices.get(id)
+    }
+}
+
+/// A handle every reader clones; `load()` is a cheap `Arc` clone under a short read lock.
+#[derive(Debug, Clone, Default)]
+pub struct SharedDevices(Arc<RwLock<Arc<DeviceTable>>>);
+
+impl SharedDevices {
+    pub fn new(table: DeviceTable) -> Self {
+        SharedDevices(Arc::new(RwLock::new(Arc::new(table))))
+    }
+    pub fn load(&self) -> Arc<DeviceTable> {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+    pub fn replace(&self, table: DeviceTable) {
+        match self.0.write() {
+            Ok(mut g) => *g = Arc::new(table),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(table),
+        }
+    }
+}
+
+/// A config file with its paths resolved and the profiles its devices use.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub config: Config,
+    pub data_dir: PathBuf,
+    pub profiles_dir: PathBuf,
+    pub profiles: BTreeMap<String, Arc<Profile>>,
+}
+
+impl Loaded {
+    pub fn device_table(&self) -> DeviceTable {
+        let mut devices = HashMap::new();
+        for d in &self.config.devices {
+            // `load` has already checked that the password parses and the profile exists.
+            if let (Ok(password), Some(profile)) =
+                (Password::parse(&d.password), self.profiles.get(&d.profile))
+            {
+                devices.insert(
+                    d.id.clone(),
+                    Device {
+                        id: d.id.clone(),
+                        profile: profile.clone(),
+                        password,
+                    },
+                );
+            }
+        }
+        DeviceTable { devices }
+    }
+
+    /// The SQLite file inside `data_dir`.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("branch-gateway.sqlite")
+    }
+
+    /// The largest payload any configured profile accepts (sets the broker's packet limit).
+    pub fn max_payload(&self) -> usize {
+        self.profiles
+            .values()
+            .map(|p| p.max_bytes())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    // Drop `.` components so `./data` next to `./gateway.toml` reads as `data`, not `././data`.
+    let mut out: PathBuf = base
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect();
+    out.extend(
+        p.components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir)),
+    );
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+/// Read, parse and check a config file and every profile its devices use.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message,
+    })?;
+    let problems = config.check();
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        });
+    }
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let data_dir = resolve(base, &config.gateway.data_dir);
+    let profiles_dir = resolve(base, &config.gateway.profiles_dir);
+    let mut profiles = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (i, d) in config.devices.iter().enumerate() {
+        if profiles.contains_key(&d.profile) {
+            continue;
+        }
+        let file = profiles_dir.join(format!("{}.json", d.profile));
+        let text = match std::fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(Problem {
+                    key: format!("devices[{i}].profile (id {:?})", d.id),
+                    message: format!(
+                        "profile {:?}: cannot read {}: {e}",
+                        d.profile,
+                        file.display()
+                    ),
+                });
+                continue;
+            }
+        };
+        let profile = match Profile::from_json(&text) {
+            Ok(p) => p,
+            Err(e) => {
+                return Err(ConfigError::Parse {
+                    path: file,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let mut profile_problems: Vec<Problem> = profile
+            .check()
+            .into_iter()
+            .map(|p| Problem {
+                key: if p.path.is_empty() {
+                    "(top level)".into()
+                } else {
+                    p.path
+                },
+                message: p.message,
+            })
+            .collect();
+        if profile.name != d.profile {
+            profile_problems.push(Problem {
+                key: "name".into(),
+                message: format!(
+                    "is {:?} but the file is named {:?}",
+                    profile.name, d.profile
+                ),
+            });
+        }
+        if !profile_problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: file,
+                problems: profile_problems,
+            });
+        }
+        profiles.insert(d.profile.clone(), Arc::new(profile));
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        });
+    }
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        config,
+        data_dir,
+        profiles_dir,
+        profiles,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [gateway]
+        branch_id = "b1"
+        [broker]
+        listen = "127.0.0.1:1883"
+        [[devices]]
+        id = "k1"
+        profile = "p"
+        password = "secret"
+    "#;
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.gateway.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.storage.rejected_keep, 10_000);
+        assert_eq!(c.storage.synchronous, Synchronous::Full);
+        assert!(c.check().is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = MINIMAL.replace("listen =", "listne =");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.contains("listne"), "{err}");
+        assert!(err.contains("line 5"), "{err}");
+    }
+
+    #[test]
+    fn semantic_problems_name_their_keys() {
+        let text =
+            format!("{MINIMAL}\n[[devices]]\nid = \"k1\"\nprofile = \"p\"\npassword = \"\"\n");
+        let c = Config::parse(&text).unwrap();
+        let keys: Vec<String> = c.check().into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "devices[1].id (id \"k1\")",
+                "devices[1].password (id \"k1\")"
+            ]
+        );
+    }
+
+    #[test]
+    fn passwords_plain_and_argon2() {
+        let plain = Password::parse("change-me").unwrap();
+        assert!(plain.verify(b"change-me"));
+        assert!(!plain.verify(b"change-mE"));
+        let hashed = Password::parse(&Password::hash("s3cret")).unwrap();
+        assert!(matches!(hashed, Password::Argon2(_)));
+        assert!(hashed.verify(b"s3cret"));
+        assert!(!hashed.verify(b"s3cre"));
+        assert!(Password::parse("$argon2id$garbage").is_err());
+        assert_eq!(format!("{plain:?}"), "Password::Plain(<redacted>)");
+    }
+}

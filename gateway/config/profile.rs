@@ -1,0 +1,684 @@
+//! Device profiles: the JSON contract of one device type, and the pure check of a payload
+//! against it. No I/O here beyond `Profile::from_json`; `config::load` reads the files.
+//!
+//! A profile names, per kind (`telemetry`, `events`), the fields a payload may carry, their
+//! JSON types, whether they are required, their ranges or allowed values, and a size limit.
+//! Events carry a type field (`"event"` by default) that selects one of the declared event
+//! types, each with its own fields on top of the kind's common fields.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::model::{Kind, RejectReason, Rejection};
+
+/// The largest `max_bytes` a profile may declare; the broker's packet limit is derived from it.
+pub const MAX_PAYLOAD_LIMIT: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Must equal the file name without `.json`.
+    pub name: String,
+    pub description: String,
+    pub telemetry: Option<KindSpec>,
+    pub events: Option<KindSpec>,
+}
+
+/// What to do with a payload field the profile does not declare.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownFields {
+    /// Refuse the message (`unknown_field`): the strict default, so a contract drift is seen.
+    #[default]
+    Reject,
+    /// Accept the message without the field: an allow-list, for devices that send extras.
+    Drop,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KindSpec {
+    /// Largest accepted payload in bytes.
+    pub max_bytes: usize,
+    /// Expected interval between messages, in seconds (documentation and the simulator).
+    #[serde(default)]
+    pub interval_s: Option<u64>,
+    #[serde(default)]
+    pub unknown_fields: UnknownFields,
+    /// Fields every message of this kind may carry.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldSpec>,
+    /// For events: the field whose value selects an entry of `types`.
+    #[serde(default)]
+    pub type_field: Option<String>,
+    /// Event types, each with its own fields (added to `fields`).
+    #[serde(default)]
+    pub types: BTreeMap<String, TypeSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypeSpec {
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Relative frequency of this type in simulated traffic (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Object,
+    Array,
+}
+
+impl FieldType {
+    fn as_str(self) -> &'static str {
+        match self {
+            FieldType::String => "string",
+            FieldType::Integer => "integer",
+            FieldType::Number => "number",
+            FieldType::Boolean => "boolean",
+            FieldType::Object => "object",
+            FieldType::Array => "array",
+        }
+    }
+
+    fn matches(self, v: &Value) -> bool {
+        match self {
+            FieldType::String => v.is_string(),
+            FieldType::Integer => v.is_i64() || v.is_u64(),
+            FieldType::Number => v.is_number(),
+            FieldType::Boolean => v.is_boolean(),
+            FieldType::Object => v.is_object(),
+            FieldType::Array => v.is_array(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpec {
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    #[serde(default = "default_true")]
+    pub required: bool,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Inclusive bounds for integers and numbers.
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    /// Length bounds for strings (in characters) and arrays (in items).
+    #[serde(default)]
+    pub min_length: Option<usize>,
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    /// Allowed values (strings or numbers).
+    #[serde(default, rename = "enum")]
+    pub allowed: Option<Vec<Value>>,
+    /// Sample values for the simulator and the docs; each must pass this field's checks.
+    #[serde(default)]
+    pub examples: Vec<Value>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A semantic problem in a profile, found by [`Profile::check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileProblem {
+    /// Where in the file, e.g. `events.types.loan.fields.result`.
+    pub path: String,
+    pub message: String,
+}
+
+impl Profile {
+    pub fn from_json(text: &str) -> Result<Profile, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    pub fn kind(&self, kind: Kind) -> Option<&KindSpec> {
+        match kind {
+            Kind::Telemetry => self.telemetry.as_ref(),
+            Kind::Events => self.events.as_ref(),
+            Kind::Status => None,
+        }
+    }
+
+    /// Largest payload any kind of this profile accepts.
+    pub fn max_bytes(&self) -> usize {
+        [&self.telemetry, &self.events]
+            .into_iter()
+            .flatten()
+            .map(|k| k.max_bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Semantic checks serde cannot express; every problem is reported, not just the first.
+    pub fn check(&self) -> Vec<ProfileProblem> {
+        let mut problems = Vec::new();
+        if self.telemetry.is_none() && self.events.is_none() {
+            problems.push(problem("", "a profile needs `telemetry`, `events` or both"));
+        }
+        for (kind, spec) in [("telemetry", &self.telemetry), ("events", &self.events)] {
+            if let Some(spec) = spec {
+                spec.check(kind, &mut problems);
+            }
+        }
+        problems
+    }
+
+    /// Check one payload of `kind` against this profile. On success returns the payload to
+    /// store (undeclared fields removed where the profile says `drop`).
+    pub fn validate(&self, kind: Kind, payload: &[u8]) -> Result<String, Rejection> {
+        if kind == Kind::Status {
+            return validate_status(payload);
+        }
+        let Some(spec) = self.kind(kind) else {
+            return Err(Rejection::new(
+                RejectReason::UnknownKind,
+                format!("profile `{}` declares no `{kind}`", self.name),
+            ));
+        };
+        spec.validate(payload)
+    }
+}
+
+/// `devices/ID/status` carries exactly `online` or `offline` (surrounding whitespace allowed).
+pub fn validate_status(payload: &[u8]) -> Result<String, Rejection> {
+    match std::str::from_utf8(payload).map(str::trim) {
+        Ok("online") => Ok("online".to_owned()),
+        Ok("offline") => Ok("offline".to_owned()),
+        _ => Err(Rejection::new(
+            RejectReason::BadStatus,
+            "status must be `online` or `offline`",
+        )),
+    }
+}
+
+fn problem(path: &str, message: impl Into<String>) -> ProfileProblem {
+    ProfileProblem {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+impl KindSpec {
+    fn check(&self, kind: &str, problems: &mut Vec<ProfileProblem>) {
+        if self.max_bytes == 0 || self.max_bytes > MAX_PAYLOAD_LIMIT {
+            problems.push(problem(
+                &format!("{kind}.max_bytes"),
+                format!("must be between 1 and {MAX_PAYLOAD_LIMIT}"),
+            ));
+        }
+        for (name, field) in &self.fields {
+            field.check(&format!("{kind}.fields.{name}"), problems);
+        }
+        match (&self.type_field, self.types.is_empty()) {
+            (Some(tf), false) => {
+                if self.fields.contains_key(tf) {
+                    problems.push(problem(
+                        &format!("{kind}.fields.{tf}"),
+                        "the type field is implied by `types`; do not declare it in `fields`",
+                    ));
+                }
+            }
+            (Some(_), true) => problems.push(problem(
+                &format!("{kind}.types"),
+                "`type_field` is set but no `types` are declared",
+            )),
+            (None, false) => problems.push(problem(
+                &format!("{kind}.type_field"),
+                "`types` are declared but no `type_field` names the field that selects them",
+            )),
+            (None, true) => {}
+        }
+        for (tname, t) in &self.types {
+            for (name, field) in &t.fields {
+                let path = format!("{kind}.types.{tname}.fields.{name}");
+                if self.fields.contains_key(name) {
+                    problems.push(problem(
+                        &path,
+                        "already declared in the kind's common `fields`",
+                    ));
+                }
+                field.check(&path, problems);
+            }
+        }
+    }
+
+    fn validate(&self, payload: &[u8]) -> Result<String, Rejection> {
+        if payload.len() > self.max_bytes {
+            return Err(Rejection::new(
+                RejectReason::TooLarge,
+                format!("{} bytes, limit {}", payload.len(), self.max_bytes),
+            ));
+        }
+        let value: Value = serde_json::from_slice(payload)
+            .map_err(|e| Rejection::new(RejectReason::NotJson, truncate(&e.to_string(), 120)))?;
+        let Value::Object(mut obj) = value else {
+            return Err(Rejection::new(
+                RejectReason::NotObject,
+                format!("payload is a JSON {}, not an object", json_type(&value)),
+            ));
+        };
+        let type_fields = match &self.type_field {
+            Some(tf) => {
+                let t = match obj.get(tf) {
+                    None => {
+                        return Err(Rejection::new(
+                            RejectReason::MissingField,
+                            format!("field `{tf}` is required"),
+                        ))
+                    }
+                    Some(Value::String(s)) => s.as_str(),
+                    Some(other) => {
+                        return Err(Rejection::new(
+                            RejectReason::WrongType,
+                            format!("field `{tf}` must be string, got {}", json_type(other)),
+                        ))
+                    }
+                };
+                match self.types.get(t) {
+                    Some(spec) => Some(&spec.fields),
+                    None => {
+                        return Err(Rejection::new(
+                            RejectReason::UnknownType,
+                            format!("`{tf}` = {:?} is not a declared type", truncate(t, 40)),
+                        ))
+                    }
+                }
+            }
+            None => None,
+        };
+        let declared = |name: &str| -> Option<&FieldSpec> {
+            self.fields
+                .get(name)
+                .or_else(|| type_fields.and_then(|f| f.get(name)))
+        };
+        for (name, spec) in self.fields.iter().chain(type_fields.into_iter().flatten()) {
+            match obj.get(name) {
+                None | Some(Value::Null) if spec.required => {
+                    return Err(Rejection::new(
+                        RejectReason::MissingField,
+                        format!("field `{name}` is required"),
+                    ))
+                }
+                None | Some(Value::Null) => {}
+                Some(v) => spec.validate(name, v)?,
+            }
+        }
+        let mut dropped = false;
+        let unknown: Vec<String> = obj
+            .keys()
+            .filter(|k| Some(k.as_str()) != self.type_field.as_deref() && declared(k).is_none())
+            .cloned()
+            .collect();
+        if let Some(first) = unknown.first() {
+            match self.unknown_fields {
+                UnknownFields::Reject => {
+                    return Err(Rejection::new(
+                        RejectReason::UnknownField,
+                        format!("field `{}` is not in the profile", truncate(first, 40)),
+                    ))
+                }
+                UnknownFields::Drop => {
+                    for k in &unknown {
+                        obj.remove(k);
+                    }
+                    dropped = true;
+                }
+            }
+        }
+        if dropped {
+            Ok(Value::Object(obj).to_string())
+        } else {
+            // Store the payload exactly as the device sent it (it is valid UTF-8 JSON).
+            Ok(String::from_utf8_lossy(payload).into_owned())
+        }
+    }
+}
+
+impl FieldSpec {
+    fn check(&self, path: &str, problems: &mut Vec<ProfileProblem>) {
+        let numeric = matches!(self.ty, FieldType::Integer | FieldType::Number);
+        if (self.min.is_some() || self.max.is_some()) && !numeric {
+            problems.push(problem(
+                path,
+                "`min`/`max` apply to integer and number fields only",
+            ));
+        }
+        if let (Some(lo), Some(hi)) = (self.min, self.max) {
+            if lo > hi {
+                problems.push(problem(path, format!("min {lo} is greater than max {hi}")));
+            }
+        }
+        let sized = matches!(self.ty, FieldType::String | FieldType::Array);
+        if (self.min_length.is_some() || self.max_length.is_some()) && !sized {
+            problems.push(problem(
+                path,
+                "`min_length`/`max_length` apply to strings and arrays only",
+            ));
+        }
+        if let (Some(lo), Some(hi)) = (self.min_length, self.max_length) {
+            if lo > hi {
+                problems.push(problem(
+                    path,
+                    format!("min_length {lo} is greater than max_length {hi}"),
+                ));
+            }
+        }
+        if let Some(allowed) = &self.allowed {
+            if allowed.is_empty() {
+                problems.push(problem(path, "`enum` must list at least one value"));
+            }
+            for v in allowed {
+                if !self.ty.matches(v) {
+                    problems.push(problem(
+                        path,
+                        format!("enum value {v} is not of type {}", self.ty.as_str()),
+                    ));
+                }
+            }
+        }
+        for ex in &self.examples {
+            if let Err(r) = self.validate("example", ex) {
+                problems.push(problem(
+                    path,
+                    format!("example {ex} fails its own checks: {r}"),
+                ));
+            }
+        }
+    }
+
+    fn validate(&self, name: &str, v: &Value) -> Result<(), Rejection> {
+        if !self.ty.matches(v) {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                format!(
+                    "field `{name}` must be {}, got {}",
+                    self.ty.as_str(),
+                    json_type(v)
+                ),
+            ));
+        }
+        let out_of_range = |what: String| Err(Rejection::new(RejectReason::OutOfRange, what));
+        if let Some(x) = v.as_f64() {
+            if let Some(lo) = self.min {
+                if x < lo {
+                    return out_of_range(format!("field `{name}` = {x} is below {lo}"));
+                }
+            }
+            if let Some(hi) = self.max {
+                if x > hi {
+                    return out_of_range(format!("field `{name}` = {x} is above {hi}"));
+                }
+            }
+        }
+        let len = match v {
+            Value::String(s) => Some(s.chars().count()),
+            Value::Array(a) => Some(a.len()),
+            _ => None,
+        };
+        if let Some(len) = len {
+            if let Some(lo) = self.min_length {
+                if len < lo {
+                    return out_of_range(format!("field `{name}` has length {len}, minimum {lo}"));
+                }
+            }
+            if let Some(hi) = self.max_length {
+                if len > hi {
+                    return out_of_range(format!("field `{name}` has length {len}, maximum {hi}"));
+                }
+            }
+        }
+        if let Some(allowed) = &self.allowed {
+            if !allowed.iter().any(|a| a == v || numbers_equal(a, v)) {
+                let shown = match v {
+                    Value::String(s) => format!("{:?}", truncate(s, 40)),
+                    other => other.to_string(),
+                };
+                return out_of_range(format!(
+                    "field `{name}` = {shown} is not one of the allowed values"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn numbers_equal(a: &Value, b: &Value) -> bool {
+    matches!((a.as_f64(), b.as_f64()), (Some(x), Some(y)) if x == y)
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_f64() => "number",
+        Value::Number(_) => "integer",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Cut `s` to at most `max` characters (on a char boundary).
+pub fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// Keep `Map` in the public signature space for callers that build payloads.
+pub type JsonObject = Map<String, Value>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kiosk() -> Profile {
+        Profile::from_json(
+            r#"{
+              "name": "k", "description": "test",
+              "telemetry": { "max_bytes": 200, "fields": {
+                  "uptime_s": {"type": "integer", "min": 0},
+                  "printer": {"type": "string", "enum": ["ok", "paper_out"]},
+                  "temp_c": {"type": "number", "required": false, "min": -20, "max": 90}
+              }},
+              "events": { "max_bytes": 300, "type_field": "event",
+                  "fields": {"session_ref": {"type": "string", "max_length": 8}},
+                  "types": {
+                      "loan": {"fields": {"item": {"type": "string", "min_length": 3}, "ok": {"type": "boolean"}}},
+                      "fault": {"fields": {"component": {"type": "string"}}}
+                  }}
+            }"#,
+        )
+        .unwrap()
+    }
+
+    fn reason(p: &Profile, kind: Kind, payload: &str) -> Option<RejectReason> {
+        p.validate(kind, payload.as_bytes()).err().map(|r| r.reason)
+    }
+
+    #[test]
+    fn shipped_shape_is_consistent() {
+        assert_eq!(kiosk().check(), vec![]);
+    }
+
+    #[test]
+    fn accepts_valid_payloads_verbatim() {
+        let p = kiosk();
+        let t = r#"{"uptime_s": 5, "printer": "ok"}"#;
+        assert_eq!(p.validate(Kind::Telemetry, t.as_bytes()).unwrap(), t);
+        let e = r#"{"event":"loan","session_ref":"ab","item":"3123","ok":true}"#;
+        assert_eq!(p.validate(Kind::Events, e.as_bytes()).unwrap(), e);
+        assert_eq!(p.validate(Kind::Status, b"online\n").unwrap(), "online");
+    }
+
+    #[test]
+    fn each_reason() {
+        use RejectReason::*;
+        let p = kiosk();
+        let cases = [
+            (Kind::Telemetry, "not json", NotJson),
+            (Kind::Telemetry, "[1,2]", NotObject),
+            (Kind::Telemetry, r#"{"printer":"ok"}"#, MissingField),
+            (
+                Kind::Telemetry,
+                r#"{"uptime_s":"5","printer":"ok"}"#,
+                WrongType,
+            ),
+            (
+                Kind::Telemetry,
+                r#"{"uptime_s":1.5,"printer":"ok"}"#,
+                WrongType,
+            ),
+            (
+                Kind::Telemetry,
+                r#"{"uptime_s":-1,"printer":"ok"}"#,
+                OutOfRange,
+            ),
+            (
+                Kind::Telemetry,
+                r#"{"uptime_s":1,"printer":"on_fire"}"#,
+                OutOfRange,
+            ),
+            (
+                Kind::Telemetry,
+                r#"{"uptime_s":1,"printer":"ok","temp_c":91}"#,
+                OutOfRange,
+            ),
+            (
+                Kind::Telemetry,
+                r#"{"uptime_s":1,"printer":"ok","x":1}"#,
+                UnknownField,
+            ),
+            (
+                Kind::Events,
+                r#"{"session_ref":"a","item":"123","ok":true}"#,
+                MissingField,
+            ),
+            (
+                Kind::Events,
+                r#"{"event":"dance","session_ref":"a"}"#,
+                UnknownType,
+            ),
+            (Kind::Events, r#"{"event":7,"session_ref":"a"}"#, WrongType),
+            (
+                Kind::Events,
+                r#"{"event":"loan","session_ref":"a","item":"12","ok":true}"#,
+                OutOfRange,
+            ),
+            (
+                Kind::Events,
+                r#"{"event":"loan","session_ref":"123456789","item":"123","ok":true}"#,
+                OutOfRange,
+            ),
+            (
+                Kind::Events,
+                r#"{"event":"fault","session_ref":"a","component":"x","item":"1"}"#,
+                UnknownField,
+            ),
+            (Kind::Status, "maybe", BadStatus),
+        ];
+        for (kind, payload, want) in cases {
+            assert_eq!(reason(&p, kind, payload), Some(want), "{payload}");
+        }
+        let big = format!(
+            r#"{{"uptime_s":1,"printer":"ok","pad":"{}"}}"#,
+            "x".repeat(300)
+        );
+        assert_eq!(reason(&p, Kind::Telemetry, &big), Some(TooLarge));
+    }
+
+    #[test]
+    fn drop_policy_removes_undeclared_fields() {
+        let mut p = kiosk();
+        p.telemetry.as_mut().unwrap().unknown_fields = UnknownFields::Drop;
+        let out = p
+            .validate(
+                Kind::Telemetry,
+                br#"{"uptime_s":1,"printer":"ok","card":"2123"}"#,
+            )
+            .unwrap();
+        assert_eq!(out, r#"{"uptime_s":1,"printer":"ok"}"#);
+    }
+
+    #[test]
+    fn check_finds_semantic_problems() {
+        let p = Profile::from_json(
+            r#"{"name":"x","description":"",
+                "events":{"max_bytes":0,"types":{"a":{"fields":{
+                   "n":{"type":"string","min":1},
+                   "m":{"type":"integer","enum":["x"],"examples":[5]}}}}}}"#,
+        )
+        .unwrap();
+        let paths: Vec<String> = p.check().into_iter().map(|p| p.path).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "events.max_bytes",
+                "events.type_field",
+                "events.types.a.fields.m",
+                "events.types.a.fields.m",
+                "events.types.a.fields.n",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_profile_keys_are_errors() {
+        let err =
+            Profile::from_json(r#"{"name":"x","description":"","telemetri":{}}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `telemetri`"),
+            "{err}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    /// Every profile shipped in `device-profiles/` parses, passes `check()`, is named after its
+    /// file, and accepts payloads built from its own examples.
+    #[test]
+    fn shipped_profiles_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let p = Profile::from_json(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(p.check(), vec![], "{}", path.display());
+            assert_eq!(
+                Some(p.name.as_str()),
+                path.file_stem().and_then(|s| s.to_str())
+            );
+            seen += 1;
+        }
+        assert!(
+            seen >= 5,
+            "expected the five branch device types, found {seen}"
+        );
+    }
+}

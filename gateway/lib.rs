@@ -1,0 +1,24 @@
+//! branch-gateway: the edge gateway of a public-library branch.
+//!
+//! # Layout
+//! Dependencies point one way: `model` <- `config` <- {`broker`, `intake`, `buffer`,
+//! `simulate`} <- `app` <- `main`. The middle modules do not call each other; `app` connects
+//! them with bounded channels of `model` types.
+//!
+//! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages.
+//! - [`config`]: the TOML config and the JSON device profiles; strict parsing, then `check()`.
+//! - [`broker`]: the embedded rumqttd broker with per-device auth, topic ACLs and presence.
+//! - [`intake`]: validate each device message against its profile and stamp it.
+//! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit.
+//! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
+//! - [`burst`]: "once per burst" log limiting.
+//! - [`app`]: wiring and ordered shutdown.
+
+pub mod app;
+pub mod broker;
+pub mod buffer;
+pub mod burst;
+pub mod config;
+pub mod intake;
+pub mod model;
+pub mod simulate;

@@ -1,0 +1,406 @@
+//! `branch-gateway`: the command line. Parses arguments, sets up logging, loads the config
+//! and hands over to `app::run` (or a tool command).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use branch_gateway::{app, buffer, config, model, simulate};
+
+#[derive(Parser)]
+#[command(
+    name = "branch-gateway",
+    version,
+    about = "Edge gateway for public-library branches: embedded MQTT broker, device profiles, durable SQLite buffer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (broker, intake, buffer) until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file and every device profile it uses; exit non-zero on any problem.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show every device: online or offline, last seen, messages accepted and rejected.
+    Devices {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Play realistic traffic as every MQTT device of the config (for a branch with no devices).
+    Simulate {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Time acceleration: 10 = ten times as many messages as real devices send.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// About one message in N is deliberately invalid (0 = never).
+        #[arg(long, default_value_t = 50)]
+        invalid_every: u32,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Run the bundled example branch: the gateway plus simulated devices, printing what flows.
+    Demo {
+        #[arg(long, short, default_value = "gateway.example.toml")]
+        config: PathBuf,
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+        #[arg(long, default_value_t = 20.0)]
+        speed: f64,
+    },
+    /// Read a device secret from standard input and print its argon2id hash for the config.
+    HashPassword,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::CheckConfig { config } => Ok(check_config(&config)),
+        Command::HashPassword => {
+            let mut secret = String::new();
+            std::io::stdin().read_line(&mut secret)?;
+            let secret = secret.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!secret.is_empty(), "no secret on standard input");
+            println!("{}", config::Password::hash(secret));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Devices { config } => {
+            let loaded = load(&config)?;
+            print_devices(&loaded)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config } => {
+            let loaded = load(&config)?;
+            init_logging(&loaded.config.gateway.log_level);
+            runtime()?.block_on(async {
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone());
+                app::run(loaded, shutdown, Default::default(), |_| {}).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate {
+            config,
+            speed,
+            invalid_every,
+            seconds,
+        } => {
+            let loaded = load(&config)?;
+            init_logging(&loaded.config.gateway.log_level);
+            let report = runtime()?.block_on(async {
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone());
+                let opts = simulate::SimOptions {
+                    broker: loaded.config.broker.listen,
+                    speed,
+                    invalid_every,
+                    duration: seconds.map(Duration::from_secs),
+                    only: Vec::new(),
+                    seed: model::now_ms() as u64,
+                };
+                simulate::run(&loaded, opts, shutdown).await
+            });
+            println!(
+                "simulated {} devices: {} valid and {} invalid messages published, {} acknowledged",
+                report.devices, report.published_valid, report.published_invalid, report.acked
+            );
+            for (id, why) in &report.skipped_devices {
+                println!("skipped {id}: {why}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            config,
+            seconds,
+            speed,
+        } => {
+            let loaded = load(&config)?;
+            init_logging("error");
+            runtime()?.block_on(demo(loaded, seconds, speed))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<config::Loaded> {
+    Ok(config::load(path)?)
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(loaded) => {
+            println!(
+                "{}: ok ({} devices, {} profiles: {})",
+                path.display(),
+                loaded.config.devices.len(),
+                loaded.profiles.len(),
+                loaded
+                    .profiles
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gateway")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// `RUST_LOG` wins over the config's level. rumqttd logs every disconnect as an error;
+/// the gateway reports connections itself, so rumqttd is quiet unless asked for.
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(s) if !s.is_empty() => EnvFilter::new(s),
+        _ => EnvFilter::new(format!("{level},rumqttd=off")),
+    };
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "stop requested");
+        shutdown.cancel();
+    });
+}
+
+fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
+    let path = loaded.database_path();
+    if !path.exists() {
+        anyhow::bail!(
+            "no buffer database at {} yet: run the gateway once first",
+            path.display()
+        );
+    }
+    let conn = buffer::open_read_only(&path)?;
+    let rows = buffer::device_report(&conn).context("cannot read the devices table")?;
+    let now = model::now_ms();
+    println!(
+        "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7}  LAST REJECTION",
+        "DEVICE", "PROFILE", "STATE", "LAST SEEN", "ACCEPTED", "REJECTED", "DENIED"
+    );
+    for r in rows {
+        let state = match (r.configured, r.online) {
+            (false, _) => "removed",
+            (true, true) => "online",
+            (true, false) => "offline",
+        };
+        let seen = r
+            .last_seen_ms
+            .map(|ms| ago(now - ms))
+            .unwrap_or_else(|| "never".into());
+        let rejection = match (&r.last_reject_reason, &r.last_reject_detail) {
+            (Some(reason), Some(detail)) => format!("{reason}: {detail}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7}  {}",
+            r.id, r.profile, state, seen, r.accepted, r.rejected, r.denied, rejection
+        );
+    }
+    Ok(())
+}
+
+fn ago(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// The gateway and the simulator in one process, printing the flow every few seconds.
+async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    if let Some(s) = seconds {
+        let t = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(s)).await;
+            t.cancel();
+        });
+    }
+    let figures = Arc::new(app::Figures::default());
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let gateway = tokio::spawn(app::run(
+        loaded.clone(),
+        shutdown.clone(),
+        figures.clone(),
+        move |addr| {
+            let _ = ready_tx.send(addr);
+        },
+    ));
+    let addr = match ready_rx.await {
+        Ok(a) => a,
+        Err(_) => return Ok(gateway.await??),
+    };
+    println!(
+        "branch {:?}: gateway listening on {addr}, buffer {}",
+        loaded.config.gateway.branch_id,
+        loaded.database_path().display()
+    );
+    println!(
+        "simulating {} devices at {speed}x speed; Ctrl-C to stop\n",
+        loaded.config.devices.len()
+    );
+    let sim_stop = shutdown.child_token();
+    let sim = tokio::spawn({
+        let loaded = loaded.clone();
+        let opts = simulate::SimOptions {
+            broker: addr,
+            speed,
+            invalid_every: 25,
+            duration: None,
+            only: Vec::new(),
+            seed: model::now_ms() as u64,
+        };
+        async move { simulate::run(&loaded, opts, sim_stop).await }
+    });
+    let db = loaded.database_path();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.tick().await;
+    let mut last_seq = 0i64;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let db = db.clone();
+        let since = last_seq;
+        let report = tokio::task::spawn_blocking(move || demo_report(&db, since)).await?;
+        match report {
+            Ok((text, seq)) => {
+                print!("{text}");
+                last_seq = seq;
+            }
+            Err(e) => println!("(cannot read the buffer: {e})"),
+        }
+    }
+    let _ = sim.await;
+    gateway.await??;
+    println!("stopped; the buffer keeps everything: try `branch-gateway devices --config <file>`");
+    Ok(())
+}
+
+fn demo_report(db: &Path, since: i64) -> anyhow::Result<(String, i64)> {
+    use std::fmt::Write;
+    let conn = buffer::open_read_only(db)?;
+    let mut out = String::new();
+    let (max_seq, total): (i64, i64) = conn.query_row(
+        "SELECT COALESCE(MAX(seq), 0), COUNT(*) FROM messages",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut st = conn.prepare(
+        "SELECT kind, COUNT(*) FROM messages WHERE seq > ?1 GROUP BY kind ORDER BY kind",
+    )?;
+    let kinds: Vec<(String, i64)> = st
+        .query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let rejected: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM rejected WHERE received_ms > ?1",
+        [model::now_ms() - 5000],
+        |r| r.get(0),
+    )?;
+    let online: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM devices WHERE online = 1 AND configured = 1",
+        [],
+        |r| r.get(0),
+    )?;
+    let kinds = kinds
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    writeln!(
+        out,
+        "[{}] devices online {online}; last 5 s: {} committed, {rejected} rejected; buffer holds {total} messages up to seq {max_seq}",
+        model::format_ms(model::now_ms()),
+        if kinds.is_empty() { "0".into() } else { kinds },
+    )?;
+    let mut st = conn.prepare(
+        "SELECT seq, device, kind, payload FROM messages WHERE seq > ?1 AND kind = 'events'
+         ORDER BY seq DESC LIMIT 3",
+    )?;
+    let rows: Vec<(i64, String, String, String)> = st
+        .query_map([since], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (seq, device, kind, payload) in rows.into_iter().rev() {
+        writeln!(
+            out,
+            "    seq {seq:>7} {device:<14} {kind:<9} {}",
+            config::profile::truncate(&payload, 90)
+        )?;
+    }
+    let mut st = conn.prepare(
+        "SELECT device, reason, detail FROM rejected WHERE received_ms > ?1 ORDER BY id DESC LIMIT 2",
+    )?;
+    let rows: Vec<(String, String, String)> = st
+        .query_map([model::now_ms() - 5000], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (device, reason, detail) in rows {
+        writeln!(out, "    rejected   {device:<14} {reason}: {detail}")?;
+    }
+    Ok((out, max_seq))
+}

@@ -1,0 +1,199 @@
+//! Plain data shared by every module: device ids, message kinds, accepted and rejected
+//! messages, presence events. No I/O, no tokio.
+
+use std::fmt;
+
+/// A device's configured id; also its MQTT username and the `ID` in `devices/ID/...`.
+pub type DeviceId = String;
+
+/// The three topics a device publishes to, `devices/ID/{telemetry|events|status}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Telemetry,
+    Events,
+    Status,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Telemetry, Kind::Events, Kind::Status];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Telemetry => "telemetry",
+            Kind::Events => "events",
+            Kind::Status => "status",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "telemetry" => Some(Kind::Telemetry),
+            "events" => Some(Kind::Events),
+            "status" => Some(Kind::Status),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a message was not accepted. The `as_str` names are stable: they are stored in
+/// SQLite, shown by `branch-gateway devices` and used as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    /// The payload is not valid UTF-8 JSON.
+    NotJson,
+    /// The payload is JSON but not an object.
+    NotObject,
+    /// Larger than the profile's `max_bytes` for this kind.
+    TooLarge,
+    /// `devices/ID/<x>` where `<x>` is not a kind the profile declares.
+    UnknownKind,
+    /// An event whose type field names no declared event type.
+    UnknownType,
+    /// A required field is absent.
+    MissingField,
+    /// A field has the wrong JSON type.
+    WrongType,
+    /// A value is outside its declared range, length or allowed values.
+    OutOfRange,
+    /// A field the profile does not declare (profiles reject them unless told to drop them).
+    UnknownField,
+    /// `devices/ID/status` carried something other than `online` / `offline`.
+    BadStatus,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 10] = [
+        RejectReason::NotJson,
+        RejectReason::NotObject,
+        RejectReason::TooLarge,
+        RejectReason::UnknownKind,
+        RejectReason::UnknownType,
+        RejectReason::MissingField,
+        RejectReason::WrongType,
+        RejectReason::OutOfRange,
+        RejectReason::UnknownField,
+        RejectReason::BadStatus,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NotJson => "not_json",
+            RejectReason::NotObject => "not_object",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::UnknownKind => "unknown_kind",
+            RejectReason::UnknownType => "unknown_type",
+            RejectReason::MissingField => "missing_field",
+            RejectReason::WrongType => "wrong_type",
+            RejectReason::OutOfRange => "out_of_range",
+            RejectReason::UnknownField => "unknown_field",
+            RejectReason::BadStatus => "bad_status",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejection with the detail branch IT needs to fix the device ("field `result`: ...").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Rejection {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason, self.detail)
+    }
+}
+
+/// A validated message on its way to the buffer. `seq` is assigned by the buffer's
+/// writer when the row is inserted (SQLite AUTOINCREMENT: never reused, even after pruning).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub device: DeviceId,
+    pub kind: Kind,
+    /// Milliseconds since the Unix epoch, taken by intake when the message arrived.
+    pub received_ms: i64,
+    /// The payload as stored: a JSON object's text for telemetry and events,
+    /// `online` / `offline` for status.
+    pub payload: String,
+}
+
+/// A message intake refused; kept (truncated) in the bounded `rejected` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub device: DeviceId,
+    /// The topic's last segment as sent (may be a kind the profile does not know).
+    pub kind: String,
+    pub received_ms: i64,
+    pub rejection: Rejection,
+    /// The first bytes of the payload, lossily decoded, for branch IT to look at.
+    pub excerpt: String,
+}
+
+/// A device's MQTT connection opened or closed, as seen by the broker's protocol wrapper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    Connected { device: DeviceId, at_ms: i64 },
+    Disconnected { device: DeviceId, at_ms: i64 },
+}
+
+/// Milliseconds since the Unix epoch from the system clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-25T10:15:00.123Z`.
+pub fn format_ms(ms: i64) -> String {
+    let nanos = (ms as i128) * 1_000_000;
+    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+        Ok(t) => {
+            let fmt = time::macros::format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+            );
+            t.format(&fmt).unwrap_or_else(|_| ms.to_string())
+        }
+        Err(_) => ms.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(Kind::parse("commands"), None);
+    }
+
+    #[test]
+    fn formats_rfc3339_millis() {
+        assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_ms(1_764_065_700_123), "2025-11-25T10:15:00.123Z");
+    }
+}

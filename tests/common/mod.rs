@@ -1,0 +1,367 @@
+//! Shared helpers for the end-to-end tests: a scratch folder with a config and profiles,
+//! the real `branch-gateway` binary as a child process on a free loopback port, and MQTT
+//! clients (rumqttc) that connect as devices.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet};
+use tokio::sync::mpsc;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_branch-gateway");
+
+/// A small profile whose payloads tests can build and compare exactly.
+pub const TEST_PROFILE: &str = r#"{
+  "name": "test-sensor",
+  "description": "test device",
+  "telemetry": { "max_bytes": 512, "fields": {
+      "n": {"type": "integer", "min": 0},
+      "device": {"type": "string", "max_length": 32},
+      "pad": {"type": "string", "required": false, "max_length": 400}
+  }},
+  "events": { "max_bytes": 512, "type_field": "event", "types": {
+      "tick": {"fields": {"n": {"type": "integer", "min": 0}}}
+  }}
+}"#;
+
+/// A free TCP port on loopback (bound and released; the gateway binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Device {
+    pub id: String,
+    pub profile: String,
+    pub password: String,
+}
+
+pub fn device(id: &str, profile: &str) -> Device {
+    Device {
+        id: id.into(),
+        profile: profile.into(),
+        password: format!("{id}-pw"),
+    }
+}
+
+/// A scratch branch: `gateway.toml`, `profiles/` (test-sensor plus every shipped profile),
+/// `data/`.
+pub struct Branch {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Branch {
+    pub fn new(devices: &[Device]) -> Branch {
+        Self::with_extra(devices, "")
+    }
+
+    /// `extra` is appended to the `[storage]` section.
+    pub fn with_extra(devices: &[Device], extra: &str) -> Branch {
+        let dir = tempfile::tempdir().unwrap();
+        let profiles = dir.path().join("profiles");
+        std::fs::create_dir_all(&profiles).unwrap();
+        std::fs::write(profiles.join("test-sensor.json"), TEST_PROFILE).unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("device-profiles");
+        for e in std::fs::read_dir(shipped).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "json") {
+                std::fs::copy(&p, profiles.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        let port = free_port();
+        let branch = Branch { dir, port };
+        branch.write_config(devices, extra);
+        branch
+    }
+
+    pub fn write_config(&self, devices: &[Device], extra: &str) {
+        let mut cfg = format!(
+            "[gateway]\nbranch_id = \"test-branch\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"info\"\n\
+             [broker]\nlisten = \"127.0.0.1:{}\"\n[storage]\n{extra}\n",
+            self.port
+        );
+        for d in devices {
+            cfg.push_str(&format!(
+                "[[devices]]\nid = \"{}\"\nprofile = \"{}\"\npassword = \"{}\"\n",
+                d.id, d.profile, d.password
+            ));
+        }
+        std::fs::write(self.config(), cfg).unwrap();
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("gateway.toml")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("data/branch-gateway.sqlite")
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.db().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
+    /// Poll `sql` (returning one integer) until it equals `want` or `limit` passes.
+    pub fn wait_count(&self, sql: &str, want: i64, limit: Duration) -> i64 {
+        let deadline = Instant::now() + limit;
+        loop {
+            let n = self.count(sql);
+            if n == want || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn counter(&self, device: &str, name: &str) -> i64 {
+        self.db()
+            .query_row(
+                "SELECT COALESCE((SELECT value FROM device_counters WHERE device = ?1 AND counter = ?2), 0)",
+                [device, name],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// Start the real binary on this branch and wait until its broker accepts connections.
+    pub fn start(&self) -> Gateway {
+        let log = self
+            .dir
+            .path()
+            .join(format!("gateway-{}.log", crate_time()));
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(self.config())
+            .env("RUST_LOG", "info,rumqttd=off")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut gw = Gateway {
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !gw.log().contains("gateway ready") {
+            if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited early with {status}:\n{}", gw.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready:\n{}",
+                gw.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        gw
+    }
+
+    /// Run a subcommand of the binary on this branch's config; returns (status, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(self.config())
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+fn crate_time() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+pub struct Gateway {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Gateway {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// SIGTERM, then wait (at most 15 s) for the exit status.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        self.signal("-TERM");
+        let status = self.wait(Duration::from_secs(15));
+        (status, self.log())
+    }
+
+    pub fn kill9(mut self) -> String {
+        self.signal("-KILL");
+        self.wait(Duration::from_secs(5));
+        self.log()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                self.child = None;
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("gateway did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A device client: rumqttc with its event loop polled in a task; every event is forwarded.
+pub struct Client {
+    pub client: AsyncClient,
+    pub events: mpsc::UnboundedReceiver<Result<Event, String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn options(port: u16, id: &str, password: &str) -> MqttOptions {
+    let mut o = MqttOptions::new(format!("c-{id}"), "127.0.0.1", port);
+    o.set_credentials(id, password);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(2 * 1024 * 1024, 2 * 1024 * 1024);
+    o
+}
+
+/// Start polling; the first error stops the loop (tests see it on `events`).
+pub fn spawn_client(opts: MqttOptions) -> Client {
+    let (client, el) = AsyncClient::new(opts, 1000);
+    let (tx, events) = mpsc::unbounded_channel();
+    let task = tokio::spawn(poll(el, tx));
+    Client {
+        client,
+        events,
+        task,
+    }
+}
+
+async fn poll(mut el: EventLoop, tx: mpsc::UnboundedSender<Result<Event, String>>) {
+    loop {
+        match el.poll().await {
+            Ok(ev) => {
+                if tx.send(Ok(ev)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Wait for CONNACK; returns its return code.
+    pub async fn connack(&mut self) -> Result<rumqttc::ConnectReturnCode, String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .map_err(|_| "no CONNACK within 10 s".to_string())?
+                .ok_or("event loop ended")?;
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(a.code),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Wait until `n` PUBACKs have arrived (other events are skipped).
+    pub async fn pubacks(&mut self, n: usize, limit: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut got = 0;
+        while got < n {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Ok(Event::Incoming(Packet::PubAck(_))))) => got += 1,
+                Ok(Some(Ok(_))) => {}
+                _ => break,
+            }
+        }
+        got
+    }
+
+    /// Wait for the next SUBACK.
+    pub async fn suback(&mut self) -> Option<rumqttc::SubAck> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Ok(Event::Incoming(Packet::SubAck(a))))) => return Some(a),
+                Ok(Some(Ok(_))) => {}
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// Connect as device `id` and wait for a successful CONNACK.
+pub async fn connect(port: u16, id: &str, password: &str) -> Client {
+    let mut c = spawn_client(options(port, id, password));
+    let code = c.connack().await.expect("CONNACK");
+    assert_eq!(code, rumqttc::ConnectReturnCode::Success, "{id} refused");
+    c
+}
