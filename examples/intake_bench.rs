@@ -161,6 +161,9 @@ async fn connect(port: u16, d: usize, acked: Arc<AtomicU64>, stop: Arc<AtomicBoo
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
                     eprintln!("{id}: {e}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -181,7 +184,7 @@ fn wait_for_rows(db: &Path, want: i64, limit: Duration) -> (i64, Instant) {
     let deadline = Instant::now() + limit;
     loop {
         let n: i64 = conn
-            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM messages", [], |r| r.get(0))
             .unwrap_or(0);
         if n >= want || Instant::now() > deadline {
             return (n, Instant::now());

@@ -716,6 +716,9 @@ impl DeviceSim {
             .set_max_packet_size(packet, packet);
         let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
         let tracker = Mutex::new(Tracker::default());
+        // Signalled once `online` is queued: the schedule starts then, so that status is the
+        // device's first message (requests queued before CONNACK would go out ahead of it).
+        let online = tokio::sync::Notify::new();
         let enqueue = |topic: &str, payload: Vec<u8>, retain: bool, sent: Sent| {
             let mut t = lock(&tracker);
             match client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
@@ -744,6 +747,7 @@ impl DeviceSim {
                         connected = true;
                         if !self.stop.is_cancelled() {
                             enqueue(&status_topic, b"online".to_vec(), true, Sent::Online);
+                            online.notify_one();
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -784,6 +788,10 @@ impl DeviceSim {
         };
 
         let schedule = async {
+            tokio::select! {
+                _ = self.stop.cancelled() => {}
+                () = online.notified() => {}
+            }
             let mut rng = StdRng::seed_from_u64(seed);
             let profile = &dev.profile;
             let telemetry_every = profile.telemetry.as_ref().map(|t| {
@@ -808,6 +816,7 @@ impl DeviceSim {
                     }
                 };
                 tokio::select! {
+                    biased; // stopped before it ever connected: publish nothing
                     _ = self.stop.cancelled() => break,
                     () = sleep => {}
                 }
@@ -877,15 +886,13 @@ mod tests {
     use std::collections::BTreeMap;
     use std::path::Path;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
+    use rusqlite::{Connection, OpenFlags};
+    use tokio::net::TcpListener;
 
     use crate::config::Config;
 
     /// Exercises every field type and constraint the generator handles.
-    fn inline_profile() -> Profile {
-        let p = Profile::from_json(
-            r#"{
+    const INLINE_PROFILE: &str = r#"{
               "name": "gate-counter", "description": "test profile",
               "telemetry": { "max_bytes": 600, "interval_s": 1, "fields": {
                   "uptime_s": {"type": "integer", "min": 0},
@@ -911,9 +918,10 @@ mod tests {
                       "rare": {"fields": {"why": {"type": "string", "enum": ["x", "y"]},
                                           "note": {"type": "string", "required": false, "max_length": 200}}}
                   }}
-            }"#,
-        )
-        .unwrap();
+            }"#;
+
+    fn inline_profile() -> Profile {
+        let p = Profile::from_json(INLINE_PROFILE).unwrap();
         assert_eq!(p.check(), vec![]);
         p
     }
@@ -1093,103 +1101,7 @@ mod tests {
         assert_ne!(draw(5), draw(6));
     }
 
-    // --- run() against a minimal in-process MQTT 3.1.1 broker -----------------------------
-
-    #[derive(Debug, Clone, Default)]
-    struct Seen {
-        /// (client id, username, will topic, will payload, will qos, will retain)
-        connects: Vec<(String, String, String, Vec<u8>, u8, bool)>,
-        /// (topic, payload, qos, retain)
-        publishes: Vec<(String, Vec<u8>, u8, bool)>,
-        disconnects: usize,
-    }
-
-    fn take_str(b: &[u8], at: &mut usize) -> Vec<u8> {
-        let n = usize::from(u16::from_be_bytes([b[*at], b[*at + 1]]));
-        let s = b[*at + 2..*at + 2 + n].to_vec();
-        *at += 2 + n;
-        s
-    }
-
-    async fn serve(mut s: TcpStream, seen: Arc<Mutex<Seen>>) -> std::io::Result<()> {
-        loop {
-            let header = s.read_u8().await?;
-            let (mut len, mut shift) = (0usize, 0);
-            loop {
-                let b = s.read_u8().await?;
-                len |= usize::from(b & 0x7f) << shift;
-                shift += 7;
-                if b & 0x80 == 0 {
-                    break;
-                }
-            }
-            let mut body = vec![0; len];
-            s.read_exact(&mut body).await?;
-            let reply: Vec<u8> = {
-                let mut seen = seen.lock().unwrap();
-                match header >> 4 {
-                    1 => {
-                        let mut at = 0;
-                        take_str(&body, &mut at); // protocol name
-                        let flags = body[at + 1];
-                        at += 4; // level, flags, keep alive
-                        let client = take_str(&body, &mut at);
-                        let (mut wt, mut wm, mut user) = (Vec::new(), Vec::new(), Vec::new());
-                        if flags & 0x04 != 0 {
-                            wt = take_str(&body, &mut at);
-                            wm = take_str(&body, &mut at);
-                        }
-                        if flags & 0x80 != 0 {
-                            user = take_str(&body, &mut at);
-                        }
-                        let s8 = |v: Vec<u8>| String::from_utf8(v).unwrap();
-                        seen.connects.push((
-                            s8(client),
-                            s8(user),
-                            s8(wt),
-                            wm,
-                            (flags >> 3) & 3,
-                            flags & 0x20 != 0,
-                        ));
-                        vec![0x20, 2, 0, 0]
-                    }
-                    3 => {
-                        let qos = (header >> 1) & 3;
-                        let mut at = 0;
-                        let topic = String::from_utf8(take_str(&body, &mut at)).unwrap();
-                        let mut reply = Vec::new();
-                        if qos > 0 {
-                            reply = vec![0x40, 2, body[at], body[at + 1]];
-                            at += 2;
-                        }
-                        seen.publishes
-                            .push((topic, body[at..].to_vec(), qos, header & 1 == 1));
-                        reply
-                    }
-                    12 => vec![0xd0, 0],
-                    14 => {
-                        seen.disconnects += 1;
-                        return Ok(());
-                    }
-                    _ => Vec::new(),
-                }
-            };
-            s.write_all(&reply).await?;
-        }
-    }
-
-    async fn fake_broker() -> (SocketAddr, Arc<Mutex<Seen>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let s2 = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                tokio::spawn(serve(s, s2.clone()));
-            }
-        });
-        (addr, seen)
-    }
+    // --- run() against the real gateway, and without one ---------------------------------
 
     fn loaded(profile: Profile) -> Loaded {
         let toml = format!(
@@ -1233,30 +1145,117 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    /// A branch in `dir` as the gateway loads it: `gateway.toml` on a free loopback port,
+    /// the inline profile in `profiles/`, the buffer in `data/`. g1 and g3 have plain
+    /// passwords; g2 an argon2 hash, so the simulator cannot be it.
+    fn branch(dir: &Path) -> Loaded {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let profiles = dir.join("profiles");
+        std::fs::create_dir_all(&profiles).unwrap();
+        std::fs::write(profiles.join("gate-counter.json"), INLINE_PROFILE).unwrap();
+        let toml = format!(
+            r#"
+            [gateway]
+            branch_id = "b1"
+            data_dir = "data"
+            profiles_dir = "profiles"
+            [broker]
+            listen = "127.0.0.1:{port}"
+            [storage]
+            synchronous = "normal"
+            [[devices]]
+            id = "g1"
+            profile = "gate-counter"
+            password = "g1-secret"
+            [[devices]]
+            id = "g2"
+            profile = "gate-counter"
+            password = "{hash}"
+            [[devices]]
+            id = "g3"
+            profile = "gate-counter"
+            password = "g3-secret"
+            "#,
+            hash = Password::hash("g2-secret"),
+        );
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, toml).unwrap();
+        crate::config::load(&path).unwrap()
+    }
+
+    /// The single number `sql` selects.
+    fn count(db: &Connection, sql: &str, params: impl rusqlite::Params) -> u64 {
+        let n: i64 = db.query_row(sql, params, |r| r.get(0)).unwrap();
+        u64::try_from(n).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn run_publishes_status_telemetry_and_events() {
-        let profile = inline_profile();
-        let loaded = loaded(profile.clone());
-        let (addr, seen) = fake_broker().await;
+        let dir = tempfile::tempdir().unwrap();
+        let loaded = branch(dir.path());
+        let shutdown = CancellationToken::new();
+        let figures = Arc::new(crate::app::Figures::default());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut gateway = tokio::spawn(crate::app::run(
+            loaded.clone(),
+            shutdown.clone(),
+            figures.clone(),
+            move |addr| {
+                let _ = ready_tx.send(addr);
+            },
+        ));
+        let addr = tokio::select! {
+            Ok(addr) = ready_rx => addr,
+            r = &mut gateway => panic!("the gateway stopped before it was ready: {r:?}"),
+            () = tokio::time::sleep(Duration::from_secs(10)) => panic!("gateway not ready in 10 s"),
+        };
+
         let started = std::time::Instant::now();
-        let report = run(
-            &loaded,
-            options(addr, Some(Duration::from_millis(1500))),
-            CancellationToken::new(),
+        let report = tokio::time::timeout(
+            Duration::from_secs(10),
+            run(
+                &loaded,
+                options(addr, Some(Duration::from_millis(1500))),
+                CancellationToken::new(),
+            ),
         )
-        .await;
+        .await
+        .expect("the simulation ends");
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",
             started.elapsed()
         );
 
-        assert_eq!(report.devices, 1);
-        assert_eq!(report.skipped_devices.len(), 1);
+        // Let the gateway take in the last messages and the disconnects, then stop it.
+        let expected = report.published_valid + report.published_invalid + 2 * 2; // + online, offline
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let handled = figures.intake.accepted.load(Ordering::Relaxed)
+                + figures.intake.rejected.load(Ordering::Relaxed);
+            let online = figures.devices_online.load(Ordering::Relaxed);
+            if (handled >= expected && online == 0) || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), gateway)
+            .await
+            .expect("the gateway stops within 10 s")
+            .expect("the gateway task does not panic")
+            .expect("the gateway runs without error");
+
+        assert_eq!(report.devices, 2, "{report:?}");
+        assert_eq!(report.skipped_devices.len(), 1, "{report:?}");
         assert_eq!(report.skipped_devices[0].0, "g2");
         assert!(report.skipped_devices[0].1.contains("argon2"));
-        // Telemetry every 50 ms and ~4 events a second for 1.5 s.
-        assert!(report.published_valid >= 10, "{report:?}");
+        // Per device: telemetry every 50 ms and ~4 events a second for 1.5 s.
+        assert!(report.published_valid >= 20, "{report:?}");
         assert!(report.published_invalid >= 1, "{report:?}");
         assert_eq!(
             report.acked,
@@ -1264,58 +1263,72 @@ mod tests {
             "{report:?}"
         );
 
-        // The fake broker's task may not have read the last packets yet.
-        for _ in 0..100 {
-            if seen.lock().unwrap().disconnects > 0 {
-                break;
+        let db = Connection::open_with_flags(
+            loaded.database_path(),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .unwrap();
+        for id in ["g1", "g3"] {
+            let rows: Vec<(String, String)> = db
+                .prepare("SELECT kind, payload FROM messages WHERE device = ?1 ORDER BY seq")
+                .unwrap()
+                .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let pair = |r: Option<&(String, String)>| r.map(|(k, p)| (k.clone(), p.clone()));
+            let status = |p: &str| Some(("status".to_owned(), p.to_owned()));
+            assert_eq!(pair(rows.first()), status("online"), "{id}");
+            assert_eq!(pair(rows.last()), status("offline"), "{id}");
+            let statuses = rows.iter().filter(|(k, _)| k == "status").count();
+            assert_eq!(statuses, 2, "{id}: {rows:?}");
+            for kind in ["telemetry", "events"] {
+                assert!(rows.iter().any(|(k, _)| k == kind), "{id}: no {kind}");
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let (reported, online): (Option<String>, bool) = db
+                .query_row(
+                    "SELECT reported_status, online FROM devices WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (reported.as_deref(), online),
+                (Some("offline"), false),
+                "{id}"
+            );
         }
-        let seen = seen.lock().unwrap().clone();
-        assert_eq!(seen.connects.len(), 1);
-        let (client, user, will_topic, will, will_qos, will_retain) = &seen.connects[0];
-        assert_eq!((client.as_str(), user.as_str()), ("sim-g1", "g1"));
-        assert_eq!(
-            (
-                will_topic.as_str(),
-                will.as_slice(),
-                *will_qos,
-                *will_retain
-            ),
-            ("devices/g1/status", &b"offline"[..], 1, true)
+        let accepted = count(
+            &db,
+            "SELECT COUNT(*) FROM messages WHERE kind IN ('telemetry', 'events')",
+            [],
         );
-        assert_eq!(seen.disconnects, 1);
+        assert_eq!(accepted, report.published_valid, "{report:?}");
+        let rejected = count(&db, "SELECT COUNT(*) FROM rejected", []);
+        assert_eq!(rejected, report.published_invalid, "{report:?}");
+        let other_kinds = count(
+            &db,
+            "SELECT COUNT(*) FROM rejected WHERE kind NOT IN ('telemetry', 'events')",
+            [],
+        );
+        assert_eq!(other_kinds, 0);
 
-        let first = seen.publishes.first().unwrap();
-        let last = seen.publishes.last().unwrap();
-        assert_eq!(
-            (first.0.as_str(), first.1.as_slice(), first.3),
-            ("devices/g1/status", &b"online"[..], true)
+        // The argon2 device never connected.
+        let g2_rows = count(
+            &db,
+            "SELECT (SELECT COUNT(*) FROM messages WHERE device = ?1)
+                  + (SELECT COUNT(*) FROM rejected WHERE device = ?1)",
+            ["g2"],
         );
-        assert_eq!(
-            (last.0.as_str(), last.1.as_slice(), last.3),
-            ("devices/g1/status", &b"offline"[..], true)
-        );
-        let (mut valid, mut invalid, mut kinds) = (0, 0, Vec::new());
-        for (topic, payload, qos, retain) in &seen.publishes[1..seen.publishes.len() - 1] {
-            assert_eq!((*qos, *retain), (1, false), "{topic}");
-            let kind = Kind::parse(topic.strip_prefix("devices/g1/").unwrap()).unwrap();
-            if !kinds.contains(&kind) {
-                kinds.push(kind);
-            }
-            match profile.validate(kind, payload) {
-                Ok(_) => valid += 1,
-                Err(_) => invalid += 1,
-            }
-        }
-        assert_eq!(
-            (valid, invalid),
-            (report.published_valid, report.published_invalid)
-        );
-        assert!(
-            kinds.contains(&Kind::Telemetry) && kinds.contains(&Kind::Events),
-            "{kinds:?}"
-        );
+        assert_eq!(g2_rows, 0);
+        let (reported, online): (Option<String>, bool) = db
+            .query_row(
+                "SELECT reported_status, online FROM devices WHERE id = 'g2'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((reported, online), (None, false));
     }
 
     #[tokio::test]
