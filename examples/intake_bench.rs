@@ -5,8 +5,12 @@
 //! machine and competes for the same cores.
 //!
 //! ```text
-//! cargo build --release && cargo run --release --example intake_bench -- --devices 200 --messages 1000
+//! cargo build --release
+//! cargo run --release --example intake_bench -- --devices 200 --messages 1000 \
+//!     --sustained-rate 40000 --rate 5000 --rate-seconds 20
 //! ```
+//! Phases: (1) every device publishes `--messages` as fast as acknowledgements allow;
+//! (2) `--sustained-rate` msg/s for `--rate-seconds`; (3) `--rate` msg/s for `--rate-seconds`.
 //! Commit time is observed from outside: a reader polls the database every millisecond for
 //! new rows and takes "now" as their commit time, so latencies are upper bounds.
 
@@ -22,6 +26,7 @@ struct Args {
     devices: usize,
     messages: usize,
     rate: u64,
+    sustained_rate: u64,
     rate_seconds: u64,
     binary: PathBuf,
     synchronous: String,
@@ -32,7 +37,8 @@ fn parse_args() -> Args {
         devices: 200,
         messages: 1000,
         rate: 5000,
-        rate_seconds: 10,
+        sustained_rate: 40_000,
+        rate_seconds: 20,
         binary: PathBuf::from("target/release/branch-gateway"),
         synchronous: "full".into(),
     };
@@ -43,7 +49,10 @@ fn parse_args() -> Args {
         match argv[i].as_str() {
             "--devices" => a.devices = v.parse().expect("--devices N"),
             "--messages" => a.messages = v.parse().expect("--messages N (per device)"),
-            "--rate" => a.rate = v.parse().expect("--rate MSGS_PER_S"),
+            "--rate" => a.rate = v.parse().expect("--rate MSGS_PER_S (latency phase)"),
+            "--sustained-rate" => {
+                a.sustained_rate = v.parse().expect("--sustained-rate MSGS_PER_S")
+            }
             "--rate-seconds" => a.rate_seconds = v.parse().expect("--rate-seconds S"),
             "--binary" => a.binary = PathBuf::from(v),
             "--synchronous" => a.synchronous = v,
@@ -184,7 +193,9 @@ fn wait_for_rows(db: &Path, want: i64, limit: Duration) -> (i64, Instant) {
     let deadline = Instant::now() + limit;
     loop {
         let n: i64 = conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM messages", [], |r| r.get(0))
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM messages", [], |r| {
+                r.get(0)
+            })
             .unwrap_or(0);
         if n >= want || Instant::now() > deadline {
             return (n, Instant::now());
@@ -217,6 +228,72 @@ fn tail_latencies(db: PathBuf, from_seq: i64, want: usize, stop: Arc<AtomicBool>
         std::thread::sleep(Duration::from_millis(1));
     }
     out
+}
+
+struct Paced {
+    sent: usize,
+    send_secs: f64,
+    commit_secs: f64,
+    latencies: Vec<u64>,
+}
+
+/// Publish `rate` messages per second, round-robin over the devices, for `seconds`; a reader
+/// thread records each row's publish-to-commit latency.
+async fn paced(
+    clients: &[AsyncClient],
+    db: &Path,
+    from_seq: i64,
+    rate: u64,
+    seconds: u64,
+) -> Paced {
+    let want = (rate * seconds) as usize;
+    let tail_stop = Arc::new(AtomicBool::new(false));
+    let tailer = {
+        let (db, stop) = (db.to_path_buf(), tail_stop.clone());
+        tokio::task::spawn_blocking(move || tail_latencies(db, from_seq, want, stop))
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut ticks = 0u64;
+    while sent < want {
+        tick.tick().await;
+        ticks += 1;
+        let due = ((ticks * rate) / 1000) as usize;
+        while sent < due.min(want) {
+            let d = sent % clients.len();
+            let id = format!("bench-{d:04}");
+            clients[d]
+                .publish(
+                    format!("devices/{id}/telemetry"),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload(&id, sent),
+                )
+                .await
+                .unwrap();
+            sent += 1;
+        }
+    }
+    let send_secs = started.elapsed().as_secs_f64();
+    let guard = {
+        let stop = tail_stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let mut latencies = tailer.await.unwrap();
+    let commit_secs = started.elapsed().as_secs_f64();
+    guard.abort();
+    latencies.sort_unstable();
+    Paced {
+        sent,
+        send_secs,
+        commit_secs,
+        latencies,
+    }
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -286,60 +363,28 @@ async fn main() {
     );
     assert_eq!(committed, total, "every message must be committed");
 
-    // Phase 2: a fixed total rate spread over all devices; latency publish -> commit.
-    let want = (args.rate * args.rate_seconds) as usize;
-    let tail_stop = Arc::new(AtomicBool::new(false));
-    let tailer = {
-        let (db, stop) = (db.clone(), tail_stop.clone());
-        tokio::task::spawn_blocking(move || tail_latencies(db, total, want, stop))
-    };
-    let period = Duration::from_secs_f64(1.0 / args.rate as f64);
-    let mut tick = tokio::time::interval(period.max(Duration::from_micros(50)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let per_tick = if period < Duration::from_micros(50) {
-        (Duration::from_micros(50).as_secs_f64() / period.as_secs_f64()).round() as usize
-    } else {
-        1
-    };
-    let mut sent = 0usize;
-    let phase2 = Instant::now();
-    while sent < want {
-        tick.tick().await;
-        for _ in 0..per_tick.min(want - sent) {
-            let d = sent % args.devices;
-            let id = format!("bench-{d:04}");
-            clients[d]
-                .publish(
-                    format!("devices/{id}/telemetry"),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload(&id, sent),
-                )
-                .await
-                .unwrap();
-            sent += 1;
+    // Phase 2: sustained load at a fixed rate; phase 3: latency at a moderate rate.
+    let mut next_seq = total;
+    for (label, rate) in [("sustained", args.sustained_rate), ("latency", args.rate)] {
+        if rate == 0 {
+            continue;
         }
+        let r = paced(&clients, &db, next_seq, rate, args.rate_seconds).await;
+        next_seq += r.sent as i64;
+        println!(
+            "{label}: {:.0} msg/s offered for {:.1} s ({} msgs), {}/{} committed, commit rate {:.0} msg/s; publish->commit p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            r.sent as f64 / r.send_secs,
+            r.send_secs,
+            r.sent,
+            r.latencies.len(),
+            r.sent,
+            r.latencies.len() as f64 / r.commit_secs,
+            pct(&r.latencies, 0.50),
+            pct(&r.latencies, 0.99),
+            pct(&r.latencies, 1.0),
+        );
+        assert_eq!(r.latencies.len(), r.sent, "every message committed");
     }
-    let sent_secs = phase2.elapsed().as_secs_f64();
-    let waiter = {
-        let stop = tail_stop.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            stop.store(true, Ordering::Relaxed);
-        })
-    };
-    let mut lat = tailer.await.unwrap();
-    waiter.abort();
-    lat.sort_unstable();
-    println!(
-        "latency at {:.0} msg/s offered ({} msgs over {sent_secs:.1} s): publish->commit p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} observed)",
-        sent as f64 / sent_secs,
-        sent,
-        pct(&lat, 0.50),
-        pct(&lat, 0.99),
-        pct(&lat, 1.0),
-        lat.len()
-    );
     println!(
         "gateway peak RSS (VmHWM): {:.1} MiB",
         vm_hwm_kb(pid) as f64 / 1024.0

@@ -2,7 +2,7 @@
 //! channels, and stop them in order when `shutdown` fires.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerEvent, BrokerSettings};
 use crate::buffer::{Buffer, BufferOptions, Write};
 use crate::config::{Loaded, SharedDevices};
-use crate::intake::{Intake, IntakeStats};
+use crate::intake::{run_will_link, IntakeSink, IntakeStats};
 use crate::model::{DeviceId, Presence};
 
 /// Capacity of the broker's event channel (connects, disconnects, denials).
@@ -33,7 +33,6 @@ pub enum AppError {
 pub struct Figures {
     pub intake: Arc<IntakeStats>,
     pub devices_online: AtomicUsize,
-    pub router_lost: AtomicU64,
 }
 
 /// Run the gateway until `shutdown` is cancelled; then stop intake, commit everything the
@@ -76,11 +75,17 @@ pub async fn run(
         listen: cfg.broker.listen,
         max_connections: cfg.broker.max_connections,
         connect_timeout_ms: cfg.broker.connect_timeout_ms,
-        intake_buffer_bytes: cfg.broker.router_buffer_mb * 1024 * 1024,
+        will_buffer_bytes: 1024 * 1024,
         // Room for the topic and MQTT 5 properties on top of the largest payload.
         max_packet_bytes: loaded.max_payload().max(1024) + 1024,
     };
-    let (broker, link) = Broker::start(settings.clone(), devices.clone(), events_tx).await?;
+    let sink = Arc::new(IntakeSink::new(
+        devices.clone(),
+        buffer.sender(),
+        figures.intake.clone(),
+    ));
+    let (broker, wills) =
+        Broker::start(settings.clone(), devices.clone(), sink.clone(), events_tx).await?;
 
     let tasks = tokio_util::task::TaskTracker::new();
     let presence = tasks.spawn(track_presence(
@@ -89,16 +94,7 @@ pub async fn run(
         figures.clone(),
         shutdown.clone(),
     ));
-    let intake_done = tasks.spawn(
-        Intake {
-            link,
-            devices: devices.clone(),
-            writer: buffer.sender(),
-            stats: figures.intake.clone(),
-        }
-        .run(shutdown.clone()),
-    );
-    watch_alerts(&broker, figures.clone());
+    let wills_done = tasks.spawn(run_will_link(wills, sink.clone(), shutdown.clone()));
     tasks.spawn(log_summaries(
         figures.clone(),
         buffer_stats.clone(),
@@ -118,7 +114,8 @@ pub async fn run(
     shutdown.cancelled().await;
     tracing::info!("shutting down: closing device connections, draining intake");
     broker.close_connections();
-    let _ = intake_done.await;
+    let _ = wills_done.await;
+    sink.close();
     drop(broker);
     let _ = presence.await;
     let closed = tokio::task::spawn_blocking(move || buffer.close()).await;
@@ -196,29 +193,6 @@ async fn track_presence(
     }
 }
 
-/// rumqttd reports a subscriber that fell behind its ring (`CursorJump`) only as an alert.
-fn watch_alerts(broker: &Broker, figures: Arc<Figures>) {
-    let Ok(alerts) = broker.alerts() else {
-        tracing::warn!("cannot watch broker alerts");
-        return;
-    };
-    tokio::spawn(async move {
-        while let Ok(batch) = alerts.next().await {
-            for alert in batch {
-                if alert.kind.name() == "cursor_jump" {
-                    figures.router_lost.fetch_add(1, Ordering::Relaxed);
-                }
-                tracing::error!(
-                    client = %alert.client_id,
-                    alert = %alert.kind.name(),
-                    detail = %alert.kind.description(),
-                    "broker alert: a subscriber fell behind and messages were skipped"
-                );
-            }
-        }
-    });
-}
-
 async fn log_summaries(
     figures: Arc<Figures>,
     buffer: Arc<crate::buffer::BufferStats>,
@@ -241,6 +215,7 @@ async fn log_summaries(
             committed_total = buffer.messages_committed.load(Ordering::Relaxed),
             last_seq = buffer.last_seq.load(Ordering::Relaxed),
             commit_errors = buffer.commit_errors.load(Ordering::Relaxed),
+            writer_waits = figures.intake.writer_waits.load(Ordering::Relaxed),
             "intake in the last minute"
         );
         (last_acc, last_rej) = (acc, rej);

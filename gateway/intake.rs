@@ -1,19 +1,21 @@
-//! Intake: drain the broker's `devices/#` link, check each message against its device's
-//! profile, stamp it with the receive time and hand it to the buffer's writer.
+//! Intake: check each device message against its device's profile, stamp it with the
+//! receive time and hand it to the buffer's writer.
 //!
-//! Invalid messages are counted per device and reason (in the buffer), stored in the
-//! bounded `rejected` table, and logged once per burst. The drain never blocks on anything
-//! but the writer's bounded queue.
+//! Messages arrive from the broker's protocol wrapper (every allowed publish, before it is
+//! acknowledged) and from the will link (last wills). Invalid messages are counted per
+//! device and reason (in the buffer), stored in the bounded `rejected` table, and logged
+//! once per burst. When the writer's queue is full, the calling connection waits: the
+//! device's acknowledgements are held back, nothing is dropped.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rumqttd::Notification;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::IntakeLink;
+use crate::broker::WillLink;
 use crate::buffer::Write;
 use crate::burst::BurstLimiter;
 use crate::config::{DeviceTable, SharedDevices};
@@ -22,7 +24,7 @@ use crate::model::{now_ms, Accepted, DeviceId, Kind, RejectReason, Rejected, Rej
 /// Bytes of a rejected payload kept for branch IT to look at.
 pub const EXCERPT_BYTES: usize = 256;
 
-/// After shutdown is requested, keep draining until the link is quiet this long.
+/// After shutdown is requested, keep draining wills until the link is quiet this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
 /// ... but never longer than this.
 const DRAIN_MAX: Duration = Duration::from_secs(5);
@@ -34,8 +36,11 @@ pub struct IntakeStats {
     /// Messages on `devices/X/...` where X is no configured device (possible only
     /// between a reload that removed X and X's disconnection).
     pub unknown_device: AtomicU64,
-    /// Times intake found the writer's queue full and had to wait.
+    /// Times intake found the writer's queue full and had to wait (holding that device).
     pub writer_waits: AtomicU64,
+    /// Messages dropped because the queue was full on a runtime that cannot wait
+    /// (never in the daemon, which runs a multi-thread runtime).
+    pub dropped_full: AtomicU64,
 }
 
 /// What one message became. Pure: no I/O.
@@ -94,93 +99,162 @@ fn excerpt(payload: &[u8]) -> String {
     String::from_utf8_lossy(cut).into_owned()
 }
 
-pub struct Intake {
-    pub link: IntakeLink,
-    pub devices: SharedDevices,
-    pub writer: mpsc::Sender<Write>,
-    pub stats: Arc<IntakeStats>,
+/// Intake's end of the broker: validates each device publish and queues it for the
+/// writer. Called synchronously from the broker's protocol wrapper for every allowed
+/// publish, and from the will link for last wills.
+pub struct IntakeSink {
+    devices: SharedDevices,
+    /// `None` once closed at shutdown (open connections keep the sink itself alive).
+    writer: RwLock<Option<mpsc::Sender<Write>>>,
+    stats: Arc<IntakeStats>,
+    log: Mutex<BurstLimiter<(DeviceId, RejectReason)>>,
+    last_wait_log_ms: AtomicI64,
 }
 
-impl Intake {
-    /// Run until `shutdown`, then drain what the broker already accepted and return.
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut log = BurstLimiter::<(DeviceId, RejectReason)>::new(10_000, 4096);
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                n = self.link.rx.next() => if !self.handle(n, &mut log).await { return },
-            }
-        }
-        // Devices can no longer get acknowledgements (the broker closes them), but what
-        // it acknowledged before must reach the buffer.
-        let deadline = tokio::time::Instant::now() + DRAIN_MAX;
-        loop {
-            let quiet = tokio::time::sleep(DRAIN_QUIET);
-            tokio::select! {
-                _ = quiet => break,
-                _ = tokio::time::sleep_until(deadline) => break,
-                n = self.link.rx.next() => if !self.handle(n, &mut log).await { break },
-            }
+impl IntakeSink {
+    pub fn new(
+        devices: SharedDevices,
+        writer: mpsc::Sender<Write>,
+        stats: Arc<IntakeStats>,
+    ) -> Self {
+        IntakeSink {
+            devices,
+            writer: RwLock::new(Some(writer)),
+            stats,
+            log: Mutex::new(BurstLimiter::new(10_000, 4096)),
+            last_wait_log_ms: AtomicI64::new(i64::MIN / 2),
         }
     }
 
-    /// Returns false when the link is gone.
-    async fn handle(
-        &mut self,
-        n: Result<Option<Notification>, rumqttd::local::LinkError>,
-        log: &mut BurstLimiter<(DeviceId, RejectReason)>,
-    ) -> bool {
-        match n {
-            Ok(Some(Notification::Forward(f))) => {
-                let table = self.devices.load();
-                let now = now_ms();
-                match classify(&table, &f.publish.topic, &f.publish.payload, now) {
-                    Outcome::Accepted(m) => {
-                        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                        self.send(Write::Accepted(m)).await;
-                    }
-                    Outcome::Rejected(r) => {
-                        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                        let key = (r.device.clone(), r.rejection.reason);
-                        if let Some(suppressed) = log.hit(&key, now) {
-                            tracing::warn!(
-                                device = %r.device,
-                                kind = %r.kind,
-                                reason = r.rejection.reason.as_str(),
-                                detail = %r.rejection.detail,
-                                suppressed_since_last_report = suppressed,
-                                "message rejected"
-                            );
-                        }
-                        self.send(Write::Rejected(r)).await;
-                    }
-                    Outcome::Ignored => {
-                        self.stats.unknown_device.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                true
-            }
-            Ok(Some(Notification::Unschedule)) => {
-                // The router paused this link; it must be re-armed or delivery stops.
-                self.link.rx.wake().await.is_ok()
-            }
-            Ok(_) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "broker link to intake closed");
-                false
-            }
+    /// Stop queueing (messages arriving later are not stored) and release the writer.
+    pub fn close(&self) {
+        if let Ok(mut w) = self.writer.write() {
+            *w = None;
         }
     }
 
-    async fn send(&mut self, w: Write) {
-        match self.writer.try_send(w) {
+    /// Validate one message and queue it for the writer.
+    pub fn submit(&self, topic: &[u8], payload: &[u8]) {
+        let table = self.devices.load();
+        let now = now_ms();
+        let write = match classify(&table, topic, payload, now) {
+            Outcome::Accepted(m) => {
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                Write::Accepted(m)
+            }
+            Outcome::Rejected(r) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                self.log_rejection(&r, now);
+                Write::Rejected(r)
+            }
+            Outcome::Ignored => {
+                self.stats.unknown_device.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        self.send(write);
+    }
+
+    fn log_rejection(&self, r: &Rejected, now: i64) {
+        let key = (r.device.clone(), r.rejection.reason);
+        let report = self.log.lock().ok().and_then(|mut l| l.hit(&key, now));
+        if let Some(suppressed) = report {
+            tracing::warn!(
+                device = %r.device,
+                kind = %r.kind,
+                reason = r.rejection.reason.as_str(),
+                detail = %r.rejection.detail,
+                suppressed_since_last_report = suppressed,
+                "message rejected"
+            );
+        }
+    }
+
+    /// Queue for the writer; when the queue is full, wait for room without stalling the
+    /// async runtime's other tasks (`block_in_place` hands them to another thread).
+    fn send(&self, w: Write) {
+        let Ok(guard) = self.writer.read() else {
+            return;
+        };
+        let Some(writer) = guard.as_ref() else { return };
+        match writer.try_send(w) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(w)) => {
-                self.stats.writer_waits.fetch_add(1, Ordering::Relaxed);
-                let _ = self.writer.send(w).await;
+                let waits = self.stats.writer_waits.fetch_add(1, Ordering::Relaxed);
+                let now = now_ms();
+                let last = self.last_wait_log_ms.load(Ordering::Relaxed);
+                if now - last >= 10_000
+                    && self
+                        .last_wait_log_ms
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(
+                        waits_so_far = waits + 1,
+                        "writer queue full: holding device acknowledgements until SQLite catches up"
+                    );
+                }
+                let blocking = || {
+                    let _ = writer.blocking_send(w);
+                };
+                match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                    Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                        tokio::task::block_in_place(blocking)
+                    }
+                    Ok(_) => {
+                        // A current-thread runtime cannot wait here without deadlocking.
+                        self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => blocking(),
+                }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+impl crate::broker::PublishSink for IntakeSink {
+    fn capture(&self, _device: &str, topic: &[u8], payload: &[u8]) {
+        self.submit(topic, payload);
+    }
+}
+
+/// Run the will link until `shutdown`, then drain what the broker already published.
+pub async fn run_will_link(mut link: WillLink, sink: Arc<IntakeSink>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            n = link.rx.next() => if !handle(&mut link, &sink, n).await { return },
+        }
+    }
+    let deadline = tokio::time::Instant::now() + DRAIN_MAX;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_QUIET) => break,
+            _ = tokio::time::sleep_until(deadline) => break,
+            n = link.rx.next() => if !handle(&mut link, &sink, n).await { break },
+        }
+    }
+}
+
+/// Returns false when the link is gone.
+async fn handle(
+    link: &mut WillLink,
+    sink: &IntakeSink,
+    n: Result<Option<Notification>, rumqttd::local::LinkError>,
+) -> bool {
+    match n {
+        Ok(Some(Notification::Forward(f))) => {
+            sink.submit(&f.publish.topic, &f.publish.payload);
+            true
+        }
+        // The router paused this link; it must be re-armed or delivery stops.
+        Ok(Some(Notification::Unschedule)) => link.rx.wake().await.is_ok(),
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "broker link for last wills closed");
+            false
         }
     }
 }

@@ -168,3 +168,58 @@ async fn sigkill_leaves_a_consistent_database_and_seq_continues() {
     let (status, _) = gw.terminate();
     assert!(status.success());
 }
+
+/// With a tiny writer queue, a burst from many devices fills it: intake holds the devices'
+/// acknowledgements instead of dropping anything, and every message is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_writer_queue_holds_devices_and_loses_nothing() {
+    let devices: Vec<Device> = (0..20)
+        .map(|i| device(&format!("q{i}"), "test-sensor"))
+        .collect();
+    let branch = Branch::with_extra(&devices, "queue_capacity = 16");
+    let gw = branch.start();
+    let per_device = 500usize;
+    let tasks: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            let (id, port) = (d.id.clone(), branch.port);
+            tokio::spawn(async move {
+                let mut c = connect(port, &id, &format!("{id}-pw")).await;
+                let topic = format!("devices/{id}/telemetry");
+                for n in 0..per_device {
+                    let body =
+                        format!(r#"{{"n":{n},"device":"{id}","pad":"{}"}}"#, "z".repeat(300));
+                    c.client
+                        .publish(&topic, QoS::AtLeastOnce, false, body)
+                        .await
+                        .unwrap();
+                }
+                c.pubacks(per_device, Duration::from_secs(60)).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), per_device);
+    }
+    let want = (20 * per_device) as i64;
+    assert_eq!(
+        branch.wait_count(
+            "SELECT COUNT(*) FROM messages",
+            want,
+            Duration::from_secs(20)
+        ),
+        want
+    );
+    assert_eq!(
+        branch.count(
+            "SELECT COUNT(DISTINCT device || ':' || json_extract(payload, '$.n')) FROM messages"
+        ),
+        want
+    );
+    let (status, log) = gw.terminate();
+    assert!(status.success());
+    assert!(
+        log.contains("writer queue full"),
+        "the burst must have filled the queue:\n{log}"
+    );
+}

@@ -9,6 +9,9 @@
 //!   the maximum, 65 535 s;
 //! - authenticate the CONNECT ourselves; a refused one is turned into a CONNECT rumqttd
 //!   answers with a CONNACK error, whose code we rewrite to "bad user name or password";
+//! - hand every allowed PUBLISH to intake ([`PublishSink`]) before rumqttd sees it, so a
+//!   full intake queue holds the device's connection instead of overflowing the router's
+//!   in-memory ring (which rumqttd would skip silently);
 //! - send a denied PUBLISH to a sink topic nobody subscribes to (rumqttd acks it and drops
 //!   it, as MQTT 3.1.1 §3.3.5 allows) and answer with reason "not authorized" on MQTT 5;
 //! - replace a denied SUBSCRIBE filter with a sink filter and rewrite its SUBACK code to
@@ -19,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
     self, v4::V4, v5::V5, ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode,
 };
@@ -32,6 +35,15 @@ use crate::model::{now_ms, DeviceId, Presence};
 
 /// Denied publishes are rewritten to this topic, which matches no subscription.
 pub const SINK_TOPIC: &str = "gateway-internal/denied";
+/// Publishes intake has taken are rewritten to this topic, which matches no subscription.
+pub const CAPTURED_TOPIC: &str = "gateway-internal/captured";
+
+/// Where the wrapper hands every allowed device publish, synchronously, before rumqttd
+/// acknowledges it. An implementation may block (in `block_in_place`) when its queue is
+/// full: that holds this connection's reads, which is the backpressure to the device.
+pub trait PublishSink: Send + Sync {
+    fn capture(&self, device: &str, topic: &[u8], payload: &[u8]);
+}
 /// Denied subscriptions are rewritten to this filter, which no allowed publish matches.
 pub const SINK_FILTER: &str = "gateway-internal/denied-subscription";
 /// What `keep_alive = 0` becomes: the largest value MQTT can express.
@@ -99,6 +111,7 @@ pub struct BrokerStats {
 /// State shared by every connection's wrapper.
 pub struct Shared {
     pub devices: SharedDevices,
+    pub sink: Arc<dyn PublishSink>,
     pub events: mpsc::Sender<BrokerEvent>,
     pub stats: BrokerStats,
     /// Set at shutdown: every connection is closed at its next packet, so nothing more
@@ -110,9 +123,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(devices: SharedDevices, events: mpsc::Sender<BrokerEvent>) -> Self {
+    pub fn new(
+        devices: SharedDevices,
+        sink: Arc<dyn PublishSink>,
+        events: mpsc::Sender<BrokerEvent>,
+    ) -> Self {
         Shared {
             devices,
+            sink,
             events,
             stats: BrokerStats::default(),
             closing: AtomicBool::new(false),
@@ -201,8 +219,8 @@ pub struct DeviceProtocol {
     codec: Option<Codec>,
     device: Option<DeviceId>,
     refused: Option<Denial>,
-    /// MQTT 5 topic aliases this connection set, and whether their topic is allowed.
-    aliases: HashMap<u16, bool>,
+    /// MQTT 5 topic aliases this connection set, with their topic when it is allowed.
+    aliases: HashMap<u16, Option<Bytes>>,
     /// What `write` (which rumqttd calls with `&self`) updates.
     out: Mutex<Outgoing>,
 }
@@ -304,36 +322,44 @@ impl DeviceProtocol {
         let Packet::Publish(mut publish, props) = packet else {
             return packet;
         };
-        let device = self.device.as_deref().unwrap_or("");
+        let device = self.device.clone().unwrap_or_default();
         let alias = props.as_ref().and_then(|p| p.topic_alias);
-        let allowed = if publish.topic.is_empty() {
-            alias
-                .and_then(|a| self.aliases.get(&a).copied())
-                .unwrap_or(false)
+        let topic: Option<Bytes> = if publish.topic.is_empty() {
+            alias.and_then(|a| self.aliases.get(&a).cloned().flatten())
         } else {
             let ok = std::str::from_utf8(&publish.topic)
-                .map(|t| acl::may_publish(device, t))
+                .map(|t| acl::may_publish(&device, t))
                 .unwrap_or(false);
+            let topic = ok.then(|| publish.topic.clone());
             if let Some(a) = alias {
                 if self.aliases.len() < 1024 || self.aliases.contains_key(&a) {
-                    self.aliases.insert(a, ok);
+                    self.aliases.insert(a, topic.clone());
                 }
             }
-            ok
+            topic
         };
-        if !allowed {
-            let topic = String::from_utf8_lossy(&publish.topic);
-            let detail = format!("topic {:?}", crate::config::profile::truncate(&topic, 80));
-            self.shared.deny(Some(device), Denial::Publish, &detail);
-            // Also gives an unknown alias a topic, so the router cannot misroute it.
-            publish.topic = SINK_TOPIC.into();
-            publish.retain = false;
-            if self.codec == Some(Codec::V5) && publish_pkid(&publish) != 0 {
-                let out = self.out.get_mut().unwrap_or_else(|p| p.into_inner());
-                if out.denied_pubacks.len() >= 1024 {
-                    out.denied_pubacks.pop_front();
+        match topic {
+            Some(topic) => {
+                // The message is handed to intake here, before rumqttd acknowledges it;
+                // the router then only sees a topic nobody subscribes to and drops it.
+                self.shared.sink.capture(&device, &topic, &publish.payload);
+                publish.topic = CAPTURED_TOPIC.into();
+                publish.retain = false;
+            }
+            None => {
+                let shown = String::from_utf8_lossy(&publish.topic);
+                let detail = format!("topic {:?}", crate::config::profile::truncate(&shown, 80));
+                self.shared.deny(Some(&device), Denial::Publish, &detail);
+                // Also gives an unknown alias a topic, so the router cannot misroute it.
+                publish.topic = SINK_TOPIC.into();
+                publish.retain = false;
+                if self.codec == Some(Codec::V5) && publish_pkid(&publish) != 0 {
+                    let out = self.out.get_mut().unwrap_or_else(|p| p.into_inner());
+                    if out.denied_pubacks.len() >= 1024 {
+                        out.denied_pubacks.pop_front();
+                    }
+                    out.denied_pubacks.push_back(publish_pkid(&publish));
                 }
-                out.denied_pubacks.push_back(publish_pkid(&publish));
             }
         }
         Packet::Publish(publish, props)

@@ -53,10 +53,6 @@ pub struct BrokerSection {
     /// How long a new TCP connection may take to send its CONNECT.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u16,
-    /// Memory the embedded broker may hold per subscription filter, in MiB. Intake's own
-    /// subscription (`devices/#`) uses it to ride out a slow disk; see README "Bounds".
-    #[serde(default = "default_router_buffer_mb")]
-    pub router_buffer_mb: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,9 +121,6 @@ fn default_max_connections() -> usize {
 }
 fn default_connect_timeout_ms() -> u16 {
     5000
-}
-fn default_router_buffer_mb() -> usize {
-    16
 }
 fn default_rejected_keep() -> u64 {
     10_000
@@ -207,12 +200,6 @@ impl Config {
             push(
                 "broker.connect_timeout_ms".into(),
                 "must be at least 100".into(),
-            );
-        }
-        if !(1..=1024).contains(&self.broker.router_buffer_mb) {
-            push(
-                "broker.router_buffer_mb".into(),
-                "must be between 1 and 1024".into(),
             );
         }
         if !(16..=1_000_000).contains(&self.storage.queue_capacity) {
