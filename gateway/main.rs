@@ -167,17 +167,15 @@ fn load(path: &Path) -> anyhow::Result<config::Loaded> {
 fn check_config(path: &Path) -> ExitCode {
     match config::load(path) {
         Ok(loaded) => {
+            let plural =
+                |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+            let names: Vec<&str> = loaded.profiles.keys().map(String::as_str).collect();
             println!(
-                "{}: ok ({} devices, {} profiles: {})",
+                "{}: ok ({}, {}: {})",
                 path.display(),
-                loaded.config.devices.len(),
-                loaded.profiles.len(),
-                loaded
-                    .profiles
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                plural(loaded.config.devices.len(), "device"),
+                plural(loaded.profiles.len(), "profile"),
+                names.join(", ")
             );
             ExitCode::SUCCESS
         }

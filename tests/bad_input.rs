@@ -412,3 +412,49 @@ async fn mqtt5_foreign_publish_gets_not_authorized() {
         1
     );
 }
+
+/// A password stored as an argon2 hash (made by the real `hash-password` command) is
+/// accepted with the right secret and refused with a wrong one.
+#[test]
+fn argon2_hashed_password_from_hash_password_command() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"s3cret-kiosk\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hash.contains("s3cret"));
+
+    let mut dev = device("k9", "test-sensor");
+    dev.password = hash;
+    let branch = Branch::new(&[dev]);
+    let _gw = branch.start();
+    let port = branch.port;
+    assert_eq!(
+        exchange(port, &raw_connect("a", Some(("k9", "s3cret-kiosk")), 30)),
+        [0x20, 2, 0, 0]
+    );
+    assert_eq!(
+        exchange(port, &raw_connect("b", Some(("k9", "s3cret-kiosK")), 30)),
+        [0x20, 2, 0, 4]
+    );
+    // The verified secret is remembered: a second connect with it succeeds too.
+    assert_eq!(
+        exchange(port, &raw_connect("c", Some(("k9", "s3cret-kiosk")), 30)),
+        [0x20, 2, 0, 0]
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(branch.counter("k9", "connect_bad_password"), 1);
+    assert_eq!(branch.counter("k9", "connects"), 2);
+}

@@ -80,7 +80,7 @@ fn the_fixtures_base_config_is_valid() {
     assert_eq!(
         text(&out.stdout),
         format!(
-            "{}: ok (2 devices, 1 profiles: test-sensor)\n",
+            "{}: ok (2 devices, 1 profile: test-sensor)\n",
             config.display()
         )
     );
@@ -210,7 +210,7 @@ fn profile_missing_path_resolves_against_the_config_folder() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "check-config/valid.toml: ok (2 devices, 1 profiles: test-sensor)\n"
+        "check-config/valid.toml: ok (2 devices, 1 profile: test-sensor)\n"
     );
 }
 
