@@ -14,6 +14,7 @@ use crate::buffer::{Buffer, BufferOptions, Write};
 use crate::config::{Loaded, SharedDevices};
 use crate::intake::{run_will_link, IntakeSink, IntakeStats};
 use crate::model::{DeviceId, Presence};
+use crate::upstream::{Forwarder, UpstreamStats};
 
 /// Capacity of the broker's event channel (connects, disconnects, denials).
 const BROKER_EVENTS: usize = 4096;
@@ -33,6 +34,7 @@ pub enum AppError {
 pub struct Figures {
     pub intake: Arc<IntakeStats>,
     pub devices_online: AtomicUsize,
+    pub upstream: Arc<UpstreamStats>,
 }
 
 /// Run the gateway until `shutdown` is cancelled; then stop intake, commit everything the
@@ -95,6 +97,23 @@ pub async fn run(
         shutdown.clone(),
     ));
     let wills_done = tasks.spawn(run_will_link(wills, sink.clone(), shutdown.clone()));
+    let forwarder = cfg.upstream.clone().map(|settings| {
+        tracing::info!(url = %settings.url, prefix = %settings.topic_prefix, "forwarding to the central broker");
+        let forwarder = Forwarder {
+            settings,
+            branch: cfg.gateway.branch_id.clone(),
+            database: db_path.clone(),
+            // The envelope adds ~200 bytes of metadata to the largest payload.
+            max_packet_bytes: loaded.max_payload().max(1024) + 4096,
+            writer: buffer.sender(),
+            buffer: buffer_stats.clone(),
+            stats: figures.upstream.clone(),
+        };
+        tasks.spawn(forwarder.run(shutdown.clone()))
+    });
+    if forwarder.is_none() {
+        tracing::info!("no [upstream] configured: buffering and serving locally only");
+    }
     tasks.spawn(log_summaries(
         figures.clone(),
         buffer_stats.clone(),
@@ -118,6 +137,9 @@ pub async fn run(
     sink.close();
     drop(broker);
     let _ = presence.await;
+    if let Some(f) = forwarder {
+        let _ = f.await;
+    }
     let closed = tokio::task::spawn_blocking(move || buffer.close()).await;
     tasks.wait().await;
     match closed {

@@ -80,6 +80,7 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
     match result {
         Ok((kind, payload)) => Outcome::Accepted(Accepted {
             device: device.to_owned(),
+            profile: entry.profile.name.clone(),
             kind,
             received_ms,
             payload,
@@ -289,6 +290,7 @@ mod tests {
             out,
             Outcome::Accepted(Accepted {
                 device: "k1".into(),
+                profile: "p".into(),
                 kind: Kind::Telemetry,
                 received_ms: 42,
                 payload: r#"{"n":1}"#.into()

@@ -22,3 +22,4 @@ pub mod config;
 pub mod intake;
 pub mod model;
 pub mod simulate;
+pub mod upstream;

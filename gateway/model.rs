@@ -130,12 +130,56 @@ impl fmt::Display for Rejection {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accepted {
     pub device: DeviceId,
+    /// The device's profile when the message arrived (it goes into the upstream envelope).
+    pub profile: String,
     pub kind: Kind,
     /// Milliseconds since the Unix epoch, taken by intake when the message arrived.
     pub received_ms: i64,
     /// The payload as stored: a JSON object's text for telemetry and events,
     /// `online` / `offline` for status.
     pub payload: String,
+}
+
+/// A buffered message as the forwarder reads it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub seq: i64,
+    pub device: DeviceId,
+    pub profile: String,
+    pub kind: Kind,
+    pub received_ms: i64,
+    pub payload: String,
+}
+
+impl Stored {
+    /// `{prefix}/devices/ID/KIND`: where the central side receives this message.
+    pub fn topic(&self, prefix: &str) -> String {
+        format!("{prefix}/devices/{}/{}", self.device, self.kind)
+    }
+
+    /// The upstream envelope (see README "Upstream contract"). The payload is embedded as
+    /// received: telemetry and events are JSON objects (validated at intake), status is a
+    /// string.
+    pub fn envelope(&self, branch: &str) -> String {
+        let data = match self.kind {
+            Kind::Status => json_string(&self.payload),
+            Kind::Telemetry | Kind::Events => self.payload.clone(),
+        };
+        format!(
+            r#"{{"seq":{},"branch":{},"device":{},"profile":{},"kind":"{}","received_at":"{}","data":{}}}"#,
+            self.seq,
+            json_string(branch),
+            json_string(&self.device),
+            json_string(&self.profile),
+            self.kind,
+            format_ms(self.received_ms),
+            data
+        )
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
 }
 
 /// A message intake refused; kept (truncated) in the bounded `rejected` table.
@@ -189,6 +233,31 @@ mod tests {
             assert_eq!(Kind::parse(k.as_str()), Some(k));
         }
         assert_eq!(Kind::parse("commands"), None);
+    }
+
+    #[test]
+    fn envelope_is_exact() {
+        let m = Stored {
+            seq: 42,
+            device: "kiosk-01".into(),
+            profile: "self-check-kiosk".into(),
+            kind: Kind::Events,
+            received_ms: 1_764_065_700_123,
+            payload: r#"{"event":"loan","ok":true}"#.into(),
+        };
+        assert_eq!(m.topic("library/b1"), "library/b1/devices/kiosk-01/events");
+        assert_eq!(
+            m.envelope("b1"),
+            r#"{"seq":42,"branch":"b1","device":"kiosk-01","profile":"self-check-kiosk","kind":"events","received_at":"2025-11-25T10:15:00.123Z","data":{"event":"loan","ok":true}}"#
+        );
+        let status = Stored {
+            kind: Kind::Status,
+            payload: "offline".into(),
+            ..m
+        };
+        let v: serde_json::Value = serde_json::from_str(&status.envelope("b\"1")).unwrap();
+        assert_eq!(v["data"], "offline");
+        assert_eq!(v["branch"], "b\"1");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use rusqlite::{params, Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Synchronous;
-use crate::model::{Accepted, DeviceId, Presence, Rejected};
+use crate::model::{Accepted, DeviceId, Kind, Presence, Rejected, Stored};
 
 /// Most commands applied in one transaction.
 pub const MAX_BATCH: usize = 2048;
@@ -46,6 +46,11 @@ pub enum Write {
     Denied {
         device: DeviceId,
         what: &'static str,
+        at_ms: i64,
+    },
+    /// The central broker acknowledged these messages (by `seq`).
+    Delivered {
+        seqs: Vec<i64>,
         at_ms: i64,
     },
     /// Answered once everything sent before it is committed.
@@ -91,6 +96,9 @@ pub struct BufferStats {
     /// Microseconds the last transaction took (begin to commit).
     pub last_commit_us: AtomicU64,
     pub last_seq: AtomicU64,
+    pub delivered_committed: AtomicU64,
+    /// Woken after every commit that added messages (the forwarder waits on it).
+    pub committed: tokio::sync::Notify,
 }
 
 /// The running writer. Dropping every [`mpsc::Sender`] and calling [`Buffer::close`]
@@ -264,10 +272,14 @@ impl Writer {
     fn commit(&mut self, batch: &[Write]) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         let mut devices: HashMap<&str, DeviceDelta> = HashMap::new();
-        let (mut messages, mut rejected, mut last_seq) = (0u64, 0u64, 0i64);
+        let (mut messages, mut rejected, mut delivered, mut last_seq) = (0u64, 0u64, 0u64, 0i64);
         {
             let mut insert_msg = tx.prepare_cached(
-                "INSERT INTO messages (device, kind, received_ms, payload) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO messages (device, profile, kind, received_ms, payload)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut mark_delivered = tx.prepare_cached(
+                "UPDATE messages SET delivered_ms = ?2 WHERE seq = ?1 AND delivered_ms IS NULL",
             )?;
             let mut insert_rej = tx.prepare_cached(
                 "INSERT INTO rejected (device, kind, received_ms, reason, detail, excerpt)
@@ -278,6 +290,7 @@ impl Writer {
                     Write::Accepted(m) => {
                         insert_msg.execute(params![
                             m.device,
+                            m.profile,
                             m.kind.as_str(),
                             m.received_ms,
                             m.payload
@@ -328,6 +341,12 @@ impl Writer {
                         what,
                         at_ms,
                     } => bump(devices.entry(device).or_default(), what, *at_ms),
+                    Write::Delivered { seqs, at_ms } => {
+                        for seq in seqs {
+                            mark_delivered.execute(params![seq, at_ms])?;
+                        }
+                        delivered += seqs.len() as u64;
+                    }
                     Write::Flush(_) => {}
                 }
             }
@@ -340,10 +359,14 @@ impl Writer {
         self.stats
             .rejected_committed
             .fetch_add(rejected, Ordering::Relaxed);
+        self.stats
+            .delivered_committed
+            .fetch_add(delivered, Ordering::Relaxed);
         if last_seq > 0 {
             self.stats
                 .last_seq
                 .store(last_seq as u64, Ordering::Relaxed);
+            self.stats.committed.notify_one();
         }
         if rejected > 0 {
             self.batches_since_prune += 1;
@@ -419,6 +442,49 @@ fn apply_devices(
         }
     }
     Ok(())
+}
+
+/// The forwarder's read side: undelivered messages in `seq` order, on its own connection
+/// (WAL lets it read while the writer commits). Blocking: use from `spawn_blocking`.
+pub struct Outbox {
+    conn: Connection,
+}
+
+impl Outbox {
+    pub fn open(path: &Path) -> Result<Outbox, BufferError> {
+        Ok(Outbox {
+            conn: open_read_only(path)?,
+        })
+    }
+
+    /// Up to `limit` undelivered messages with `seq > after`, oldest first.
+    pub fn next_after(&mut self, after: i64, limit: usize) -> rusqlite::Result<Vec<Stored>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, device, profile, kind, received_ms, payload FROM messages
+             WHERE delivered_ms IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![after, limit as i64], |r| {
+            let kind: String = r.get(3)?;
+            Ok(Stored {
+                seq: r.get(0)?,
+                device: r.get(1)?,
+                profile: r.get(2)?,
+                kind: Kind::parse(&kind).unwrap_or(Kind::Events),
+                received_ms: r.get(4)?,
+                payload: r.get(5)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Undelivered messages and the receive time of the oldest.
+    pub fn backlog(&mut self) -> rusqlite::Result<(i64, Option<i64>)> {
+        self.conn.query_row(
+            "SELECT COUNT(*), MIN(received_ms) FROM messages WHERE delivered_ms IS NULL",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+    }
 }
 
 /// A read-only view for commands (`devices`) and tests; safe while the gateway runs (WAL).

@@ -8,7 +8,8 @@ use super::BufferError;
 use crate::config::Synchronous;
 
 /// Migrations in order; entry `i` moves the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE messages (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
     device       TEXT    NOT NULL,
@@ -48,7 +49,11 @@ CREATE TABLE device_counters (
     last_ms INTEGER NOT NULL,
     PRIMARY KEY (device, counter)
 ) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+ALTER TABLE messages ADD COLUMN profile TEXT NOT NULL DEFAULT '';
+"#,
+];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).
 pub fn prepare(conn: &Connection, sync: Synchronous) -> rusqlite::Result<()> {

@@ -25,8 +25,84 @@ pub struct Config {
     pub broker: BrokerSection,
     #[serde(default)]
     pub storage: StorageSection,
+    /// The central system; without it the gateway buffers and serves locally only.
+    #[serde(default)]
+    pub upstream: Option<UpstreamSection>,
     #[serde(default)]
     pub devices: Vec<DeviceSection>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// `mqtt://host:port` (TLS comes with `mqtts://`, not yet supported).
+    pub url: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Every message goes to `{topic_prefix}/devices/ID/KIND`.
+    pub topic_prefix: String,
+    /// Messages published and not yet acknowledged at any time.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+    /// Longest wait between reconnect attempts (each wait is jittered to 50-100%).
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+impl fmt::Debug for UpstreamSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamSection")
+            .field("url", &self.url)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("topic_prefix", &self.topic_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the central broker is, from `upstream.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl UpstreamSection {
+    pub fn addr(&self) -> Result<UpstreamAddr, String> {
+        let (scheme, rest) = self
+            .url
+            .split_once("://")
+            .ok_or("must look like mqtt://host:port")?;
+        if scheme == "mqtts" {
+            return Err("mqtts:// (TLS) is not supported yet; use mqtt://".into());
+        }
+        if scheme != "mqtt" {
+            return Err(format!("scheme {scheme:?} is not mqtt://"));
+        }
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("port {p:?} is not a number 1-65535"))?,
+            ),
+            None => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            return Err("must name a host and a port".into());
+        }
+        Ok(UpstreamAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +144,22 @@ pub struct StorageSection {
     /// Capacity of the queue between intake and the SQLite writer, in messages.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// How long delivered messages stay in the buffer (e.g. "7d", "12h").
+    #[serde(default = "default_keep_delivered", with = "humantime_serde_compat")]
+    pub keep_delivered: std::time::Duration,
+}
+
+/// `humantime` strings ("7d", "90m") for durations in the config.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like \"7d\" or \"12h\": {e}"
+            ))
+        })
+    }
 }
 
 impl Default for StorageSection {
@@ -76,6 +168,7 @@ impl Default for StorageSection {
             rejected_keep: default_rejected_keep(),
             synchronous: Synchronous::default(),
             queue_capacity: default_queue(),
+            keep_delivered: default_keep_delivered(),
         }
     }
 }
@@ -127,6 +220,18 @@ fn default_rejected_keep() -> u64 {
 }
 fn default_queue() -> usize {
     8192
+}
+fn default_keep_delivered() -> std::time::Duration {
+    std::time::Duration::from_secs(7 * 24 * 3600)
+}
+fn default_max_inflight() -> u16 {
+    256
+}
+fn default_keep_alive_s() -> u64 {
+    30
+}
+fn default_reconnect_max_ms() -> u64 {
+    1000
 }
 
 /// One semantic problem: the key it concerns and what is wrong.
@@ -213,6 +318,47 @@ impl Config {
                 "gateway.log_level".into(),
                 format!("{:?} is not a log level or filter", self.gateway.log_level),
             );
+        }
+        if let Some(up) = &self.upstream {
+            if let Err(e) = up.addr() {
+                push("upstream.url".into(), e);
+            }
+            if up.client_id.is_empty() || up.client_id.len() > 128 {
+                push(
+                    "upstream.client_id".into(),
+                    "must be 1-128 characters".into(),
+                );
+            }
+            if up.topic_prefix.is_empty()
+                || up.topic_prefix.ends_with('/')
+                || up.topic_prefix.contains(['+', '#'])
+            {
+                push(
+                    "upstream.topic_prefix".into(),
+                    "must be a topic without wildcards or a trailing /".into(),
+                );
+            }
+            if !(1..=1024).contains(&up.max_inflight) {
+                push(
+                    "upstream.max_inflight".into(),
+                    "must be between 1 and 1024".into(),
+                );
+            }
+            if !(5..=3600).contains(&up.keep_alive_s) {
+                push(
+                    "upstream.keep_alive_s".into(),
+                    "must be between 5 and 3600".into(),
+                );
+            }
+            if !(100..=600_000).contains(&up.reconnect_max_ms) {
+                push(
+                    "upstream.reconnect_max_ms".into(),
+                    "must be between 100 and 600000".into(),
+                );
+            }
+            if up.password.is_some() && up.username.is_none() {
+                push("upstream.password".into(), "needs upstream.username".into());
+            }
         }
         let mut seen = HashSet::new();
         for (i, d) in self.devices.iter().enumerate() {

@@ -62,7 +62,7 @@ impl Branch {
         Self::with_extra(devices, "")
     }
 
-    /// `extra` is appended to the `[storage]` section.
+    /// `extra` is appended to the `[storage]` section (and may open further sections).
     pub fn with_extra(devices: &[Device], extra: &str) -> Branch {
         let dir = tempfile::tempdir().unwrap();
         let profiles = dir.path().join("profiles");
@@ -404,4 +404,138 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> std::process::Output {
         stdout: stdout.join().unwrap(),
         stderr: stderr.join().unwrap(),
     }
+}
+
+/// A real central broker for forwarding tests: Mosquitto from Debian's package, on a free
+/// loopback port, with persistence so a consumer's session survives its restarts.
+pub struct Central {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Central {
+    pub fn start() -> Central {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut c = Central {
+            port,
+            dir,
+            child: None,
+        };
+        c.restart();
+        c
+    }
+
+    /// Start (again) on the same port and persistence folder.
+    pub fn restart(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                 autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\nuser root\n",
+                self.port,
+                self.dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto (Debian package mosquitto) must be installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (mosquitto saves its persistence file) and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Central {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A central-side consumer: persistent session, subscribed to `{prefix}/#` at QoS 1,
+/// reconnecting by itself; every received (topic, payload) goes to `rx`.
+pub struct Consumer {
+    pub rx: mpsc::UnboundedReceiver<(String, String)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Consumer {
+    pub async fn start(port: u16, prefix: &str) -> Consumer {
+        let mut o = MqttOptions::new(format!("consumer-{port}"), "127.0.0.1", port);
+        o.set_clean_session(false);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_inflight(1000);
+        let (client, mut el) = AsyncClient::new(o, 100);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let filter = format!("{prefix}/#");
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        client
+                            .subscribe(&filter, rumqttc::QoS::AtLeastOnce)
+                            .await
+                            .unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send((
+                            p.topic.clone(),
+                            String::from_utf8_lossy(&p.payload).into_owned(),
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("consumer subscribed")
+            .unwrap();
+        Consumer { rx, task }
+    }
+}
+
+/// The `[upstream]` section pointing at a central broker on `port`.
+pub fn upstream_section(port: u16, prefix: &str) -> String {
+    format!(
+        "[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"gw-test-{port}\"\ntopic_prefix = \"{prefix}\"\n"
+    )
 }
