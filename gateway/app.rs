@@ -1,7 +1,6 @@
 //! Wiring only: open the buffer, start the broker and intake, connect them with bounded
 //! channels, and stop them in order when `shutdown` fires.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerEvent, BrokerSettings};
 use crate::buffer::{Buffer, BufferOptions, Write};
 use crate::config::{Loaded, SharedDevices};
-use crate::intake::{run_will_link, IntakeSink, IntakeStats};
-use crate::model::{DeviceId, Presence};
+use crate::intake::{IntakeSink, IntakeStats};
+
+use crate::model::DeviceId;
 use crate::upstream::{Forwarder, UpstreamStats};
 
 /// Capacity of the broker's event channel (connects, disconnects, denials).
@@ -90,13 +90,14 @@ pub async fn run(
         Broker::start(settings.clone(), devices.clone(), sink.clone(), events_tx).await?;
 
     let tasks = tokio_util::task::TaskTracker::new();
-    let presence = tasks.spawn(track_presence(
+    let presence = tasks.spawn(record_broker_events(
+        broker.shared().clone(),
         events_rx,
         buffer.sender(),
         figures.clone(),
         shutdown.clone(),
     ));
-    let wills_done = tasks.spawn(run_will_link(wills, sink.clone(), shutdown.clone()));
+    let wills_done = tasks.spawn(wills.run(sink.clone(), shutdown.clone()));
     let forwarder = cfg.upstream.clone().map(|settings| {
         tracing::info!(url = %settings.url, prefix = %settings.topic_prefix, "forwarding to the central broker");
         let forwarder = Forwarder {
@@ -154,63 +155,65 @@ pub async fn run(
     Ok(())
 }
 
-/// Turn broker events into buffer writes. Counts connections per device so a device
-/// that reconnects (the old session is dropped after the new one connects) stays online.
-/// Stops at shutdown once the events already queued are written (open connections keep
-/// their senders alive, so the channel itself never closes).
-async fn track_presence(
+/// Record presence changes and broker denials in the buffer. Presence comes from the
+/// broker's board (which never loses a connect or disconnect); denials from the event
+/// channel (dropped and counted in `events_dropped` only if the writer stalls). At
+/// shutdown, what is pending is written once more and the task ends.
+async fn record_broker_events(
+    board: Arc<crate::broker::Shared>,
     mut events: mpsc::Receiver<BrokerEvent>,
     writer: mpsc::Sender<Write>,
     figures: Arc<Figures>,
     shutdown: CancellationToken,
 ) {
-    let mut connections: HashMap<DeviceId, u32> = HashMap::new();
     loop {
-        let event = tokio::select! {
+        let stop = tokio::select! {
             biased;
-            e = events.recv() => e,
-            _ = shutdown.cancelled() => events.try_recv().ok(),
-        };
-        let Some(event) = event else { break };
-        let write = match event {
-            BrokerEvent::Presence(Presence::Connected { device, at_ms }) => {
-                let n = connections.entry(device.clone()).or_insert(0);
-                *n += 1;
-                if *n > 1 {
-                    continue;
-                }
-                tracing::info!(device = %device, "device connected");
-                Write::Presence(Presence::Connected { device, at_ms })
-            }
-            BrokerEvent::Presence(Presence::Disconnected { device, at_ms }) => {
-                match connections.get_mut(&device) {
-                    Some(n) if *n > 1 => {
-                        *n -= 1;
-                        continue;
+            Some(BrokerEvent::Denied { device, what }) = events.recv() => {
+                if let Some(device) = device {
+                    let w = Write::Denied { device, what: what.as_str(), at_ms: crate::model::now_ms() };
+                    if writer.send(w).await.is_err() {
+                        return;
                     }
-                    Some(_) => {
-                        connections.remove(&device);
-                    }
-                    None => continue,
                 }
-                tracing::info!(device = %device, "device disconnected");
-                Write::Presence(Presence::Disconnected { device, at_ms })
+                false
             }
-            BrokerEvent::Denied {
-                device: Some(device),
-                what,
-            } => Write::Denied {
-                device,
-                what: what.as_str(),
-                at_ms: crate::model::now_ms(),
-            },
-            BrokerEvent::Denied { device: None, .. } => continue,
+            _ = board.presence.changed.notified() => false,
+            _ = shutdown.cancelled() => true,
         };
+        for change in board.presence.take_changes() {
+            if change.connects > 0 || change.disconnects > 0 {
+                tracing::info!(
+                    device = %change.device,
+                    online = change.online,
+                    connects = change.connects,
+                    disconnects = change.disconnects,
+                    "device presence"
+                );
+            }
+            if writer.send(Write::Presence(change)).await.is_err() {
+                return;
+            }
+        }
         figures
             .devices_online
-            .store(connections.len(), Ordering::Relaxed);
-        if writer.send(write).await.is_err() {
-            break;
+            .store(board.presence.online_count(), Ordering::Relaxed);
+        if stop {
+            while let Ok(BrokerEvent::Denied {
+                device: Some(device),
+                what,
+            }) = events.try_recv()
+            {
+                let w = Write::Denied {
+                    device,
+                    what: what.as_str(),
+                    at_ms: crate::model::now_ms(),
+                };
+                if writer.send(w).await.is_err() {
+                    return;
+                }
+            }
+            return;
         }
     }
 }

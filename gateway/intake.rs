@@ -9,25 +9,18 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
-use rumqttd::Notification;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use crate::broker::WillLink;
 use crate::buffer::Write;
 use crate::burst::BurstLimiter;
 use crate::config::{DeviceTable, SharedDevices};
-use crate::model::{now_ms, Accepted, DeviceId, Kind, RejectReason, Rejected, Rejection};
+use crate::model::{
+    now_ms, Accepted, DeviceId, Kind, PublishSink, RejectReason, Rejected, Rejection,
+};
 
 /// Bytes of a rejected payload kept for branch IT to look at.
 pub const EXCERPT_BYTES: usize = 256;
-
-/// After shutdown is requested, keep draining wills until the link is quiet this long.
-const DRAIN_QUIET: Duration = Duration::from_millis(300);
-/// ... but never longer than this.
-const DRAIN_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 pub struct IntakeStats {
@@ -164,7 +157,7 @@ impl IntakeSink {
                 device = %r.device,
                 kind = %r.kind,
                 reason = r.rejection.reason.as_str(),
-                detail = %r.rejection.detail,
+                detail = %r.rejection.loggable_detail(),
                 suppressed_since_last_report = suppressed,
                 "message rejected"
             );
@@ -203,8 +196,12 @@ impl IntakeSink {
                         tokio::task::block_in_place(blocking)
                     }
                     Ok(_) => {
-                        // A current-thread runtime cannot wait here without deadlocking.
+                        // A current-thread runtime cannot wait here without deadlocking;
+                        // the daemon never runs one.
                         self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            "writer queue full on a current-thread runtime: message dropped"
+                        );
                     }
                     Err(_) => blocking(),
                 }
@@ -214,49 +211,9 @@ impl IntakeSink {
     }
 }
 
-impl crate::broker::PublishSink for IntakeSink {
-    fn capture(&self, _device: &str, topic: &[u8], payload: &[u8]) {
+impl PublishSink for IntakeSink {
+    fn capture(&self, topic: &[u8], payload: &[u8]) {
         self.submit(topic, payload);
-    }
-}
-
-/// Run the will link until `shutdown`, then drain what the broker already published.
-pub async fn run_will_link(mut link: WillLink, sink: Arc<IntakeSink>, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            n = link.rx.next() => if !handle(&mut link, &sink, n).await { return },
-        }
-    }
-    let deadline = tokio::time::Instant::now() + DRAIN_MAX;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(DRAIN_QUIET) => break,
-            _ = tokio::time::sleep_until(deadline) => break,
-            n = link.rx.next() => if !handle(&mut link, &sink, n).await { break },
-        }
-    }
-}
-
-/// Returns false when the link is gone.
-async fn handle(
-    link: &mut WillLink,
-    sink: &IntakeSink,
-    n: Result<Option<Notification>, rumqttd::local::LinkError>,
-) -> bool {
-    match n {
-        Ok(Some(Notification::Forward(f))) => {
-            sink.submit(&f.publish.topic, &f.publish.payload);
-            true
-        }
-        // The router paused this link; it must be re-armed or delivery stops.
-        Ok(Some(Notification::Unschedule)) => link.rx.wake().await.is_ok(),
-        Ok(_) => true,
-        Err(e) => {
-            tracing::error!(error = %e, "broker link for last wills closed");
-            false
-        }
     }
 }
 

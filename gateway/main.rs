@@ -99,7 +99,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let loaded = load(&config)?;
             init_logging(&loaded.config.gateway.log_level);
-            runtime()?.block_on(async {
+            runtime_for(loaded.config.broker.max_connections)?.block_on(async {
                 let shutdown = CancellationToken::new();
                 spawn_signal_handler(shutdown.clone());
                 app::run(loaded, shutdown, Default::default(), |_| {}).await
@@ -143,7 +143,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let loaded = load(&config)?;
             init_logging("error");
-            runtime()?.block_on(demo(loaded, seconds, speed))?;
+            runtime_for(loaded.config.broker.max_connections)?
+                .block_on(demo(loaded, seconds, speed))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -186,12 +187,20 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// Connections whose message waits for room in the writer's queue each hold a thread
+/// (`block_in_place`), so the blocking pool must fit every connection plus the pool's
+/// own use.
+fn runtime_for(max_connections: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gateway")
+        .max_blocking_threads(max_connections + 64)
         .build()
         .context("cannot start the async runtime")
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    runtime_for(0)
 }
 
 /// `RUST_LOG` wins over the config's level. rumqttd logs every disconnect as an error;

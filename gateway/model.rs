@@ -68,19 +68,6 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
-        RejectReason::NotJson,
-        RejectReason::NotObject,
-        RejectReason::TooLarge,
-        RejectReason::UnknownKind,
-        RejectReason::UnknownType,
-        RejectReason::MissingField,
-        RejectReason::WrongType,
-        RejectReason::OutOfRange,
-        RejectReason::UnknownField,
-        RejectReason::BadStatus,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::NotJson => "not_json",
@@ -115,6 +102,17 @@ impl Rejection {
         Rejection {
             reason,
             detail: detail.into(),
+        }
+    }
+}
+
+impl Rejection {
+    /// The detail, unless it quotes a value the device sent (out-of-range and unknown-type
+    /// details do): logs never carry payload values, which may be patron data.
+    pub fn loggable_detail(&self) -> &str {
+        match self.reason {
+            RejectReason::OutOfRange | RejectReason::UnknownType => "(value withheld from logs)",
+            _ => &self.detail,
         }
     }
 }
@@ -194,11 +192,22 @@ pub struct Rejected {
     pub excerpt: String,
 }
 
-/// A device's MQTT connection opened or closed, as seen by the broker's protocol wrapper.
+/// A device went online or offline, with the connections it opened and closed since the
+/// last change was recorded (a device may reconnect several times in between).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Presence {
-    Connected { device: DeviceId, at_ms: i64 },
-    Disconnected { device: DeviceId, at_ms: i64 },
+pub struct Presence {
+    pub device: DeviceId,
+    pub online: bool,
+    pub at_ms: i64,
+    pub connects: u32,
+    pub disconnects: u32,
+}
+
+/// Where the broker hands every allowed device publish, synchronously, before it is
+/// acknowledged to the device. An implementation may block (inside `block_in_place`) when
+/// its queue is full: that holds the device's connection, which is the backpressure.
+pub trait PublishSink: Send + Sync {
+    fn capture(&self, topic: &[u8], payload: &[u8]);
 }
 
 /// Milliseconds since the Unix epoch from the system clock.

@@ -21,9 +21,12 @@ use std::time::Duration;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::SharedDevices;
-pub use protocol::{BrokerEvent, BrokerStats, Denial, PublishSink, Shared};
+pub use protocol::{BrokerEvent, BrokerStats, Denial, PresenceBoard, Shared};
+
+use crate::model::PublishSink;
 
 /// The filter the in-process link subscribes to: last wills (`offline`) published by the
 /// router when a device drops off.
@@ -53,23 +56,66 @@ pub enum BrokerError {
     Link(String),
 }
 
-type NewLink = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), BrokerError> + Send + Sync>;
-
 /// A running embedded broker. rumqttd has no shutdown: [`Broker::close_connections`]
 /// stops acknowledging devices and the process exits afterwards.
 pub struct Broker {
-    /// rumqttd does not export its router channel's item type, so the sender is kept
-    /// inside closures that create links from it.
-    new_link: NewLink,
     shared: Arc<Shared>,
     accept: tokio::task::JoinHandle<()>,
-    listen: SocketAddr,
 }
 
 /// The in-process subscription to `devices/+/status` that carries last wills.
 pub struct WillLink {
-    pub tx: LinkTx,
-    pub rx: LinkRx,
+    /// Kept so the router keeps the subscription.
+    _tx: LinkTx,
+    rx: LinkRx,
+}
+
+/// After shutdown is requested, keep draining wills until the link is quiet this long...
+const DRAIN_QUIET: Duration = Duration::from_millis(300);
+/// ... but never longer than this.
+const DRAIN_MAX: Duration = Duration::from_secs(5);
+
+impl WillLink {
+    /// Hand every last will the router publishes to `sink` until `shutdown`, then drain
+    /// what the router already published.
+    pub async fn run(mut self, sink: Arc<dyn PublishSink>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                n = self.rx.next() => if !self.handle(&*sink, n).await { return },
+            }
+        }
+        let deadline = tokio::time::Instant::now() + DRAIN_MAX;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(DRAIN_QUIET) => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                n = self.rx.next() => if !self.handle(&*sink, n).await { break },
+            }
+        }
+    }
+
+    /// Returns false when the link is gone.
+    async fn handle(
+        &mut self,
+        sink: &dyn PublishSink,
+        n: Result<Option<rumqttd::Notification>, rumqttd::local::LinkError>,
+    ) -> bool {
+        match n {
+            Ok(Some(rumqttd::Notification::Forward(f))) => {
+                sink.capture(&f.publish.topic, &f.publish.payload);
+                true
+            }
+            // The router paused this link; it must be re-armed or delivery stops.
+            Ok(Some(rumqttd::Notification::Unschedule)) => self.rx.wake().await.is_ok(),
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "broker link for last wills closed");
+                false
+            }
+        }
+    }
 }
 
 impl Broker {
@@ -162,41 +208,11 @@ impl Broker {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok((
-            Broker {
-                new_link: {
-                    let router_tx = router_tx.clone();
-                    Box::new(move |client_id: &str| {
-                        rumqttd::local::LinkBuilder::new(client_id, router_tx.clone())
-                            .clean_session(true)
-                            .build()
-                            .map(|(tx, rx, _)| (tx, rx))
-                            .map_err(|e| BrokerError::Link(e.to_string()))
-                    })
-                },
-                shared,
-                accept,
-                listen: settings.listen,
-            },
-            WillLink { tx, rx },
-        ))
-    }
-
-    pub fn stats(&self) -> &BrokerStats {
-        &self.shared.stats
+        Ok((Broker { shared, accept }, WillLink { _tx: tx, rx }))
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
-    }
-
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.listen
-    }
-
-    /// A new in-process client of the router (for gateway-originated publishes).
-    pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
-        (self.new_link)(client_id)
     }
 
     /// Stop accepting connections and close every open one at its next packet, so no

@@ -31,34 +31,88 @@ use tokio::sync::mpsc;
 use super::acl;
 use crate::burst::BurstLimiter;
 use crate::config::SharedDevices;
-use crate::model::{now_ms, DeviceId, Presence};
+use crate::model::{now_ms, DeviceId, Presence, PublishSink};
 
 /// Denied publishes are rewritten to this topic, which matches no subscription.
 pub const SINK_TOPIC: &str = "gateway-internal/denied";
 /// Publishes intake has taken are rewritten to this topic, which matches no subscription.
 pub const CAPTURED_TOPIC: &str = "gateway-internal/captured";
 
-/// Where the wrapper hands every allowed device publish, synchronously, before rumqttd
-/// acknowledges it. An implementation may block (in `block_in_place`) when its queue is
-/// full: that holds this connection's reads, which is the backpressure to the device.
-pub trait PublishSink: Send + Sync {
-    fn capture(&self, device: &str, topic: &[u8], payload: &[u8]);
-}
 /// Denied subscriptions are rewritten to this filter, which no allowed publish matches.
 pub const SINK_FILTER: &str = "gateway-internal/denied-subscription";
+/// Topic aliases remembered per connection (rumqttd's own limit).
+const MAX_TOPIC_ALIASES: usize = 4096;
 /// What `keep_alive = 0` becomes: the largest value MQTT can express.
 pub const ZERO_KEEPALIVE_REPLACEMENT: u16 = u16::MAX;
 
-/// Something the broker refused or saw, reported to the app (and counted there per device).
+/// Something the broker refused, reported to the app (and counted there per device).
+/// `device` is `None` when the client had not authenticated as a configured device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerEvent {
-    Presence(Presence),
-    /// A device was refused or overstepped its rights. `device` is `None` when the
-    /// username is not a configured device.
     Denied {
         device: Option<DeviceId>,
         what: Denial,
     },
+}
+
+/// Which devices are connected: the authoritative count per device, kept here so that no
+/// connect or disconnect can be lost; the app records changes with [`PresenceBoard::take_changes`].
+#[derive(Debug, Default)]
+pub struct PresenceBoard {
+    slots: Mutex<HashMap<DeviceId, Slot>>,
+    /// Woken on every connect and disconnect.
+    pub changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    connections: u32,
+    recorded_online: bool,
+    at_ms: i64,
+    connects: u32,
+    disconnects: u32,
+}
+
+impl PresenceBoard {
+    fn update(&self, device: &str, connected: bool) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = slots.entry(device.to_owned()).or_default();
+        if connected {
+            slot.connections += 1;
+            slot.connects += 1;
+        } else {
+            slot.connections = slot.connections.saturating_sub(1);
+            slot.disconnects += 1;
+        }
+        slot.at_ms = now_ms();
+        drop(slots);
+        self.changed.notify_one();
+    }
+
+    /// Devices whose state or counts changed since the last call.
+    pub fn take_changes(&self) -> Vec<Presence> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (device, slot) in slots.iter_mut() {
+            let online = slot.connections > 0;
+            if online != slot.recorded_online || slot.connects > 0 || slot.disconnects > 0 {
+                out.push(Presence {
+                    device: device.clone(),
+                    online,
+                    at_ms: slot.at_ms,
+                    connects: std::mem::take(&mut slot.connects),
+                    disconnects: std::mem::take(&mut slot.disconnects),
+                });
+                slot.recorded_online = online;
+            }
+        }
+        out
+    }
+
+    pub fn online_count(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.values().filter(|s| s.connections > 0).count()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,6 +166,7 @@ pub struct BrokerStats {
 pub struct Shared {
     pub devices: SharedDevices,
     pub sink: Arc<dyn PublishSink>,
+    pub presence: PresenceBoard,
     pub events: mpsc::Sender<BrokerEvent>,
     pub stats: BrokerStats,
     /// Set at shutdown: every connection is closed at its next packet, so nothing more
@@ -131,18 +186,12 @@ impl Shared {
         Shared {
             devices,
             sink,
+            presence: PresenceBoard::default(),
             events,
             stats: BrokerStats::default(),
             closing: AtomicBool::new(false),
             verified: Mutex::new(HashMap::new()),
             log: Mutex::new(BurstLimiter::new(10_000, 4096)),
-        }
-    }
-
-    /// Forget verified secrets (after the device table changed).
-    pub fn forget_verified(&self) {
-        if let Ok(mut v) = self.verified.lock() {
-            v.clear();
         }
     }
 
@@ -194,7 +243,17 @@ impl Shared {
                 return Ok(device.id.clone());
             }
         }
-        if device.password.verify(password.as_bytes()) {
+        // Argon2 takes tens of milliseconds of CPU: keep it off the runtime's workers.
+        let verify = || device.password.verify(password.as_bytes());
+        let ok = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+                if matches!(device.password, crate::config::Password::Argon2(_)) =>
+            {
+                tokio::task::block_in_place(verify)
+            }
+            _ => verify(),
+        };
+        if ok {
             if let crate::config::Password::Argon2(_) = device.password {
                 if let Ok(mut v) = self.verified.lock() {
                     v.insert(device.id.clone(), password.to_owned());
@@ -294,6 +353,10 @@ impl DeviceProtocol {
         };
         match result {
             Ok(id) => {
+                // rumqttd keys sessions, takeovers and wills by client id alone: scope the
+                // id to the device so one device can never take over another's session
+                // (or the gateway's own links), and drop characters rumqttd refuses.
+                connect.client_id = scoped_client_id(&id, &connect.client_id);
                 self.device = Some(id);
                 Packet::Connect(connect, props, will, will_props, None)
             }
@@ -332,7 +395,7 @@ impl DeviceProtocol {
                 .unwrap_or(false);
             let topic = ok.then(|| publish.topic.clone());
             if let Some(a) = alias {
-                if self.aliases.len() < 1024 || self.aliases.contains_key(&a) {
+                if self.aliases.len() < MAX_TOPIC_ALIASES || self.aliases.contains_key(&a) {
                     self.aliases.insert(a, topic.clone());
                 }
             }
@@ -342,7 +405,7 @@ impl DeviceProtocol {
             Some(topic) => {
                 // The message is handed to intake here, before rumqttd acknowledges it;
                 // the router then only sees a topic nobody subscribes to and drops it.
-                self.shared.sink.capture(&device, &topic, &publish.payload);
+                self.shared.sink.capture(&topic, &publish.payload);
                 publish.topic = CAPTURED_TOPIC.into();
                 publish.retain = false;
             }
@@ -353,12 +416,13 @@ impl DeviceProtocol {
                 // Also gives an unknown alias a topic, so the router cannot misroute it.
                 publish.topic = SINK_TOPIC.into();
                 publish.retain = false;
-                if self.codec == Some(Codec::V5) && publish_pkid(&publish) != 0 {
+                let (qos, pkid) = publish_qos_pkid(&publish);
+                if self.codec == Some(Codec::V5) && qos == 1 {
                     let out = self.out.get_mut().unwrap_or_else(|p| p.into_inner());
                     if out.denied_pubacks.len() >= 1024 {
                         out.denied_pubacks.pop_front();
                     }
-                    out.denied_pubacks.push_back(publish_pkid(&publish));
+                    out.denied_pubacks.push_back(pkid);
                 }
             }
         }
@@ -409,10 +473,7 @@ impl DeviceProtocol {
                             .stats
                             .connections
                             .fetch_add(1, Ordering::Relaxed);
-                        self.shared.emit(BrokerEvent::Presence(Presence::Connected {
-                            device: device.clone(),
-                            at_ms: now_ms(),
-                        }));
+                        self.shared.presence.update(device, true);
                     }
                 }
                 Packet::ConnAck(ack, props)
@@ -448,10 +509,30 @@ impl DeviceProtocol {
     }
 }
 
-fn publish_pkid(p: &protocol::Publish) -> u16 {
-    // `pkid` is crate-private in rumqttd; its serialized form carries it after the header.
+/// `dev.<device>.<client id>`, with characters rumqttd refuses in client ids replaced.
+pub fn scoped_client_id(device: &str, client_id: &str) -> String {
+    let cleaned: String = client_id
+        .chars()
+        .take(128)
+        .map(|c| {
+            if matches!(c, '+' | '#' | '/' | '$') {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    format!("dev.{device}.{cleaned}")
+}
+
+/// QoS and packet id of a publish (both crate-private in rumqttd; its serialized form
+/// carries them in the header byte and the two bytes after it). Called only on denial.
+fn publish_qos_pkid(p: &protocol::Publish) -> (u8, u16) {
     let bytes = p.serialize();
-    u16::from_be_bytes([bytes[1], bytes[2]])
+    (
+        (bytes[0] >> 1) & 0b11,
+        u16::from_be_bytes([bytes[1], bytes[2]]),
+    )
 }
 
 /// Decide the codec from the first packet: MQTT 5 when it is a CONNECT with protocol
@@ -524,12 +605,23 @@ impl protocol::Protocol for DeviceProtocol {
                 return Err(e);
             }
         };
-        Ok(match packet {
-            p @ Packet::Connect(..) => self.on_connect(p),
-            p @ Packet::Publish(..) => self.on_publish(p),
-            p @ Packet::Subscribe(..) => self.on_subscribe(p),
-            other => other,
-        })
+        let authenticated = self.device.is_some() || self.refused.is_some();
+        match &packet {
+            // A second CONNECT, or anything but CONNECT before it, is a protocol error.
+            Packet::Connect(..) if authenticated => {}
+            Packet::Connect(..) => return Ok(self.on_connect(packet)),
+            _ if self.device.is_none() => {}
+            Packet::Publish(_, Some(props)) if props.topic_alias == Some(0) => {}
+            Packet::Publish(..) => return Ok(self.on_publish(packet)),
+            Packet::Subscribe(..) => return Ok(self.on_subscribe(packet)),
+            _ => return Ok(packet),
+        }
+        self.shared.deny(
+            self.device.as_deref(),
+            Denial::Malformed,
+            "packet out of order or invalid",
+        );
+        Err(protocol::Error::IncorrectPacketFormat)
     }
 
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, protocol::Error> {
@@ -551,11 +643,7 @@ impl Drop for DeviceProtocol {
         let connected = self.out.get_mut().map(|o| o.connected).unwrap_or(false);
         if connected {
             if let Some(device) = self.device.take() {
-                self.shared
-                    .emit(BrokerEvent::Presence(Presence::Disconnected {
-                        device,
-                        at_ms: now_ms(),
-                    }));
+                self.shared.presence.update(&device, false);
             }
         }
     }

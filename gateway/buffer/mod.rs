@@ -11,13 +11,17 @@
 //! - **What is durable when.** With `synchronous = full` (the default) a message is on
 //!   disk when its transaction commits; with `normal` it survives a crash of the process
 //!   but the last commits can roll back on power loss. Before the commit it exists only in
-//!   memory (the broker's ring, the channel, the current batch).
+//!   memory (the channel, the current batch), already acknowledged to the device.
 //! - **When full.** The channel holds `storage.queue_capacity` commands. When it is full,
-//!   intake waits (it stops draining the broker), so the broker's ring for `devices/#`
-//!   absorbs the burst; see `broker` for what happens past that.
+//!   the device connection whose message does not fit waits (intake blocks in
+//!   `block_in_place`), so the device's acknowledgements stop until the writer catches up.
+//!   Nothing is dropped.
 //! - **Sequence numbers.** `messages.seq` is `INTEGER PRIMARY KEY AUTOINCREMENT`: strictly
 //!   increasing and never reused, even after rows are pruned or the gateway restarts.
-//! - **Bounded tables.** `rejected` keeps the newest `storage.rejected_keep` rows.
+//! - **Bounded tables.** `rejected` keeps the newest `storage.rejected_keep` rows (pruned
+//!   in the same transaction that adds rows).
+//! - **Delivery.** The forwarder reads undelivered rows on its own connection ([`Outbox`])
+//!   and reports acknowledged `seq`s back as [`Write::Delivered`].
 
 pub mod schema;
 
@@ -28,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::config::Synchronous;
 use crate::model::{Accepted, DeviceId, Kind, Presence, Rejected, Stored};
@@ -53,8 +57,6 @@ pub enum Write {
         seqs: Vec<i64>,
         at_ms: i64,
     },
-    /// Answered once everything sent before it is committed.
-    Flush(oneshot::Sender<()>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +109,6 @@ pub struct Buffer {
     tx: mpsc::Sender<Write>,
     thread: std::thread::JoinHandle<()>,
     stats: Arc<BufferStats>,
-    path: PathBuf,
 }
 
 impl Buffer {
@@ -163,7 +164,6 @@ impl Buffer {
             path: path.to_path_buf(),
             stats: stats.clone(),
             rejected_keep: options.rejected_keep,
-            batches_since_prune: 0,
         };
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -172,12 +172,7 @@ impl Buffer {
                 path: path.to_path_buf(),
                 source,
             })?;
-        Ok(Buffer {
-            tx,
-            thread,
-            stats,
-            path: path.to_path_buf(),
-        })
+        Ok(Buffer { tx, thread, stats })
     }
 
     pub fn sender(&self) -> mpsc::Sender<Write> {
@@ -186,10 +181,6 @@ impl Buffer {
 
     pub fn stats(&self) -> Arc<BufferStats> {
         self.stats.clone()
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Commit everything queued and stop the writer. Blocks: call from a blocking context.
@@ -205,7 +196,6 @@ struct Writer {
     path: PathBuf,
     stats: Arc<BufferStats>,
     rejected_keep: u64,
-    batches_since_prune: u32,
 }
 
 /// Per-device changes gathered over one batch, applied with one statement per device.
@@ -231,6 +221,14 @@ impl Writer {
             }
             self.commit_with_retry(&mut batch);
         }
+        // Nobody is connected to a gateway that stops.
+        let now = crate::model::now_ms();
+        if let Err(e) = self.conn.execute(
+            "UPDATE devices SET online = 0, last_disconnect_ms = ?1 WHERE online = 1",
+            params![now],
+        ) {
+            tracing::error!(error = %e, "cannot mark devices offline at shutdown");
+        }
         tracing::debug!(path = %self.path.display(), "writer stopped: channel closed");
     }
 
@@ -246,11 +244,7 @@ impl Writer {
                         .last_commit_us
                         .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     self.stats.transactions.fetch_add(1, Ordering::Relaxed);
-                    for w in batch.drain(..) {
-                        if let Write::Flush(done) = w {
-                            let _ = done.send(());
-                        }
-                    }
+                    batch.clear();
                     return;
                 }
                 Err(e) => {
@@ -324,17 +318,12 @@ impl Writer {
                             r.received_ms,
                         ));
                     }
-                    Write::Presence(Presence::Connected { device, at_ms }) => {
-                        let d = devices.entry(device).or_default();
-                        d.presence = Some((true, *at_ms));
-                        d.last_seen_ms = d.last_seen_ms.max(Some(*at_ms));
-                        bump(d, "connects", *at_ms);
-                    }
-                    Write::Presence(Presence::Disconnected { device, at_ms }) => {
-                        let d = devices.entry(device).or_default();
-                        d.presence = Some((false, *at_ms));
-                        d.last_seen_ms = d.last_seen_ms.max(Some(*at_ms));
-                        bump(d, "disconnects", *at_ms);
+                    Write::Presence(p) => {
+                        let d = devices.entry(&p.device).or_default();
+                        d.presence = Some((p.online, p.at_ms));
+                        d.last_seen_ms = d.last_seen_ms.max(Some(p.at_ms));
+                        bump_by(d, "connects", p.connects.into(), p.at_ms);
+                        bump_by(d, "disconnects", p.disconnects.into(), p.at_ms);
                     }
                     Write::Denied {
                         device,
@@ -347,11 +336,17 @@ impl Writer {
                         }
                         delivered += seqs.len() as u64;
                     }
-                    Write::Flush(_) => {}
                 }
             }
         }
         apply_devices(&tx, &devices)?;
+        if rejected > 0 {
+            // Keep the newest `rejected_keep` (a range delete on the primary key: cheap).
+            tx.execute(
+                "DELETE FROM rejected WHERE id <= (SELECT MAX(id) FROM rejected) - ?1",
+                params![self.rejected_keep as i64],
+            )?;
+        }
         tx.commit()?;
         self.stats
             .messages_committed
@@ -368,29 +363,20 @@ impl Writer {
                 .store(last_seq as u64, Ordering::Relaxed);
             self.stats.committed.notify_one();
         }
-        if rejected > 0 {
-            self.batches_since_prune += 1;
-            if self.batches_since_prune >= 64 {
-                self.batches_since_prune = 0;
-                self.prune_rejected()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Keep the newest `rejected_keep` rejected messages.
-    fn prune_rejected(&mut self) -> rusqlite::Result<()> {
-        self.conn.execute(
-            "DELETE FROM rejected WHERE id <= (SELECT MAX(id) FROM rejected) - ?1",
-            params![self.rejected_keep as i64],
-        )?;
         Ok(())
     }
 }
 
 fn bump(d: &mut DeviceDelta, counter: &'static str, at_ms: i64) {
+    bump_by(d, counter, 1, at_ms);
+}
+
+fn bump_by(d: &mut DeviceDelta, counter: &'static str, n: i64, at_ms: i64) {
+    if n == 0 {
+        return;
+    }
     let e = d.counters.entry(counter).or_insert((0, at_ms));
-    e.0 += 1;
+    e.0 += n;
     e.1 = e.1.max(at_ms);
 }
 
@@ -548,12 +534,5 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
             last_reject_detail: r.get(10)?,
         })
     })?;
-    rows.collect()
-}
-
-/// A device's counters by name (accepted, rejected, each reject reason, each denial, ...).
-pub fn device_counters(conn: &Connection, device: &str) -> rusqlite::Result<HashMap<String, i64>> {
-    let mut st = conn.prepare("SELECT counter, value FROM device_counters WHERE device = ?1")?;
-    let rows = st.query_map(params![device], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
 }

@@ -298,8 +298,11 @@ impl Config {
                 "must be 1-64 characters of A-Z a-z 0-9 - _ .".into(),
             );
         }
-        if self.broker.max_connections == 0 {
-            push("broker.max_connections".into(), "must be at least 1".into());
+        if !(1..=10_000).contains(&self.broker.max_connections) {
+            push(
+                "broker.max_connections".into(),
+                "must be between 1 and 10000".into(),
+            );
         }
         if self.broker.connect_timeout_ms < 100 {
             push(
@@ -452,7 +455,7 @@ pub struct Device {
 }
 
 /// The configured devices by id. Shared read-mostly between the broker's protocol wrapper
-/// (auth, ACL) and intake (validation); replaced whole on reload.
+/// (auth, ACL) and intake (validation).
 #[derive(Debug, Default)]
 pub struct DeviceTable {
     pub devices: HashMap<DeviceId, Device>,
@@ -476,12 +479,6 @@ impl SharedDevices {
         match self.0.read() {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-    pub fn replace(&self, table: DeviceTable) {
-        match self.0.write() {
-            Ok(mut g) => *g = Arc::new(table),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(table),
         }
     }
 }

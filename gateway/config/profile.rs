@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::model::{Kind, RejectReason, Rejection};
 
@@ -483,9 +483,6 @@ pub fn truncate(s: &str, max: usize) -> String {
         None => s.to_owned(),
     }
 }
-
-/// Keep `Map` in the public signature space for callers that build payloads.
-pub type JsonObject = Map<String, Value>;
 
 #[cfg(test)]
 mod tests {
