@@ -113,9 +113,8 @@ fn connect_is_authenticated_and_keepalive_zero_is_accepted() {
         [0x20, 2, 0, 4]
     );
     assert_eq!(exchange(port, &raw_connect("e", None, 30)), [0x20, 2, 0, 5]);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(branch.counter("k1", "connect_bad_password"), 1);
-    assert_eq!(branch.counter("k1", "connects"), 2);
+    assert_eq!(branch.wait_counter("k1", "connect_bad_password", 1), 1);
+    assert_eq!(branch.wait_counter("k1", "connects", 2), 2);
     assert_eq!(
         branch.counter("nobody", "connect_unknown_device"),
         0,
@@ -321,7 +320,9 @@ async fn acl_invalid_payloads_oversize_and_flood() {
         1
     );
 
-    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(branch.wait_counter("k2", "rejected", 7), 7);
+    assert_eq!(branch.wait_counter("kiosk-01", "packet_too_large", 1), 1);
+    assert_eq!(branch.wait_counter("k2", "subscribe_denied", 2), 2);
     let db = branch.db();
     let mut st = db
         .prepare("SELECT kind, reason FROM rejected WHERE device = 'k2' ORDER BY id")
@@ -454,7 +455,141 @@ fn argon2_hashed_password_from_hash_password_command() {
         exchange(port, &raw_connect("c", Some(("k9", "s3cret-kiosk")), 30)),
         [0x20, 2, 0, 0]
     );
+    assert_eq!(branch.wait_counter("k9", "connect_bad_password", 1), 1);
+    assert_eq!(branch.wait_counter("k9", "connects", 2), 2);
+}
+
+/// Logged once per burst: 100 identical rejections give one log line, then the count of
+/// those suppressed when the next report is due; every rejection is still counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_are_logged_once_per_burst_and_all_counted() {
+    let branch = Branch::new(&[device("k1", "test-sensor")]);
+    let gw = branch.start();
+    let mut c = connect(branch.port, "k1", "k1-pw").await;
+    for _ in 0..100 {
+        c.client
+            .publish("devices/k1/telemetry", QoS::AtLeastOnce, false, "garbage")
+            .await
+            .unwrap();
+    }
+    assert_eq!(c.pubacks(100, Duration::from_secs(10)).await, 100);
+    assert_eq!(
+        branch.wait_count(
+            "SELECT COALESCE((SELECT value FROM device_counters WHERE device = 'k1' AND counter = 'not_json'), 0)",
+            100,
+            Duration::from_secs(5)
+        ),
+        100
+    );
+    let (status, log) = gw.terminate();
+    assert!(status.success());
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("message rejected"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("not_json"));
+    assert!(!log.contains("garbage"), "payloads never appear in the log");
+    assert!(!log.contains("k1-pw"), "passwords never appear in the log");
+}
+
+/// Client ids are scoped to the device: a device cannot take over another device's
+/// session or the gateway's own link by choosing its client id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ids_cannot_take_over_other_sessions() {
+    let branch = Branch::new(&[device("a", "test-sensor"), device("b", "test-sensor")]);
+    let gw = branch.start();
+    // A is connected with client id "shared"; B connects with the same id, and with the
+    // gateway's own link name.
+    let mut a_opts = options(branch.port, "a", "a-pw");
+    a_opts.set_client_id("shared".into());
+    let mut a = spawn_client(a_opts);
+    assert_eq!(
+        a.connack().await.unwrap(),
+        rumqttc::ConnectReturnCode::Success
+    );
+    for id in ["shared", "gateway-wills"] {
+        let mut o = options(branch.port, "b", "b-pw");
+        o.set_client_id(id.into());
+        let mut b = spawn_client(o);
+        assert_eq!(
+            b.connack().await.unwrap(),
+            rumqttc::ConnectReturnCode::Success
+        );
+    }
+    // A still works on its connection, and last wills still reach the buffer.
+    a.client
+        .publish(
+            "devices/a/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"n":1,"device":"a"}"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.pubacks(1, Duration::from_secs(5)).await, 1);
+    let mut w = options(branch.port, "b", "b-pw");
+    w.set_client_id("will-test".into());
+    w.set_last_will(rumqttc::LastWill::new(
+        "devices/b/status",
+        "offline",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let c = spawn_client(w);
+    let mut c = c;
+    assert_eq!(
+        c.connack().await.unwrap(),
+        rumqttc::ConnectReturnCode::Success
+    );
+    drop(c); // aborts the event loop: the socket closes without DISCONNECT
+    assert_eq!(
+        branch.wait_count(
+            "SELECT COUNT(*) FROM messages WHERE device = 'b' AND kind = 'status' AND payload = 'offline'",
+            1,
+            Duration::from_secs(10)
+        ),
+        1,
+        "the will arrives: the gateway's will link survived"
+    );
+    assert_eq!(
+        branch.count("SELECT COUNT(*) FROM messages WHERE device = 'a'"),
+        1
+    );
+    assert!(!gw.log().contains("broker link for last wills closed"));
+}
+
+/// A PUBLISH or SUBSCRIBE before CONNECT closes the connection and creates no device row.
+#[test]
+fn packets_before_connect_create_no_phantom_device() {
+    let branch = Branch::new(&[device("k1", "test-sensor")]);
+    let _gw = branch.start();
+    for packet in [
+        &[0x30, 0x05, 0, 1, b'x', 1, 2][..],
+        &[0x82, 0x06, 0, 1, 0, 1, b'#', 0][..],
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", branch.port)).unwrap();
+        s.write_all(packet).unwrap();
+        assert!(closed_by_broker(s));
+    }
+    // A second CONNECT on an authenticated connection is a protocol error too.
+    let mut s = TcpStream::connect(("127.0.0.1", branch.port)).unwrap();
+    s.write_all(&raw_connect("x", Some(("k1", "k1-pw")), 30))
+        .unwrap();
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    s.write_all(&raw_connect("x", Some(("k1", "k1-pw")), 30))
+        .unwrap();
+    assert!(closed_by_broker(s));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(branch.counter("k9", "connect_bad_password"), 1);
-    assert_eq!(branch.counter("k9", "connects"), 2);
+    assert_eq!(
+        branch.count("SELECT COUNT(*) FROM devices"),
+        1,
+        "only the configured device"
+    );
+    assert_eq!(
+        branch.count("SELECT COUNT(*) FROM devices WHERE id = ''"),
+        0
+    );
 }

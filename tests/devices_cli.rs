@@ -305,3 +305,25 @@ async fn devices_table_before_during_and_after_a_run() {
         ]
     );
 }
+
+/// A device still connected when the gateway stops is shown offline afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_devices_are_offline_after_the_gateway_stops() {
+    let branch = Branch::new(&[device("idle", "test-sensor")]);
+    let gw = branch.start();
+    let _c = connect(branch.port, "idle", "idle-pw").await;
+    assert_eq!(
+        branch.wait_count(
+            "SELECT online FROM devices WHERE id = 'idle'",
+            1,
+            Duration::from_secs(5)
+        ),
+        1
+    );
+    let (status, _) = gw.terminate();
+    assert!(status.success());
+    assert_eq!(
+        branch.count("SELECT online FROM devices WHERE id = 'idle'"),
+        0
+    );
+}

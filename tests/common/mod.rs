@@ -140,6 +140,18 @@ impl Branch {
             .unwrap()
     }
 
+    /// Poll a device counter until it equals `want` (or 10 s pass); returns its value.
+    pub fn wait_counter(&self, device: &str, name: &str, want: i64) -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.counter(device, name);
+            if n == want || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Start the real binary on this branch and wait until its broker accepts connections.
     pub fn start(&self) -> Gateway {
         let log = self
