@@ -33,7 +33,7 @@ pub enum AppError {
 #[derive(Debug, Default)]
 pub struct Figures {
     pub intake: Arc<IntakeStats>,
-    pub devices_online: AtomicUsize,
+    pub devices_online: Arc<AtomicUsize>,
     pub upstream: Arc<UpstreamStats>,
 }
 
@@ -61,6 +61,8 @@ pub async fn run(
                 synchronous: cfg.storage.synchronous,
                 rejected_keep: cfg.storage.rejected_keep,
                 queue_capacity: cfg.storage.queue_capacity,
+                max_bytes: cfg.storage.max_bytes,
+                keep_delivered: cfg.storage.keep_delivered,
             },
             &configured,
         )
@@ -109,12 +111,14 @@ pub async fn run(
             writer: buffer.sender(),
             buffer: buffer_stats.clone(),
             stats: figures.upstream.clone(),
+            devices_online: figures.devices_online.clone(),
         };
         tasks.spawn(forwarder.run(shutdown.clone()))
     });
     if forwarder.is_none() {
         tracing::info!("no [upstream] configured: buffering and serving locally only");
     }
+    tasks.spawn(maintain_periodically(buffer.sender(), shutdown.clone()));
     tasks.spawn(log_summaries(
         figures.clone(),
         buffer_stats.clone(),
@@ -214,6 +218,22 @@ async fn record_broker_events(
                 }
             }
             return;
+        }
+    }
+}
+
+/// Ask the writer to prune and check the disk cap every 10 s (it also checks after any
+/// commit that finds the database over its high-water mark).
+async fn maintain_periodically(writer: mpsc::Sender<Write>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if writer.send(Write::Maintain).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }

@@ -30,6 +30,8 @@ const ACK_FLUSH: Duration = Duration::from_millis(50);
 /// How often the backlog is measured (and logged while draining, at most once a minute).
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 const BACKLOG_LOG_EVERY_MS: i64 = 60_000;
+/// How often the gateway's health goes upstream (and once after every connect).
+const HEALTH_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 pub struct UpstreamStats {
@@ -52,6 +54,8 @@ pub struct Forwarder {
     pub writer: mpsc::Sender<Write>,
     pub buffer: Arc<BufferStats>,
     pub stats: Arc<UpstreamStats>,
+    /// Devices connected now (for the health message).
+    pub devices_online: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One message handed to rumqttc and not yet acknowledged.
@@ -101,6 +105,30 @@ impl Forwarder {
         .to_string()
     }
 
+    /// `{prefix}/gateway/health`: backlog, drops per device and kind (totals since the
+    /// database was created), devices online.
+    fn health_payload(&self, drops: &[(String, String, i64)]) -> String {
+        let mut by_device = serde_json::Map::new();
+        for (device, kind, count) in drops {
+            let entry = by_device
+                .entry(device.clone())
+                .or_insert_with(|| serde_json::json!({}));
+            entry[kind] = serde_json::json!(count);
+        }
+        serde_json::json!({
+            "branch": self.branch,
+            "at": crate::model::format_ms(now_ms()),
+            "backlog": self.stats.backlog.load(Ordering::Relaxed),
+            "oldest_undelivered_at": match self.stats.oldest_undelivered_ms.load(Ordering::Relaxed) {
+                0 => serde_json::Value::Null,
+                ms => serde_json::json!(crate::model::format_ms(ms)),
+            },
+            "dropped": by_device,
+            "devices_online": self.devices_online.load(Ordering::Relaxed),
+        })
+        .to_string()
+    }
+
     fn client(&self, started_ms: i64) -> (AsyncClient, EventLoop) {
         // The request channel holds a whole window, so `try_publish` never finds it full.
         AsyncClient::new(
@@ -114,7 +142,18 @@ impl Forwarder {
     pub async fn run(self, shutdown: CancellationToken) {
         let started_ms = now_ms();
         let window = self.settings.max_inflight as usize;
-        let (mut client, mut eventloop) = self.client(started_ms);
+        let (mut client, eventloop) = self.client(started_ms);
+        let (events_tx, mut events) = mpsc::channel(window + 64);
+        // Each connection attempt gets a fresh client (generation): rumqttc would otherwise
+        // send requests still in its channel on the next connection, ahead of the rewind,
+        // and its PUBACKs would be mapped to the wrong rows.
+        let mut generation = 0u64;
+        let mut driver = tokio::spawn(drive(
+            eventloop,
+            generation,
+            events_tx.clone(),
+            Duration::ZERO,
+        ));
         let mut outbox = match tokio::task::block_in_place(|| Outbox::open(&self.database)) {
             Ok(o) => Some(o),
             Err(e) => {
@@ -131,6 +170,8 @@ impl Forwarder {
         let mut failures: u32 = 0;
         let mut ack_tick = tokio::time::interval(ACK_FLUSH);
         let mut backlog_tick = tokio::time::interval(BACKLOG_EVERY);
+        let mut health_tick = tokio::time::interval(HEALTH_EVERY);
+        let mut health_due = false;
         let mut last_backlog_log = i64::MIN / 2;
         let addr = self.settings.url.clone();
 
@@ -139,7 +180,8 @@ impl Forwarder {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                ev = eventloop.poll() => match ev {
+                Some((gen, ev)) = events.recv() => match ev {
+                    _ if gen != generation => {}
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         failures = 0;
                         connected = true;
@@ -157,6 +199,7 @@ impl Forwarder {
                         {
                             queued.push_back(Sent::GatewayStatus);
                         }
+                        health_due = true;
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                         if let Some(sent) = queued.pop_front() {
@@ -182,18 +225,20 @@ impl Forwarder {
                         }
                         connected = false;
                         self.stats.connected.store(false, Ordering::Relaxed);
+                        queued.clear();
+                        inflight.clear();
                         if matches!(e, ConnectionError::MqttState(rumqttc::StateError::CollisionTimeout)) {
-                            // rumqttc keeps a stashed collision across reconnects and
-                            // livelocks (rumqtt#1014): start over with a new client.
-                            (client, eventloop) = self.client(started_ms);
-                            self.stats.client_rebuilds.fetch_add(1, Ordering::Relaxed);
+                            // The livelock of rumqtt#1014; a fresh client (below) ends it.
+                            tracing::warn!("upstream packet-id collision timeout: client rebuilt");
                         }
                         failures = failures.saturating_add(1);
+                        driver.abort();
+                        generation += 1;
+                        let (c, el) = self.client(started_ms);
+                        client = c;
+                        self.stats.client_rebuilds.fetch_add(1, Ordering::Relaxed);
                         let delay = backoff(failures, self.settings.reconnect_max_ms);
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(delay) => {}
-                        }
+                        driver = tokio::spawn(drive(el, generation, events_tx.clone(), delay));
                     }
                 },
                 _ = self.buffer.committed.notified(), if room && caught_up => {
@@ -226,6 +271,18 @@ impl Forwarder {
                     }
                 }
                 _ = ack_tick.tick() => self.flush_acks(&mut acks).await,
+                _ = health_tick.tick() => health_due = true,
+                _ = std::future::ready(()), if health_due && room => {
+                    health_due = false;
+                    let drops = match drops(&mut outbox).await {
+                        Some(d) => d,
+                        None => continue,
+                    };
+                    let topic = format!("{}/gateway/health", self.settings.topic_prefix);
+                    if client.try_publish(topic, QoS::AtLeastOnce, false, self.health_payload(&drops)).is_ok() {
+                        queued.push_back(Sent::GatewayStatus);
+                    }
+                }
                 _ = backlog_tick.tick() => {
                     if let Some((n, oldest)) = backlog(&mut outbox).await {
                         self.stats.backlog.store(n, Ordering::Relaxed);
@@ -248,23 +305,37 @@ impl Forwarder {
         // Shutdown: collect acknowledgements already on their way, briefly.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
         while connected && !inflight.is_empty() {
-            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
-                Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some((gen, _))) if gen != generation => {}
+                Ok(Some((_, Ok(Event::Incoming(Packet::PubAck(ack)))))) => {
                     if let Some(Sent::Row(seq)) = inflight.remove(&ack.pkid) {
                         acks.push(seq);
                     }
                 }
-                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                Ok(Some((_, Ok(Event::Outgoing(Outgoing::Publish(pkid)))))) => {
                     if let Some(sent) = queued.pop_front() {
                         inflight.insert(pkid, sent);
                     }
                 }
-                Ok(Ok(_)) => {}
+                Ok(Some((_, Ok(_)))) => {}
                 _ => break,
             }
         }
         self.flush_acks(&mut acks).await;
+        // A clean DISCONNECT (the driver sends it) so the broker does not publish the will;
+        // the retained status then says so explicitly.
+        let _ = client.try_publish(
+            self.status_topic(),
+            QoS::AtMostOnce,
+            true,
+            self.status_payload("offline", started_ms),
+        );
         let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            while events.recv().await.is_some() {}
+        })
+        .await;
+        driver.abort();
     }
 
     async fn flush_acks(&self, acks: &mut Vec<i64>) {
@@ -282,6 +353,27 @@ impl Forwarder {
     }
 }
 
+/// Poll one connection's rumqttc event loop without ever cancelling it (a `poll()`
+/// dropped mid-connect abandons the half-open connection and makes the broker fire our
+/// will) and forward its events, tagged with its generation. Stops at the first error:
+/// the forwarder then starts a fresh client after a backoff (`poll()` alone would
+/// reconnect at once, and would keep the old client's queued requests).
+async fn drive(
+    mut eventloop: EventLoop,
+    generation: u64,
+    events: mpsc::Sender<(u64, Result<Event, ConnectionError>)>,
+    delay: Duration,
+) {
+    tokio::time::sleep(delay).await;
+    loop {
+        let ev = eventloop.poll().await;
+        let failed = ev.is_err();
+        if events.send((generation, ev)).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
 async fn fetch(
     outbox: &mut Option<Outbox>,
     after: i64,
@@ -296,6 +388,18 @@ async fn fetch(
     .expect("outbox read does not panic");
     *outbox = Some(ob);
     rows
+}
+
+async fn drops(outbox: &mut Option<Outbox>) -> Option<Vec<(String, String, i64)>> {
+    let mut ob = outbox.take()?;
+    let (ob, r) = tokio::task::spawn_blocking(move || {
+        let r = ob.drops();
+        (ob, r)
+    })
+    .await
+    .ok()?;
+    *outbox = Some(ob);
+    r.ok()
 }
 
 async fn backlog(outbox: &mut Option<Outbox>) -> Option<(i64, Option<i64>)> {

@@ -57,6 +57,8 @@ pub enum Write {
         seqs: Vec<i64>,
         at_ms: i64,
     },
+    /// Prune delivered messages past retention and enforce the disk cap (sent periodically).
+    Maintain,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,10 @@ pub struct BufferOptions {
     pub synchronous: Synchronous,
     pub rejected_keep: u64,
     pub queue_capacity: usize,
+    /// Cap on database plus WAL, in bytes; see [`Writer::enforce_cap`].
+    pub max_bytes: u64,
+    /// Delivered messages older than this are pruned.
+    pub keep_delivered: Duration,
 }
 
 /// Counters the writer updates; read by status logs and (later) metrics.
@@ -99,6 +105,8 @@ pub struct BufferStats {
     pub last_commit_us: AtomicU64,
     pub last_seq: AtomicU64,
     pub delivered_committed: AtomicU64,
+    /// Undelivered messages dropped by the disk cap.
+    pub dropped: AtomicU64,
     /// Woken after every commit that added messages (the forwarder waits on it).
     pub committed: tokio::sync::Notify,
 }
@@ -130,7 +138,7 @@ impl Buffer {
             })?;
         }
         let mut conn = Connection::open(path).map_err(sql_err)?;
-        schema::prepare(&conn, options.synchronous).map_err(sql_err)?;
+        schema::prepare(&conn, options.synchronous, options.max_bytes).map_err(sql_err)?;
         schema::migrate(&mut conn, path)?;
         let last_seq: i64 = conn
             .query_row(
@@ -164,6 +172,9 @@ impl Buffer {
             path: path.to_path_buf(),
             stats: stats.clone(),
             rejected_keep: options.rejected_keep,
+            max_bytes: options.max_bytes,
+            keep_delivered_ms: options.keep_delivered.as_millis() as i64,
+            maintain_due: false,
         };
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -196,6 +207,194 @@ struct Writer {
     path: PathBuf,
     stats: Arc<BufferStats>,
     rejected_keep: u64,
+    max_bytes: u64,
+    keep_delivered_ms: i64,
+    maintain_due: bool,
+}
+
+/// What a batch may add to database plus WAL: each row is written to the WAL and later to
+/// the file, with its index entries (a generous estimate on purpose).
+fn incoming_bytes(batch: &[Write]) -> u64 {
+    batch
+        .iter()
+        .map(|w| match w {
+            Write::Accepted(m) => 3 * (m.payload.len() + m.device.len() + 64) as u64,
+            Write::Rejected(r) => 3 * (r.excerpt.len() + r.rejection.detail.len() + 96) as u64,
+            _ => 64,
+        })
+        .sum()
+}
+
+/// Start freeing space above this share of `max_bytes` (the rest is headroom for the WAL
+/// while rows are deleted)...
+const CAP_HIGH: f64 = 0.75;
+/// ... down to this share.
+const CAP_LOW: f64 = 0.60;
+/// Rows deleted per step while making room: small steps keep the WAL small and drop no
+/// more than needed.
+const CAP_CHUNK: i64 = 500;
+
+impl Writer {
+    /// Database file plus WAL, in bytes.
+    fn size_on_disk(&self) -> u64 {
+        let file = |suffix: &str| {
+            let mut p = self.path.clone().into_os_string();
+            p.push(suffix);
+            std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+        };
+        file("") + file("-wal")
+    }
+
+    fn high_water(&self) -> u64 {
+        (self.max_bytes as f64 * CAP_HIGH) as u64
+    }
+
+    fn over_cap(&self) -> bool {
+        self.size_on_disk() > self.high_water()
+    }
+
+    /// Retention, then the disk cap. Policy when the cap is reached: delivered messages
+    /// go first (oldest first), then undelivered telemetry (oldest first), and only then
+    /// undelivered events and status (oldest first). Every undelivered message dropped is
+    /// counted per device and kind in `drops` and logged.
+    /// `reserve`: room to leave for a batch about to be committed.
+    fn maintain(&mut self, reserve: u64) -> rusqlite::Result<()> {
+        let now = crate::model::now_ms();
+        let pruned = self.conn.execute(
+            "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages
+               WHERE delivered_ms IS NOT NULL AND delivered_ms < ?1 ORDER BY delivered_ms LIMIT 50000)",
+            params![now - self.keep_delivered_ms],
+        )?;
+        if pruned > 0 {
+            tracing::debug!(pruned, "delivered messages past retention pruned");
+        }
+        if self.size_on_disk() + reserve <= self.high_water() {
+            if pruned > 0 {
+                self.shrink()?;
+            }
+            return Ok(());
+        }
+        let target = ((self.max_bytes as f64 * CAP_LOW) as u64)
+            .min(self.high_water().saturating_sub(reserve));
+        let before = self.size_on_disk();
+        // Start with an empty WAL: deleting rows writes pages to it.
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let mut freed_delivered = 0usize;
+        let mut dropped: HashMap<(String, String), i64> = HashMap::new();
+        for step in ["delivered", "telemetry", "events", "status"] {
+            loop {
+                if self.logical_size()? <= target {
+                    break;
+                }
+                let n = if step == "delivered" {
+                    let n = self.conn.execute(
+                        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages
+                           WHERE delivered_ms IS NOT NULL ORDER BY delivered_ms LIMIT ?1)",
+                        params![CAP_CHUNK],
+                    )?;
+                    freed_delivered += n;
+                    n
+                } else {
+                    self.drop_undelivered(step, &mut dropped)?
+                };
+                if n == 0 {
+                    break;
+                }
+                // Give the pages back and empty the WAL after every step, so neither the
+                // file nor the WAL grows while making room.
+                self.shrink()?;
+            }
+        }
+        self.shrink()?;
+        let after = self.size_on_disk();
+        let lost: i64 = dropped.values().sum();
+        if lost > 0 {
+            tracing::error!(
+                max_bytes = self.max_bytes,
+                before_bytes = before,
+                after_bytes = after,
+                freed_delivered,
+                dropped_undelivered = lost,
+                by_device_kind = ?dropped,
+                "buffer disk cap reached: oldest undelivered messages dropped (telemetry first)"
+            );
+        } else {
+            tracing::warn!(
+                max_bytes = self.max_bytes,
+                before_bytes = before,
+                after_bytes = after,
+                freed_delivered,
+                "buffer disk cap reached: delivered messages pruned early"
+            );
+        }
+        Ok(())
+    }
+
+    /// Pages in use (the file shrinks only after `shrink`).
+    fn logical_size(&self) -> rusqlite::Result<u64> {
+        let (count, free, size): (i64, i64, i64) = self.conn.query_row(
+            "SELECT (SELECT page_count FROM pragma_page_count()),
+                    (SELECT freelist_count FROM pragma_freelist_count()),
+                    (SELECT page_size FROM pragma_page_size())",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        Ok(((count - free).max(0) * size) as u64)
+    }
+
+    /// Drop the oldest chunk of undelivered messages of `kind`, counting them.
+    fn drop_undelivered(
+        &mut self,
+        kind: &str,
+        dropped: &mut HashMap<(String, String), i64>,
+    ) -> rusqlite::Result<usize> {
+        let now = crate::model::now_ms();
+        let tx = self.conn.transaction()?;
+        let counts: Vec<(String, i64)> = {
+            let mut st = tx.prepare(
+                "SELECT device, COUNT(*) FROM (SELECT device FROM messages
+                   WHERE delivered_ms IS NULL AND kind = ?1 ORDER BY seq LIMIT ?2) GROUP BY device",
+            )?;
+            let rows = st.query_map(params![kind, CAP_CHUNK], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let n = tx.execute(
+            "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages
+               WHERE delivered_ms IS NULL AND kind = ?1 ORDER BY seq LIMIT ?2)",
+            params![kind, CAP_CHUNK],
+        )?;
+        for (device, count) in &counts {
+            tx.execute(
+                "INSERT INTO drops (device, kind, count, first_ms, last_ms) VALUES (?1, ?2, ?3, ?4, ?4)
+                 ON CONFLICT(device, kind) DO UPDATE SET count = count + excluded.count, last_ms = excluded.last_ms",
+                params![device, kind, count, now],
+            )?;
+            tx.execute(
+                "INSERT INTO device_counters (device, counter, value, last_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(device, counter) DO UPDATE SET value = value + excluded.value, last_ms = excluded.last_ms",
+                params![device, format!("dropped_{kind}"), count, now],
+            )?;
+            *dropped
+                .entry((device.clone(), kind.to_owned()))
+                .or_default() += count;
+        }
+        tx.commit()?;
+        self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Give freed pages back to the file system and truncate the WAL.
+    fn shrink(&mut self) -> rusqlite::Result<()> {
+        {
+            let mut st = self.conn.prepare("PRAGMA incremental_vacuum")?;
+            let mut rows = st.query([])?;
+            while rows.next()?.is_some() {}
+        }
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
 }
 
 /// Per-device changes gathered over one batch, applied with one statement per device.
@@ -219,7 +418,21 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            // Make room first if this batch could carry the database past its cap.
+            let incoming = incoming_bytes(&batch);
+            if self.size_on_disk() + incoming > self.high_water() {
+                if let Err(e) = self.maintain(incoming) {
+                    tracing::error!(error = %e, "buffer maintenance failed; will retry");
+                }
+            }
             self.commit_with_retry(&mut batch);
+            if self.maintain_due || self.over_cap() {
+                self.maintain_due = false;
+                if let Err(e) = self.maintain(0) {
+                    self.stats.commit_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "buffer maintenance failed; will retry");
+                }
+            }
         }
         // Nobody is connected to a gateway that stops.
         let now = crate::model::now_ms();
@@ -330,6 +543,7 @@ impl Writer {
                         what,
                         at_ms,
                     } => bump(devices.entry(device).or_default(), what, *at_ms),
+                    Write::Maintain => self.maintain_due = true,
                     Write::Delivered { seqs, at_ms } => {
                         for seq in seqs {
                             mark_delivered.execute(params![seq, at_ms])?;
@@ -460,6 +674,15 @@ impl Outbox {
                 payload: r.get(5)?,
             })
         })?;
+        rows.collect()
+    }
+
+    /// Messages dropped by the disk cap, per device and kind: (device, kind, count).
+    pub fn drops(&mut self) -> rusqlite::Result<Vec<(String, String, i64)>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT device, kind, count FROM drops ORDER BY device, kind")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         rows.collect()
     }
 

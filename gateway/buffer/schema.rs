@@ -53,10 +53,22 @@ CREATE TABLE device_counters (
     r#"
 ALTER TABLE messages ADD COLUMN profile TEXT NOT NULL DEFAULT '';
 "#,
+    r#"
+CREATE INDEX messages_kind_undelivered ON messages(kind, seq) WHERE delivered_ms IS NULL;
+CREATE INDEX messages_delivered ON messages(delivered_ms) WHERE delivered_ms IS NOT NULL;
+CREATE TABLE drops (
+    device   TEXT    NOT NULL,
+    kind     TEXT    NOT NULL,
+    count    INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL,
+    last_ms  INTEGER NOT NULL,
+    PRIMARY KEY (device, kind)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).
-pub fn prepare(conn: &Connection, sync: Synchronous) -> rusqlite::Result<()> {
+pub fn prepare(conn: &Connection, sync: Synchronous, max_bytes: u64) -> rusqlite::Result<()> {
     conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -67,7 +79,14 @@ pub fn prepare(conn: &Connection, sync: Synchronous) -> rusqlite::Result<()> {
         Synchronous::Normal => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", sync)?;
-    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    // The WAL counts against the disk cap: checkpoint and truncate it well below the cap.
+    let wal_limit = (max_bytes / 8).clamp(256 * 1024, 64 * 1024 * 1024);
+    conn.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        (wal_limit / 4096).max(64) as i64,
+    )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
 }

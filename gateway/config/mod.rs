@@ -147,6 +147,9 @@ pub struct StorageSection {
     /// How long delivered messages stay in the buffer (e.g. "7d", "12h").
     #[serde(default = "default_keep_delivered", with = "humantime_serde_compat")]
     pub keep_delivered: std::time::Duration,
+    /// Disk cap for the buffer: database file plus its WAL, in bytes.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
 }
 
 /// `humantime` strings ("7d", "90m") for durations in the config.
@@ -169,6 +172,7 @@ impl Default for StorageSection {
             synchronous: Synchronous::default(),
             queue_capacity: default_queue(),
             keep_delivered: default_keep_delivered(),
+            max_bytes: default_max_bytes(),
         }
     }
 }
@@ -220,6 +224,9 @@ fn default_rejected_keep() -> u64 {
 }
 fn default_queue() -> usize {
     8192
+}
+fn default_max_bytes() -> u64 {
+    2 * 1024 * 1024 * 1024
 }
 fn default_keep_delivered() -> std::time::Duration {
     std::time::Duration::from_secs(7 * 24 * 3600)
@@ -314,6 +321,12 @@ impl Config {
             push(
                 "storage.queue_capacity".into(),
                 "must be between 16 and 1000000".into(),
+            );
+        }
+        if self.storage.max_bytes < 1024 * 1024 {
+            push(
+                "storage.max_bytes".into(),
+                "must be at least 1048576 (1 MiB)".into(),
             );
         }
         if tracing_subscriber::EnvFilter::try_new(&self.gateway.log_level).is_err() {

@@ -424,16 +424,22 @@ pub struct Central {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Holds the port while the broker is stopped, so no other test can take it.
+    holder: Option<std::net::TcpListener>,
 }
 
 impl Central {
     pub fn start() -> Central {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Central {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let mut c = Central {
             port,
             dir,
             child: None,
+            holder: None,
         };
         c.restart();
         c
@@ -452,6 +458,7 @@ impl Central {
             ),
         )
         .unwrap();
+        self.holder = None;
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
@@ -474,6 +481,12 @@ impl Central {
                 .args(["-TERM", &c.id().to_string()])
                 .status();
             let _ = c.wait();
+        }
+        // Keep the port (a listener that never answers MQTT looks like a dead broker).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.holder.is_none() && Instant::now() < deadline {
+            self.holder = std::net::TcpListener::bind(("127.0.0.1", self.port)).ok();
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
