@@ -40,6 +40,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// A summary for branch IT: devices, buffer, backlog and drain ETA, upstream, drops, disk.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Play realistic traffic as every MQTT device of the config (for a branch with no devices).
     Simulate {
         #[arg(long, short)]
@@ -89,6 +94,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let secret = secret.trim_end_matches(['\r', '\n']);
             anyhow::ensure!(!secret.is_empty(), "no secret on standard input");
             println!("{}", config::Password::hash(secret));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { config } => {
+            let loaded = load(&config)?;
+            print_status(&loaded)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Devices { config } => {
@@ -273,6 +283,84 @@ fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
+    let path = loaded.database_path();
+    if !path.exists() {
+        anyhow::bail!(
+            "no buffer database at {} yet: run the gateway once first",
+            path.display()
+        );
+    }
+    let conn = buffer::open_read_only(&path)?;
+    let now = model::now_ms();
+    let r = buffer::buffer_report(&conn, now).context("cannot read the buffer")?;
+    let cfg = &loaded.config;
+    println!("branch      {}", cfg.gateway.branch_id);
+    println!(
+        "devices     {} online of {} configured (details: branch-gateway devices)",
+        r.devices_online, r.devices_configured
+    );
+    let size = buffer::size_on_disk(&path);
+    println!(
+        "buffer      {} messages up to seq {}, {:.1} MiB of {:.1} MiB cap ({:.0}%), {} rejected kept",
+        r.messages,
+        r.last_seq,
+        size as f64 / 1048576.0,
+        cfg.storage.max_bytes as f64 / 1048576.0,
+        100.0 * size as f64 / cfg.storage.max_bytes as f64,
+        r.rejected_kept
+    );
+    match &cfg.upstream {
+        None => println!("upstream    none configured: buffering and serving locally only"),
+        Some(up) => {
+            let last = r
+                .last_delivered_ms
+                .map(|ms| format!("last acknowledgement {}", ago(now - ms)))
+                .unwrap_or_else(|| "nothing acknowledged yet".into());
+            println!("upstream    {} ({last})", up.url);
+            let oldest = r
+                .oldest_undelivered_ms
+                .map(|ms| format!(", oldest received {}", ago(now - ms)))
+                .unwrap_or_default();
+            let eta = match (r.backlog, r.delivered_last_minute) {
+                (0, _) => "nothing to send".to_owned(),
+                (_, 0) => "no deliveries in the last minute: no drain estimate".to_owned(),
+                (b, d) => {
+                    let rate = d as f64 / 60.0;
+                    format!(
+                        "draining at {rate:.0} msg/s, done in about {}",
+                        ago_secs((b as f64 / rate) as i64)
+                    )
+                }
+            };
+            println!("backlog     {} undelivered{oldest}; {eta}", r.backlog);
+        }
+    }
+    if r.drops.is_empty() {
+        println!("drops       none");
+    } else {
+        let total: i64 = r.drops.iter().map(|d| d.2).sum();
+        let detail: Vec<String> = r
+            .drops
+            .iter()
+            .map(|(d, k, n)| format!("{d}/{k} {n}"))
+            .collect();
+        println!(
+            "drops       {total} undelivered messages removed by the disk cap: {}",
+            detail.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn ago_secs(s: i64) -> String {
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min", s / 60),
+        _ => format!("{:.1} h", s as f64 / 3600.0),
+    }
 }
 
 fn ago(ms: i64) -> String {

@@ -172,7 +172,8 @@ impl Forwarder {
         let mut backlog_tick = tokio::time::interval(BACKLOG_EVERY);
         let mut health_tick = tokio::time::interval(HEALTH_EVERY);
         let mut health_due = false;
-        let mut last_backlog_log = i64::MIN / 2;
+        let mut last_backlog_log = now_ms() - BACKLOG_LOG_EVERY_MS;
+        let mut acked_at_log = 0u64;
         let addr = self.settings.url.clone();
 
         loop {
@@ -289,11 +290,16 @@ impl Forwarder {
                         self.stats.oldest_undelivered_ms.store(oldest.unwrap_or(0), Ordering::Relaxed);
                         let now = now_ms();
                         if n > 0 && now - last_backlog_log >= BACKLOG_LOG_EVERY_MS {
-                            last_backlog_log = now;
+                            let acked = self.stats.acknowledged.load(Ordering::Relaxed);
+                            let rate = (acked - acked_at_log) as f64 * 1000.0 / (now - last_backlog_log).max(1) as f64;
+                            let eta_s = if rate >= 1.0 { Some((n as f64 / rate) as u64) } else { None };
+                            (last_backlog_log, acked_at_log) = (now, acked);
                             tracing::info!(
                                 backlog = n,
                                 oldest_age_s = oldest.map(|o| (now - o) / 1000).unwrap_or(0),
                                 connected,
+                                drain_rate_per_s = rate as u64,
+                                eta_s,
                                 "upstream backlog"
                             );
                         }

@@ -171,6 +171,13 @@ async fn fifty_devices_all_arrive_with_exact_envelopes_in_order() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    let (st, out, _) = branch.cli(&["status"]);
+    assert!(st.success());
+    assert!(
+        out.contains("backlog     0 undelivered; nothing to send"),
+        "{out}"
+    );
+    assert!(out.contains("drops       none"), "{out}");
     let (ok, log) = gw.terminate();
     assert!(ok.success(), "{log}");
 }
@@ -352,6 +359,16 @@ async fn disk_cap_drops_oldest_telemetry_first_and_reports_it() {
     eprintln!(
         "cap {CAP} B: peak {peak} B; telemetry kept {kept}, dropped {dropped}; events kept 200/200"
     );
+
+    // `status` tells branch IT about the backlog and the drops.
+    let (st, out, err) = branch.cli(&["status"]);
+    assert!(st.success(), "{err}");
+    assert!(
+        out.contains(&format!("backlog     {} undelivered", kept + 200)),
+        "{out}"
+    );
+    assert!(out.contains("no deliveries in the last minute"), "{out}");
+    assert!(out.contains("tele/telemetry"), "{out}");
 
     // Central comes back: everything kept arrives, and the health message reports the drops.
     drop(holder);

@@ -235,14 +235,8 @@ const CAP_LOW: f64 = 0.60;
 const CAP_CHUNK: i64 = 500;
 
 impl Writer {
-    /// Database file plus WAL, in bytes.
     fn size_on_disk(&self) -> u64 {
-        let file = |suffix: &str| {
-            let mut p = self.path.clone().into_os_string();
-            p.push(suffix);
-            std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
-        };
-        file("") + file("-wal")
+        size_on_disk(&self.path)
     }
 
     fn high_water(&self) -> u64 {
@@ -712,6 +706,69 @@ pub fn open_read_only(path: &Path) -> Result<Connection, BufferError> {
             source,
         })?;
     Ok(conn)
+}
+
+/// What `branch-gateway status` shows about the buffer and delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BufferReport {
+    pub messages: i64,
+    pub last_seq: i64,
+    pub backlog: i64,
+    pub oldest_undelivered_ms: Option<i64>,
+    pub last_delivered_ms: Option<i64>,
+    /// Messages acknowledged by the central broker in the last minute.
+    pub delivered_last_minute: i64,
+    pub rejected_kept: i64,
+    /// (device, kind, count) dropped by the disk cap.
+    pub drops: Vec<(String, String, i64)>,
+    pub devices_online: i64,
+    pub devices_configured: i64,
+}
+
+pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferReport> {
+    let one =
+        |sql: &str| -> rusqlite::Result<Option<i64>> { conn.query_row(sql, [], |r| r.get(0)) };
+    let (backlog, oldest): (i64, Option<i64>) = conn.query_row(
+        "SELECT COUNT(*), MIN(received_ms) FROM messages WHERE delivered_ms IS NULL",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut st = conn.prepare("SELECT device, kind, count FROM drops ORDER BY device, kind")?;
+    let drops = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(BufferReport {
+        messages: one("SELECT COUNT(*) FROM messages")?.unwrap_or(0),
+        last_seq: one("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+            .ok()
+            .flatten()
+            .unwrap_or(0),
+        backlog,
+        oldest_undelivered_ms: oldest,
+        last_delivered_ms: one(
+            "SELECT MAX(delivered_ms) FROM messages WHERE delivered_ms IS NOT NULL",
+        )?,
+        delivered_last_minute: conn.query_row(
+            "SELECT COUNT(*) FROM messages WHERE delivered_ms IS NOT NULL AND delivered_ms > ?1",
+            params![now_ms - 60_000],
+            |r| r.get(0),
+        )?,
+        rejected_kept: one("SELECT COUNT(*) FROM rejected")?.unwrap_or(0),
+        drops,
+        devices_online: one("SELECT COUNT(*) FROM devices WHERE online = 1 AND configured = 1")?
+            .unwrap_or(0),
+        devices_configured: one("SELECT COUNT(*) FROM devices WHERE configured = 1")?.unwrap_or(0),
+    })
+}
+
+/// Database file plus WAL, in bytes.
+pub fn size_on_disk(path: &Path) -> u64 {
+    let file = |suffix: &str| {
+        let mut p = path.to_path_buf().into_os_string();
+        p.push(suffix);
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    };
+    file("") + file("-wal")
 }
 
 /// One row of the `devices` report.
