@@ -27,6 +27,8 @@ pub enum AppError {
     Buffer(#[from] crate::buffer::BufferError),
     #[error(transparent)]
     Broker(#[from] crate::broker::BrokerError),
+    #[error(transparent)]
+    Tls(#[from] crate::upstream::TlsError),
 }
 
 /// Live figures of a running gateway, shared with the summary log and the demo.
@@ -53,6 +55,11 @@ pub async fn run(
         .map(|d| (d.id.clone(), d.profile.clone()))
         .collect();
 
+    // Before anything listens: a bad upstream certificate file is a clear error at start.
+    let upstream_tls = match &cfg.upstream {
+        Some(up) => crate::upstream::tls_config(up)?,
+        None => None,
+    };
     let db_path = loaded.database_path();
     let buffer = tokio::task::block_in_place(|| {
         Buffer::open(
@@ -112,6 +119,7 @@ pub async fn run(
             buffer: buffer_stats.clone(),
             stats: figures.upstream.clone(),
             devices_online: figures.devices_online.clone(),
+            tls: upstream_tls.clone(),
         };
         tasks.spawn(forwarder.run(shutdown.clone()))
     });

@@ -75,6 +75,8 @@ enum Command {
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    // One process-wide TLS provider (ring), chosen explicitly rather than by feature luck.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match dispatch(cli.command) {
         Ok(code) => code,

@@ -56,6 +56,95 @@ pub struct Forwarder {
     pub stats: Arc<UpstreamStats>,
     /// Devices connected now (for the health message).
     pub devices_online: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set for `mqtts://`: built by [`tls_config`] before the forwarder starts.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("upstream.{key} {path}: {message}")]
+    File {
+        key: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("upstream TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("upstream TLS: no usable root certificates on this system (set upstream.ca_file)")]
+    NoRoots,
+}
+
+/// The TLS client configuration for an `mqtts://` upstream: roots from `ca_file` or the
+/// system store, and the client certificate when configured. `None` for `mqtt://`.
+/// A certificate the broker presents that these roots do not sign fails the handshake
+/// (logged, retried); there is never a fallback to plain TCP.
+pub fn tls_config(s: &UpstreamSection) -> Result<Option<Arc<rustls::ClientConfig>>, TlsError> {
+    if !s.addr().map(|a| a.tls).unwrap_or(false) {
+        return Ok(None);
+    }
+    let read = |key: &'static str, path: &PathBuf| -> Result<Vec<u8>, TlsError> {
+        std::fs::read(path).map_err(|e| TlsError::File {
+            key,
+            path: path.clone(),
+            message: e.to_string(),
+        })
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &s.ca_file {
+        Some(path) => {
+            let pem = read("ca_file", path)?;
+            let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsError::File {
+                    key: "ca_file",
+                    path: path.clone(),
+                    message: format!("not a PEM certificate file: {e}"),
+                })?;
+            if certs.is_empty() {
+                return Err(TlsError::File {
+                    key: "ca_file",
+                    path: path.clone(),
+                    message: "holds no PEM certificate".into(),
+                });
+            }
+            for c in certs {
+                roots.add(c)?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err(TlsError::NoRoots);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let config = match (&s.client_cert, &s.client_key) {
+        (Some(cert), Some(key)) => {
+            let pem = read("client_cert", cert)?;
+            let chain = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::File {
+                    key: "client_cert",
+                    path: cert.clone(),
+                    message: e.to_string(),
+                })?;
+            let pem = read("client_key", key)?;
+            let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+                .ok()
+                .flatten()
+                .ok_or_else(|| TlsError::File {
+                    key: "client_key",
+                    path: key.clone(),
+                    message: "holds no PEM private key".into(),
+                })?;
+            builder.with_client_auth_cert(chain, key_der)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Some(Arc::new(config)))
 }
 
 /// One message handed to rumqttc and not yet acknowledged.
@@ -73,8 +162,14 @@ impl Forwarder {
         let addr = s.addr().unwrap_or(crate::config::UpstreamAddr {
             host: "127.0.0.1".into(),
             port: 1883,
+            tls: false,
         });
         let mut o = MqttOptions::new(&s.client_id, addr.host, addr.port);
+        if let Some(tls) = &self.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
+        }
         o.set_keep_alive(Duration::from_secs(s.keep_alive_s));
         o.set_clean_session(true);
         o.set_inflight(s.max_inflight);

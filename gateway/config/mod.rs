@@ -35,13 +35,22 @@ pub struct Config {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
-    /// `mqtt://host:port` (TLS comes with `mqtts://`, not yet supported).
+    /// `mqtt://host:port`, or `mqtts://host:port` for TLS (port defaults 1883 / 8883).
     pub url: String,
     pub client_id: String,
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// PEM file of the CA(s) that sign the central broker's certificate (mqtts only);
+    /// without it the system's root certificates are used.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and private key, for brokers that require them.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
     /// Every message goes to `{topic_prefix}/devices/ID/KIND`.
     pub topic_prefix: String,
     /// Messages published and not yet acknowledged at any time.
@@ -71,6 +80,7 @@ impl fmt::Debug for UpstreamSection {
 pub struct UpstreamAddr {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 impl UpstreamSection {
@@ -79,12 +89,11 @@ impl UpstreamSection {
             .url
             .split_once("://")
             .ok_or("must look like mqtt://host:port")?;
-        if scheme == "mqtts" {
-            return Err("mqtts:// (TLS) is not supported yet; use mqtt://".into());
-        }
-        if scheme != "mqtt" {
-            return Err(format!("scheme {scheme:?} is not mqtt://"));
-        }
+        let tls = match scheme {
+            "mqtt" => false,
+            "mqtts" => true,
+            other => return Err(format!("scheme {other:?} is neither mqtt:// nor mqtts://")),
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => (
@@ -92,7 +101,7 @@ impl UpstreamSection {
                 p.parse::<u16>()
                     .map_err(|_| format!("port {p:?} is not a number 1-65535"))?,
             ),
-            None => (rest, 1883),
+            None => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || port == 0 {
@@ -101,6 +110,7 @@ impl UpstreamSection {
         Ok(UpstreamAddr {
             host: host.to_owned(),
             port,
+            tls,
         })
     }
 }
@@ -375,6 +385,22 @@ impl Config {
             if up.password.is_some() && up.username.is_none() {
                 push("upstream.password".into(), "needs upstream.username".into());
             }
+            let tls = up.addr().map(|a| a.tls).unwrap_or(false);
+            for (key, set) in [
+                ("ca_file", up.ca_file.is_some()),
+                ("client_cert", up.client_cert.is_some()),
+                ("client_key", up.client_key.is_some()),
+            ] {
+                if set && !tls {
+                    push(format!("upstream.{key}"), "needs an mqtts:// url".into());
+                }
+            }
+            if up.client_cert.is_some() != up.client_key.is_some() {
+                push(
+                    "upstream.client_cert".into(),
+                    "client_cert and client_key go together".into(),
+                );
+            }
         }
         let mut seen = HashSet::new();
         for (i, d) in self.devices.iter().enumerate() {
@@ -582,10 +608,28 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let mut config = config;
+    let mut problems = Vec::new();
+    if let Some(up) = config.upstream.as_mut() {
+        for (key, file) in [
+            ("ca_file", &mut up.ca_file),
+            ("client_cert", &mut up.client_cert),
+            ("client_key", &mut up.client_key),
+        ] {
+            if let Some(f) = file {
+                *f = resolve(base, f);
+                if let Err(e) = std::fs::metadata(&*f) {
+                    problems.push(Problem {
+                        key: format!("upstream.{key}"),
+                        message: format!("cannot read {}: {e}", f.display()),
+                    });
+                }
+            }
+        }
+    }
     let data_dir = resolve(base, &config.gateway.data_dir);
     let profiles_dir = resolve(base, &config.gateway.profiles_dir);
     let mut profiles = BTreeMap::new();
-    let mut problems = Vec::new();
     for (i, d) in config.devices.iter().enumerate() {
         if profiles.contains_key(&d.profile) {
             continue;
