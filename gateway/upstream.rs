@@ -259,7 +259,17 @@ impl Forwarder {
         let mut queued: VecDeque<Sent> = VecDeque::new();
         let mut inflight: HashMap<u16, Sent> = HashMap::new();
         let mut acks: Vec<i64> = Vec::new();
-        let mut cursor: i64 = 0;
+        // Live first: at each connect, rows up to `boundary` (the newest committed then) are
+        // the backlog, sent on the backfill topic; newer rows are live, sent first.
+        let mut boundary: i64 = 0;
+        let mut live_cursor: i64 = 0;
+        let mut backfill_cursor: i64 = 0;
+        let mut backfill_done = true;
+        let mut backfill_resume = tokio::time::Instant::now();
+        let backfill_interval = self
+            .settings
+            .max_backfill_rate
+            .map(|r| Duration::from_secs_f64(1.0 / r as f64));
         let mut connected = false;
         let mut caught_up = false;
         let mut failures: u32 = 0;
@@ -285,7 +295,10 @@ impl Forwarder {
                         queued.clear();
                         inflight.clear();
                         self.flush_acks(&mut acks).await;
-                        cursor = 0;
+                        boundary = self.buffer.last_seq.load(Ordering::Relaxed) as i64;
+                        live_cursor = boundary;
+                        backfill_cursor = 0;
+                        backfill_done = false;
                         self.stats.connected.store(true, Ordering::Relaxed);
                         self.stats.connects.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(url = %addr, "connected to the central broker; re-sending everything unacknowledged");
@@ -340,11 +353,13 @@ impl Forwarder {
                 _ = self.buffer.committed.notified(), if room && caught_up => {
                     caught_up = false;
                 }
-                // The read runs in the handler, never as a raced future: a cancelled read
+                _ = tokio::time::sleep_until(backfill_resume), if room && !backfill_done && backfill_resume > tokio::time::Instant::now() => {}
+                // The reads run in the handler, never as a raced future: a cancelled read
                 // would lose the outbox connection it borrowed.
-                _ = std::future::ready(()), if room && !caught_up => {
-                    let limit = window.saturating_sub(queued.len() + inflight.len());
-                    let rows = match fetch(&mut outbox, cursor, limit).await {
+                _ = std::future::ready(()), if room && (!caught_up || (!backfill_done && backfill_resume <= tokio::time::Instant::now())) => {
+                    let mut limit = window.saturating_sub(queued.len() + inflight.len());
+                    // Live rows first.
+                    let live = match fetch(&mut outbox, live_cursor, i64::MAX, limit).await {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot read the buffer");
@@ -352,18 +367,43 @@ impl Forwarder {
                             continue;
                         }
                     };
-                    if rows.is_empty() {
-                        caught_up = true;
-                    }
-                    for row in rows {
-                        let topic = row.topic(&self.settings.topic_prefix);
-                        let body = row.envelope(&self.branch);
-                        if client.try_publish(topic, QoS::AtLeastOnce, false, body).is_err() {
+                    caught_up = live.len() < limit;
+                    for row in live {
+                        if !self.publish_row(&client, &row, false) {
                             break;
                         }
                         queued.push_back(Sent::Row(row.seq));
-                        cursor = row.seq;
-                        self.stats.published.fetch_add(1, Ordering::Relaxed);
+                        live_cursor = row.seq;
+                        limit -= 1;
+                    }
+                    // Then the backlog, with what room is left (and within the rate cap).
+                    let now = tokio::time::Instant::now();
+                    if !backfill_done && limit > 0 && backfill_resume <= now {
+                        if let Some(interval) = backfill_interval {
+                            let per_tick = ((0.05 / interval.as_secs_f64()) as usize).max(1);
+                            limit = limit.min(per_tick);
+                            backfill_resume = now + interval * limit as u32;
+                        }
+                        let rows = match fetch(&mut outbox, backfill_cursor, boundary, limit).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot read the buffer");
+                                continue;
+                            }
+                        };
+                        if rows.is_empty() {
+                            backfill_done = true;
+                            if backfill_cursor > 0 {
+                                tracing::info!(up_to_seq = boundary, "backlog drained");
+                            }
+                        }
+                        for row in rows {
+                            if !self.publish_row(&client, &row, true) {
+                                break;
+                            }
+                            queued.push_back(Sent::Row(row.seq));
+                            backfill_cursor = row.seq;
+                        }
                     }
                 }
                 _ = ack_tick.tick() => self.flush_acks(&mut acks).await,
@@ -439,6 +479,23 @@ impl Forwarder {
         driver.abort();
     }
 
+    /// Queue one row's envelope; backlog rows go to `{prefix}/backfill/devices/ID/KIND`.
+    fn publish_row(&self, client: &AsyncClient, row: &Stored, backfill: bool) -> bool {
+        let prefix = &self.settings.topic_prefix;
+        let topic = if backfill {
+            row.topic(&format!("{prefix}/backfill"))
+        } else {
+            row.topic(prefix)
+        };
+        let ok = client
+            .try_publish(topic, QoS::AtLeastOnce, false, row.envelope(&self.branch))
+            .is_ok();
+        if ok {
+            self.stats.published.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
     async fn flush_acks(&self, acks: &mut Vec<i64>) {
         if acks.is_empty() {
             return;
@@ -478,11 +535,12 @@ async fn drive(
 async fn fetch(
     outbox: &mut Option<Outbox>,
     after: i64,
+    upto: i64,
     limit: usize,
 ) -> rusqlite::Result<Vec<Stored>> {
     let mut ob = outbox.take().expect("outbox is returned after every use");
     let (ob, rows) = tokio::task::spawn_blocking(move || {
-        let rows = ob.next_after(after, limit.max(1));
+        let rows = ob.next_between(after, upto, limit.max(1));
         (ob, rows)
     })
     .await

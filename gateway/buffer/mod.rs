@@ -651,13 +651,18 @@ impl Outbox {
         })
     }
 
-    /// Up to `limit` undelivered messages with `seq > after`, oldest first.
-    pub fn next_after(&mut self, after: i64, limit: usize) -> rusqlite::Result<Vec<Stored>> {
+    /// Up to `limit` undelivered messages with `after < seq <= upto`, oldest first.
+    pub fn next_between(
+        &mut self,
+        after: i64,
+        upto: i64,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<Stored>> {
         let mut st = self.conn.prepare_cached(
             "SELECT seq, device, profile, kind, received_ms, payload FROM messages
-             WHERE delivered_ms IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
+             WHERE delivered_ms IS NULL AND seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = st.query_map(params![after, limit as i64], |r| {
+        let rows = st.query_map(params![after, limit as i64, upto], |r| {
             let kind: String = r.get(3)?;
             Ok(Stored {
                 seq: r.get(0)?,

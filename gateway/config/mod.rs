@@ -61,6 +61,10 @@ pub struct UpstreamSection {
     /// Longest wait between reconnect attempts (each wait is jittered to 50-100%).
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// Cap on the backlog's drain rate in messages per second (live messages are not
+    /// capped); without it the backlog drains as fast as the link takes it.
+    #[serde(default)]
+    pub max_backfill_rate: Option<u32>,
 }
 
 impl fmt::Debug for UpstreamSection {
@@ -394,6 +398,12 @@ impl Config {
                 if set && !tls {
                     push(format!("upstream.{key}"), "needs an mqtts:// url".into());
                 }
+            }
+            if up.max_backfill_rate == Some(0) {
+                push(
+                    "upstream.max_backfill_rate".into(),
+                    "must be at least 1 (leave it out for no cap)".into(),
+                );
             }
             if up.client_cert.is_some() != up.client_key.is_some() {
                 push(
