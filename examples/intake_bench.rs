@@ -14,6 +14,9 @@
 //! Commit time is observed from outside: a reader polls the database every millisecond for
 //! new rows and takes "now" as their commit time, so latencies are upper bounds.
 
+mod support;
+use support::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -75,21 +78,6 @@ const PROFILE: &str = r#"{
   }}
 }"#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
-}
-
 fn payload(device: &str, n: usize) -> String {
     let head = format!(
         r#"{{"ts_us":{},"n":{n},"device":"{device}","pad":""#,
@@ -136,16 +124,6 @@ fn start_gateway(binary: &Path, config: &Path, port: u16) -> Child {
         std::thread::sleep(Duration::from_millis(20));
     }
     child
-}
-
-fn vm_hwm_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 async fn connect(port: u16, d: usize, acked: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> AsyncClient {

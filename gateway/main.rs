@@ -250,7 +250,8 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
     });
 }
 
-fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
+/// The buffer opened read-only for a report (works while the gateway runs).
+fn open_buffer(loaded: &config::Loaded) -> anyhow::Result<rusqlite::Connection> {
     let path = loaded.database_path();
     if !path.exists() {
         anyhow::bail!(
@@ -258,7 +259,11 @@ fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
             path.display()
         );
     }
-    let conn = buffer::open_read_only(&path)?;
+    Ok(buffer::open_read_only(&path)?)
+}
+
+fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
+    let conn = open_buffer(loaded)?;
     let rows = buffer::device_report(&conn).context("cannot read the devices table")?;
     let now = model::now_ms();
     println!(
@@ -289,13 +294,7 @@ fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
 
 fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
     let path = loaded.database_path();
-    if !path.exists() {
-        anyhow::bail!(
-            "no buffer database at {} yet: run the gateway once first",
-            path.display()
-        );
-    }
-    let conn = buffer::open_read_only(&path)?;
+    let conn = open_buffer(loaded)?;
     let now = model::now_ms();
     let r = buffer::buffer_report(&conn, now).context("cannot read the buffer")?;
     let cfg = &loaded.config;
