@@ -282,7 +282,9 @@ impl Forwarder {
         let addr = self.settings.url.clone();
 
         loop {
-            let room = connected && queued.len() + inflight.len() < window;
+            // Refill once half the window is free: one read of many rows, not a read per
+            // acknowledgement.
+            let room = connected && queued.len() + inflight.len() <= window / 2;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
