@@ -42,11 +42,17 @@ fn committed(db: &Path) -> i64 {
         .unwrap_or(0)
 }
 
+/// Central Mosquitto with persistence, so the consumer's subscription (made before the
+/// outage) is in place the moment it restarts, before the gateway reconnects.
 fn start_mosquitto(dir: &Path, port: u16) -> Child {
     let conf = dir.join("central.conf");
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\nuser root\n"),
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\nuser root\n\
+             persistence true\npersistence_location {}/\n",
+            dir.display()
+        ),
     )
     .unwrap();
     let child = Command::new("mosquitto")
@@ -72,7 +78,34 @@ async fn main() {
     std::fs::create_dir_all(dir.join("profiles")).unwrap();
     std::fs::write(dir.join("profiles/bench-sensor.json"), PROFILE).unwrap();
     let (gw_port, central_port) = (free_port(), free_port());
-    // The outage: the central port is held but never answers MQTT.
+    // The consumer's durable subscription, made once; then the outage: central stops and its
+    // port is held but never answers MQTT.
+    let mut central = start_mosquitto(&dir, central_port);
+    let consumer_opts = || {
+        let mut o = MqttOptions::new("drain-consumer", "127.0.0.1", central_port);
+        o.set_clean_session(false);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_inflight(1000);
+        o
+    };
+    {
+        let (client, mut el) = AsyncClient::new(consumer_opts(), 10);
+        client.subscribe("bench/#", QoS::AtLeastOnce).await.unwrap();
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(_))) = el.poll().await {
+                break;
+            }
+        }
+        client.disconnect().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            while el.poll().await.is_ok() {}
+        })
+        .await;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &central.id().to_string()])
+        .status();
+    let _ = central.wait();
     let holder = std::net::TcpListener::bind(("127.0.0.1", central_port)).unwrap();
     let mut cfg = format!(
         "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"warn\"\n\
@@ -138,18 +171,12 @@ async fn main() {
     println!("backlog: {total} messages from {devices} devices buffered in {:.1} s; gateway RSS so far {:.1} MiB",
         started.elapsed().as_secs_f64(), vm_hwm_kb(gw.id()) as f64 / 1024.0);
 
-    // Central comes back; a consumer subscribes first.
+    // Central comes back with the consumer's subscription already in place (its backlog goes
+    // to bench/backfill/..., live messages to bench/devices/...).
     drop(holder);
     let back = Instant::now();
-    let mut central = start_mosquitto(&dir, central_port);
-    let mut o = MqttOptions::new("drain-consumer", "127.0.0.1", central_port);
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    o.set_inflight(1000);
-    let (client, mut el) = AsyncClient::new(o, 100);
-    client
-        .subscribe("bench/devices/#", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    central = start_mosquitto(&dir, central_port);
+    let (_client, mut el) = AsyncClient::new(consumer_opts(), 100);
     let mut seqs = HashSet::new();
     let (mut first, mut dups) = (None, 0usize);
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -157,6 +184,9 @@ async fn main() {
         if let Ok(Ok(Event::Incoming(Packet::Publish(p)))) =
             tokio::time::timeout(Duration::from_secs(5), el.poll()).await
         {
+            if !p.topic.contains("/devices/") {
+                continue; // the gateway's own status and health
+            }
             first.get_or_insert_with(Instant::now);
             let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
             if !seqs.insert(v["seq"].as_i64().unwrap()) {

@@ -288,70 +288,82 @@ impl Forwarder {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some((gen, ev)) = events.recv() => match ev {
-                    _ if gen != generation => {}
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        failures = 0;
-                        connected = true;
-                        caught_up = false;
-                        queued.clear();
-                        inflight.clear();
-                        self.flush_acks(&mut acks).await;
-                        boundary = self.buffer.last_seq.load(Ordering::Relaxed) as i64;
-                        live_cursor = boundary;
-                        backfill_cursor = 0;
-                        backfill_done = false;
-                        self.stats.connected.store(true, Ordering::Relaxed);
-                        self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(url = %addr, "connected to the central broker; re-sending everything unacknowledged");
-                        if client
-                            .try_publish(self.status_topic(), QoS::AtLeastOnce, true, self.status_payload("online", started_ms))
-                            .is_ok()
-                        {
-                            queued.push_back(Sent::GatewayStatus);
+                // Handle every event already queued before looking at anything else: one
+                // wake-up per burst of acknowledgements, not one per packet.
+                Some(first) = events.recv() => {
+                    let mut next = Some(first);
+                    let mut handled = 0;
+                    while let Some((gen, ev)) = next.take() {
+                        match ev {
+                            _ if gen != generation => {}
+                            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                                failures = 0;
+                                connected = true;
+                                caught_up = false;
+                                queued.clear();
+                                inflight.clear();
+                                self.flush_acks(&mut acks).await;
+                                boundary = self.buffer.last_seq.load(Ordering::Relaxed) as i64;
+                                live_cursor = boundary;
+                                backfill_cursor = 0;
+                                backfill_done = false;
+                                self.stats.connected.store(true, Ordering::Relaxed);
+                                self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                                tracing::info!(url = %addr, "connected to the central broker; re-sending everything unacknowledged");
+                                if client
+                                    .try_publish(self.status_topic(), QoS::AtLeastOnce, true, self.status_payload("online", started_ms))
+                                    .is_ok()
+                                {
+                                    queued.push_back(Sent::GatewayStatus);
+                                }
+                                health_due = true;
+                            }
+                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                                if let Some(sent) = queued.pop_front() {
+                                    inflight.insert(pkid, sent);
+                                }
+                            }
+                            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                                if let Some(Sent::Row(seq)) = inflight.remove(&ack.pkid) {
+                                    acks.push(seq);
+                                    self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+                                    self.stats.last_ack_ms.store(now_ms(), Ordering::Relaxed);
+                                }
+                                if acks.len() >= window {
+                                    self.flush_acks(&mut acks).await;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                if connected {
+                                    tracing::warn!(url = %addr, error = %e, "lost the central broker");
+                                } else if failures == 0 || failures.is_power_of_two() {
+                                    tracing::warn!(url = %addr, error = %e, attempts = failures + 1, "cannot reach the central broker");
+                                }
+                                connected = false;
+                                self.stats.connected.store(false, Ordering::Relaxed);
+                                queued.clear();
+                                inflight.clear();
+                                if matches!(e, ConnectionError::MqttState(rumqttc::StateError::CollisionTimeout)) {
+                                    // The livelock of rumqtt#1014; a fresh client (below) ends it.
+                                    tracing::warn!("upstream packet-id collision timeout: client rebuilt");
+                                }
+                                failures = failures.saturating_add(1);
+                                driver.abort();
+                                generation += 1;
+                                let (c, el) = self.client(started_ms);
+                                client = c;
+                                self.stats.client_rebuilds.fetch_add(1, Ordering::Relaxed);
+                                let delay = backoff(failures, self.settings.reconnect_max_ms);
+                                driver = tokio::spawn(drive(el, generation, events_tx.clone(), delay));
+                            }
                         }
-                        health_due = true;
+                        handled += 1;
+                        if handled < 1024 {
+                            next = events.try_recv().ok();
+                        }
                     }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(sent) = queued.pop_front() {
-                            inflight.insert(pkid, sent);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(Sent::Row(seq)) = inflight.remove(&ack.pkid) {
-                            acks.push(seq);
-                            self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
-                            self.stats.last_ack_ms.store(now_ms(), Ordering::Relaxed);
-                        }
-                        if acks.len() >= window {
-                            self.flush_acks(&mut acks).await;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if connected {
-                            tracing::warn!(url = %addr, error = %e, "lost the central broker");
-                        } else if failures == 0 || failures.is_power_of_two() {
-                            tracing::warn!(url = %addr, error = %e, attempts = failures + 1, "cannot reach the central broker");
-                        }
-                        connected = false;
-                        self.stats.connected.store(false, Ordering::Relaxed);
-                        queued.clear();
-                        inflight.clear();
-                        if matches!(e, ConnectionError::MqttState(rumqttc::StateError::CollisionTimeout)) {
-                            // The livelock of rumqtt#1014; a fresh client (below) ends it.
-                            tracing::warn!("upstream packet-id collision timeout: client rebuilt");
-                        }
-                        failures = failures.saturating_add(1);
-                        driver.abort();
-                        generation += 1;
-                        let (c, el) = self.client(started_ms);
-                        client = c;
-                        self.stats.client_rebuilds.fetch_add(1, Ordering::Relaxed);
-                        let delay = backoff(failures, self.settings.reconnect_max_ms);
-                        driver = tokio::spawn(drive(el, generation, events_tx.clone(), delay));
-                    }
-                },
+                }
                 _ = self.buffer.committed.notified(), if room && caught_up => {
                     caught_up = false;
                 }
