@@ -39,6 +39,19 @@ async fn publish_range(
     c.pubacks(n, Duration::from_secs(60)).await
 }
 
+/// One publishing task per device (see `publish_range`); each returns its PUBACK count.
+fn spawn_publishers(
+    port: u16,
+    devices: &[Device],
+    range: std::ops::Range<usize>,
+    pace: Option<Duration>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    devices
+        .iter()
+        .map(|d| tokio::spawn(publish_range(port, d.id.clone(), range.clone(), pace)))
+        .collect()
+}
+
 /// Checks every envelope and returns, per device, the `n`s in first-arrival order of
 /// their `seq`, plus the number of duplicate deliveries.
 fn check_envelopes(prefix: &str, got: &[(String, String)]) -> (HashMap<String, Vec<u64>>, usize) {
@@ -138,10 +151,7 @@ async fn fifty_devices_all_arrive_with_exact_envelopes_in_order() {
         .collect();
     let branch = Branch::with_extra(&devices, &upstream_section(central.port, PREFIX));
     let gw = branch.start();
-    let tasks: Vec<_> = devices
-        .iter()
-        .map(|d| tokio::spawn(publish_range(branch.port, d.id.clone(), 0..500, None)))
-        .collect();
+    let tasks = spawn_publishers(branch.port, &devices, 0..500, None);
     for t in tasks {
         assert_eq!(t.await.unwrap(), 500);
     }
@@ -205,17 +215,12 @@ async fn central_outage_and_gateway_restarts_lose_nothing() {
 
     // Phase 1: stream while central goes away and comes back (a restarted broker: the
     // gateway's clean session is gone).
-    let tasks: Vec<_> = devices
-        .iter()
-        .map(|d| {
-            tokio::spawn(publish_range(
-                branch.port,
-                d.id.clone(),
-                0..300,
-                Some(Duration::from_millis(5)),
-            ))
-        })
-        .collect();
+    let tasks = spawn_publishers(
+        branch.port,
+        &devices,
+        0..300,
+        Some(Duration::from_millis(5)),
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     central.stop();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -225,20 +230,14 @@ async fn central_outage_and_gateway_restarts_lose_nothing() {
     }
 
     // Phase 2: SIGTERM the gateway while it streams, restart it, stream more.
-    let tasks: Vec<_> = devices
-        .iter()
-        .map(|d| tokio::spawn(publish_range(branch.port, d.id.clone(), 300..400, None)))
-        .collect();
+    let tasks = spawn_publishers(branch.port, &devices, 300..400, None);
     for t in tasks {
         assert_eq!(t.await.unwrap(), 100);
     }
     let (ok, log) = gw.terminate();
     assert!(ok.success(), "{log}");
     let gw = branch.start();
-    let tasks: Vec<_> = devices
-        .iter()
-        .map(|d| tokio::spawn(publish_range(branch.port, d.id.clone(), 400..450, None)))
-        .collect();
+    let tasks = spawn_publishers(branch.port, &devices, 400..450, None);
     for t in tasks {
         assert_eq!(t.await.unwrap(), 50);
     }
@@ -447,17 +446,12 @@ async fn sigkill_mid_stream_loses_nothing_committed() {
         .collect();
     let branch = Branch::with_extra(&devices, &upstream_section(central.port, KILL_PREFIX));
     let gw = branch.start();
-    let tasks: Vec<_> = devices
-        .iter()
-        .map(|d| {
-            tokio::spawn(publish_range(
-                branch.port,
-                d.id.clone(),
-                0..2000,
-                Some(Duration::from_micros(500)),
-            ))
-        })
-        .collect();
+    let tasks = spawn_publishers(
+        branch.port,
+        &devices,
+        0..2000,
+        Some(Duration::from_micros(500)),
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     let log = tokio::task::spawn_blocking(move || gw.kill9())
         .await
@@ -540,10 +534,7 @@ async fn rumqttd_as_central_broker() {
         .collect();
     let branch = Branch::with_extra(&devices, &upstream_section(port, R_PREFIX));
     let gw = branch.start();
-    let tasks: Vec<_> = devices
-        .iter()
-        .map(|d| tokio::spawn(publish_range(branch.port, d.id.clone(), 0..300, None)))
-        .collect();
+    let tasks = spawn_publishers(branch.port, &devices, 0..300, None);
     for t in tasks {
         assert_eq!(t.await.unwrap(), 300);
     }
