@@ -208,6 +208,8 @@ async fn wait_for(
 
 struct Report {
     throughput: f64,
+    /// CPU milliseconds per 1,000 messages in the steady phase: branch side, central, load.
+    cpu_per_k: (f64, f64, f64),
     p50_ms: f64,
     p99_ms: f64,
     outage_lost: usize,
@@ -234,6 +236,9 @@ async fn measure(
     let n = devs.clients.len();
     // (1) throughput
     let run = format!("{label}-steady");
+    let me = std::process::id();
+    let cpu_before = (cpu_ms(pid), cpu_ms(central.id()), cpu_ms(me));
+    let acked_before = devs.acked.load(Ordering::Relaxed);
     let start = Instant::now();
     for k in 0..messages {
         for i in 0..n {
@@ -241,14 +246,28 @@ async fn measure(
         }
     }
     let total = n * messages as usize;
+    // When the branch side has acknowledged everything (its intake rate).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while devs.acked.load(Ordering::Relaxed) - acked_before < total as u64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let accepted_s = start.elapsed().as_secs_f64();
     let done = wait_for(seen, &run, total, Duration::from_secs(300)).await;
     let throughput = match done {
         Some(t) => total as f64 / t.duration_since(start).as_secs_f64(),
         None => count(seen, &run).0 as f64 / 300.0,
     };
+    let per_k = |after: u64, before: u64| (after - before) as f64 * 1000.0 / total as f64;
+    let cpu_per_k = (
+        per_k(cpu_ms(pid), cpu_before.0),
+        per_k(cpu_ms(central.id()), cpu_before.1),
+        per_k(cpu_ms(me), cpu_before.2),
+    );
     println!(
-        "[{label}] steady: {}/{total} arrived, {throughput:.0} msg/s end to end",
-        count(seen, &run).0
+        "[{label}] steady: {}/{total} arrived, {throughput:.0} msg/s end to end (all acknowledged to devices after {accepted_s:.2} s); CPU ms per 1,000 messages: branch side {:.0}, central {:.0}, load generator and consumer {:.0}",
+        count(seen, &run).0, cpu_per_k.0, cpu_per_k.1, cpu_per_k.2
     );
     // (2) latency at a fixed rate
     let run = format!("{label}-rate");
@@ -310,6 +329,7 @@ async fn measure(
     let rss_mib = vm_hwm_kb(pid) as f64 / 1024.0;
     Report {
         throughput,
+        cpu_per_k,
         p50_ms,
         p99_ms,
         outage_lost: lost,
@@ -346,6 +366,14 @@ async fn main() {
     let rate = arg("--rate", 2000);
     let seconds = arg("--seconds", 10);
     let outage = arg("--outage", 60);
+    // `--only gateway` or `--only bridge` runs one side (for profiling); the table needs both.
+    let argv: Vec<String> = std::env::args().collect();
+    let only = argv
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| argv.get(i + 1).cloned());
+    let run_gateway = only.as_deref() != Some("bridge");
+    let run_bridge = only.as_deref() != Some("gateway");
     assert!(devices <= 500 && messages <= 20_000 && seconds <= 120 && outage <= 600);
     let dir: PathBuf =
         std::env::temp_dir().join(format!("branch-gateway-compare-{}", std::process::id()));
@@ -360,72 +388,86 @@ async fn main() {
     let _consumer = consumer(central_port, seen.clone()).await;
 
     // branch-gateway
-    let gw_port = free_port();
-    let mut cfg = format!(
-        "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"error\"\n\
-         [broker]\nlisten = \"127.0.0.1:{gw_port}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{central_port}\"\nclient_id = \"gw-compare\"\ntopic_prefix = \"gw\"\n"
-    );
-    for d in 0..devices {
-        cfg.push_str(&format!(
-            "[[devices]]\nid = \"d{d}\"\nprofile = \"bench-sensor\"\npassword = \"pw\"\n"
-        ));
-    }
-    std::fs::write(dir.join("gateway.toml"), cfg).unwrap();
-    let mut gw = Command::new("target/release/branch-gateway")
-        .args(["run", "--config"])
-        .arg(dir.join("gateway.toml"))
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("cargo build --release first");
-    wait_port(gw_port);
-    let devs = connect_devices(gw_port, devices, true).await;
-    let gw_report = measure(
-        "branch-gateway",
-        &devs,
-        &seen,
-        &mut central,
-        central_port,
-        &dir,
-        gw.id(),
-        messages,
-        rate,
-        seconds,
-        outage,
-    )
-    .await;
-    drop(devs);
-    let _ = Command::new("kill")
-        .args(["-TERM", &gw.id().to_string()])
-        .status();
-    let _ = gw.wait();
+    let gw_report = if run_gateway {
+        let gw_port = free_port();
+        let mut cfg = format!(
+            "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"error\"\n\
+             [broker]\nlisten = \"127.0.0.1:{gw_port}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{central_port}\"\nclient_id = \"gw-compare\"\ntopic_prefix = \"gw\"\n"
+        );
+        for d in 0..devices {
+            cfg.push_str(&format!(
+                "[[devices]]\nid = \"d{d}\"\nprofile = \"bench-sensor\"\npassword = \"pw\"\n"
+            ));
+        }
+        std::fs::write(dir.join("gateway.toml"), cfg).unwrap();
+        let mut gw = Command::new("target/release/branch-gateway")
+            .args(["run", "--config"])
+            .arg(dir.join("gateway.toml"))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cargo build --release first");
+        wait_port(gw_port);
+        let devs = connect_devices(gw_port, devices, true).await;
+        let report = measure(
+            "branch-gateway",
+            &devs,
+            &seen,
+            &mut central,
+            central_port,
+            &dir,
+            gw.id(),
+            messages,
+            rate,
+            seconds,
+            outage,
+        )
+        .await;
+        drop(devs);
+        let _ = Command::new("kill")
+            .args(["-TERM", &gw.id().to_string()])
+            .status();
+        let _ = gw.wait();
+        Some(report)
+    } else {
+        None
+    };
 
     // Mosquitto bridge
-    let bridge_port = free_port();
-    let bridge_conf = format!(
-        "user root\nlistener {bridge_port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/bridge/\n\
-         autosave_interval 10\nmax_queued_messages 0\nconnection central\naddress 127.0.0.1:{central_port}\ntopic devices/# out 1\ncleansession false\n",
-        dir.display()
-    );
-    let mut bridge = mosquitto(&dir, "bridge", &bridge_conf, bridge_port);
-    let devs = connect_devices(bridge_port, devices, false).await;
-    let br_report = measure(
-        "mosquitto-bridge",
-        &devs,
-        &seen,
-        &mut central,
-        central_port,
-        &dir,
-        bridge.id(),
-        messages,
-        rate,
-        seconds,
-        outage,
-    )
-    .await;
-    let _ = bridge.kill();
-    let _ = bridge.wait();
+    let br_report = if run_bridge {
+        let bridge_port = free_port();
+        let bridge_conf = format!(
+            "user root\nlistener {bridge_port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/bridge/\n\
+             autosave_interval 10\nmax_queued_messages 0\nconnection central\naddress 127.0.0.1:{central_port}\ntopic devices/# out 1\ncleansession false\n",
+            dir.display()
+        );
+        let mut bridge = mosquitto(&dir, "bridge", &bridge_conf, bridge_port);
+        let devs = connect_devices(bridge_port, devices, false).await;
+        let report = measure(
+            "mosquitto-bridge",
+            &devs,
+            &seen,
+            &mut central,
+            central_port,
+            &dir,
+            bridge.id(),
+            messages,
+            rate,
+            seconds,
+            outage,
+        )
+        .await;
+        let _ = bridge.kill();
+        let _ = bridge.wait();
+        Some(report)
+    } else {
+        None
+    };
     let _ = central.kill();
     let _ = central.wait();
+    let (Some(gw_report), Some(br_report)) = (gw_report, br_report) else {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    };
 
     println!("\n| measure | branch-gateway | mosquitto bridge | ratio |");
     println!("|---|---|---|---|");
@@ -434,6 +476,14 @@ async fn main() {
         gw_report.throughput,
         br_report.throughput,
         gw_report.throughput / br_report.throughput
+    );
+    println!(
+        "| CPU ms per 1,000 messages, branch side (steady) | {:.0} | {:.0} | |",
+        gw_report.cpu_per_k.0, br_report.cpu_per_k.0
+    );
+    println!(
+        "| CPU ms per 1,000 messages, central broker (steady) | {:.0} | {:.0} | |",
+        gw_report.cpu_per_k.1, br_report.cpu_per_k.1
     );
     println!(
         "| p50 at {rate} msg/s (ms) | {:.2} | {:.2} | |",

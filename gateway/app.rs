@@ -61,6 +61,14 @@ pub async fn run(
         None => None,
     };
     let db_path = loaded.database_path();
+    // Committed rows go straight to the forwarder (see the buffer's design note).
+    let (live_tx, live_rx) = match cfg.upstream {
+        Some(_) => {
+            let (tx, rx) = mpsc::channel(crate::buffer::LIVE_BATCHES);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let buffer = tokio::task::block_in_place(|| {
         Buffer::open(
             &db_path,
@@ -70,6 +78,7 @@ pub async fn run(
                 queue_capacity: cfg.storage.queue_capacity,
                 max_bytes: cfg.storage.max_bytes,
                 keep_delivered: cfg.storage.keep_delivered,
+                live: live_tx,
             },
             &configured,
         )
@@ -107,7 +116,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let wills_done = tasks.spawn(wills.run(sink.clone(), shutdown.clone()));
-    let forwarder = cfg.upstream.clone().map(|settings| {
+    let forwarder = cfg.upstream.clone().zip(live_rx).map(|(settings, live)| {
         tracing::info!(url = %settings.url, prefix = %settings.topic_prefix, "forwarding to the central broker");
         let forwarder = Forwarder {
             settings,
@@ -120,6 +129,7 @@ pub async fn run(
             stats: figures.upstream.clone(),
             devices_online: figures.devices_online.clone(),
             tls: upstream_tls.clone(),
+            live,
         };
         tasks.spawn(forwarder.run(shutdown.clone()))
     });

@@ -152,32 +152,59 @@ pub struct Stored {
 impl Stored {
     /// `{prefix}/devices/ID/KIND`: where the central side receives this message.
     pub fn topic(&self, prefix: &str) -> String {
-        format!("{prefix}/devices/{}/{}", self.device, self.kind)
+        let kind = self.kind.as_str();
+        let mut t = String::with_capacity(prefix.len() + self.device.len() + kind.len() + 10);
+        t.push_str(prefix);
+        t.push_str("/devices/");
+        t.push_str(&self.device);
+        t.push('/');
+        t.push_str(kind);
+        t
     }
 
     /// The upstream envelope (see README "Upstream contract"). The payload is embedded as
     /// received: telemetry and events are JSON objects (validated at intake), status is a
     /// string.
     pub fn envelope(&self, branch: &str) -> String {
-        let data = match self.kind {
-            Kind::Status => json_string(&self.payload),
-            Kind::Telemetry | Kind::Events => self.payload.clone(),
-        };
-        format!(
-            r#"{{"seq":{},"branch":{},"device":{},"profile":{},"kind":"{}","received_at":"{}","data":{}}}"#,
-            self.seq,
-            json_string(branch),
-            json_string(&self.device),
-            json_string(&self.profile),
-            self.kind,
-            format_ms(self.received_ms),
-            data
-        )
+        // Built by hand: this runs for every forwarded message and `format!` with a
+        // formatted timestamp was a tenth of the forwarder's time.
+        let mut e = String::with_capacity(
+            110 + branch.len() + self.device.len() + self.profile.len() + self.payload.len(),
+        );
+        e.push_str(r#"{"seq":"#);
+        e.push_str(itoa::Buffer::new().format(self.seq));
+        e.push_str(r#","branch":"#);
+        push_json_string(&mut e, branch);
+        e.push_str(r#","device":"#);
+        push_json_string(&mut e, &self.device);
+        e.push_str(r#","profile":"#);
+        push_json_string(&mut e, &self.profile);
+        e.push_str(r#","kind":""#);
+        e.push_str(self.kind.as_str());
+        e.push_str(r#"","received_at":""#);
+        push_rfc3339_ms(&mut e, self.received_ms);
+        e.push_str(r#"","data":"#);
+        match self.kind {
+            Kind::Status => push_json_string(&mut e, &self.payload),
+            Kind::Telemetry | Kind::Events => e.push_str(&self.payload),
+        }
+        e.push('}');
+        e
     }
 }
 
-fn json_string(s: &str) -> String {
-    serde_json::Value::String(s.to_owned()).to_string()
+/// Append `s` as a JSON string literal.
+fn push_json_string(out: &mut String, s: &str) {
+    let plain = s
+        .bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f);
+    if plain {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::Value::String(s.to_owned()).to_string());
+    }
 }
 
 /// A message intake refused; kept (truncated) in the bounded `rejected` table.
@@ -220,16 +247,39 @@ pub fn now_ms() -> i64 {
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-25T10:15:00.123Z`.
 pub fn format_ms(ms: i64) -> String {
-    let nanos = (ms as i128) * 1_000_000;
-    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
-        Ok(t) => {
-            let fmt = time::macros::format_description!(
-                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-            );
-            t.format(&fmt).unwrap_or_else(|_| ms.to_string())
-        }
-        Err(_) => ms.to_string(),
+    let mut s = String::with_capacity(24);
+    push_rfc3339_ms(&mut s, ms);
+    s
+}
+
+/// Append `ms` (Unix milliseconds) as RFC 3339 UTC with milliseconds. Outside the years
+/// 0-9999 the plain number is written instead.
+fn push_rfc3339_ms(out: &mut String, ms: i64) {
+    let (secs, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000) as u32);
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp(secs) else {
+        out.push_str(itoa::Buffer::new().format(ms));
+        return;
+    };
+    let (year, month, day) = t.to_calendar_date();
+    if !(0..=9999).contains(&year) {
+        out.push_str(itoa::Buffer::new().format(ms));
+        return;
     }
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year as u32);
+    put(5, 2, month as u32);
+    put(8, 2, day as u32);
+    put(11, 2, t.hour() as u32);
+    put(14, 2, t.minute() as u32);
+    put(17, 2, t.second() as u32);
+    put(20, 3, millis);
+    out.push_str(std::str::from_utf8(&b).expect("ASCII digits"));
 }
 
 #[cfg(test)]
@@ -273,5 +323,17 @@ mod tests {
     fn formats_rfc3339_millis() {
         assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_ms(1_764_065_700_123), "2025-11-25T10:15:00.123Z");
+        assert_eq!(format_ms(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(format_ms(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        // Agrees with the `time` crate's formatter across a spread of instants.
+        let fmt = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        for i in 0..2000i64 {
+            let ms = i * 1_234_567_891 % 4_102_444_800_000;
+            let t =
+                time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap();
+            assert_eq!(format_ms(ms), t.format(&fmt).unwrap(), "{ms}");
+        }
     }
 }

@@ -21,7 +21,7 @@ use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgo
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{BufferStats, Outbox, Write};
+use crate::buffer::{BufferStats, LiveRows, Outbox, Write};
 use crate::config::UpstreamSection;
 use crate::model::{now_ms, Stored};
 
@@ -58,6 +58,8 @@ pub struct Forwarder {
     pub devices_online: Arc<std::sync::atomic::AtomicUsize>,
     /// Set for `mqtts://`: built by [`tls_config`] before the forwarder starts.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Rows as the writer commits them: live traffic without reading SQLite back.
+    pub live: mpsc::Receiver<LiveRows>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +236,7 @@ impl Forwarder {
 
     /// Run until `shutdown`; then wait briefly for acknowledgements in flight and hand them
     /// to the writer.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
         let started_ms = now_ms();
         let window = self.settings.max_inflight as usize;
         let (mut client, eventloop) = self.client(started_ms);
@@ -364,6 +366,31 @@ impl Forwarder {
                         }
                     }
                 }
+                // Rows the writer just committed. A batch that does not follow the cursor
+                // means one was missed (channel full): read the database instead. Rows
+                // the cursor already passed (backlog, or read from the database) are skipped.
+                // Offline, they are dropped here: they wait in SQLite, not in memory.
+                Some(batch) = self.live.recv(), if !connected || (room && caught_up) => {
+                    if !connected {
+                        continue;
+                    }
+                    if batch.after > live_cursor {
+                        caught_up = false;
+                        continue;
+                    }
+                    let mut limit = window.saturating_sub(queued.len() + inflight.len());
+                    let from = live_cursor;
+                    for row in batch.rows.iter().filter(|r| r.seq > from) {
+                        if limit == 0 || !self.publish_row(&client, row, false) {
+                            caught_up = false;
+                            break;
+                        }
+                        queued.push_back(Sent::Row(row.seq));
+                        live_cursor = row.seq;
+                        limit -= 1;
+                    }
+                }
+                // A commit whose rows could not be handed over.
                 _ = self.buffer.committed.notified(), if room && caught_up => {
                     caught_up = false;
                 }

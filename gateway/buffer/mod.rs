@@ -20,8 +20,13 @@
 //!   increasing and never reused, even after rows are pruned or the gateway restarts.
 //! - **Bounded tables.** `rejected` keeps the newest `storage.rejected_keep` rows (pruned
 //!   in the same transaction that adds rows).
-//! - **Delivery.** The forwarder reads undelivered rows on its own connection ([`Outbox`])
-//!   and reports acknowledged `seq`s back as [`Write::Delivered`].
+//! - **Delivery.** After each commit the writer hands the rows it just added to the
+//!   forwarder ([`LiveRows`], a channel of [`LIVE_BATCHES`]), so live traffic is not read
+//!   back from SQLite. **When full** the batch is not sent and the forwarder is woken to
+//!   read those rows from the database instead. Backlog is always read on the forwarder's
+//!   own connection ([`Outbox`]). Acknowledged `seq`s come back as [`Write::Delivered`],
+//!   committed without waiting for fsync: a delivery mark lost to a power cut only means
+//!   the message is sent again (the central side drops duplicates by `seq`).
 
 pub mod schema;
 
@@ -39,6 +44,17 @@ use crate::model::{Accepted, DeviceId, Kind, Presence, Rejected, Stored};
 
 /// Most commands applied in one transaction.
 pub const MAX_BATCH: usize = 2048;
+
+/// Committed batches waiting for the forwarder (each at most [`MAX_BATCH`] rows).
+pub const LIVE_BATCHES: usize = 4;
+
+/// Rows just committed, in `seq` order. `after` is the newest `seq` committed before them:
+/// a forwarder whose cursor is behind `after` missed a batch and reads the database.
+#[derive(Debug)]
+pub struct LiveRows {
+    pub after: i64,
+    pub rows: Vec<Stored>,
+}
 
 /// A change for the writer thread.
 #[derive(Debug)]
@@ -92,6 +108,8 @@ pub struct BufferOptions {
     pub max_bytes: u64,
     /// Delivered messages older than this are pruned.
     pub keep_delivered: Duration,
+    /// Where committed rows go for forwarding (none without an upstream).
+    pub live: Option<mpsc::Sender<LiveRows>>,
 }
 
 /// Counters the writer updates; read by status logs and (later) metrics.
@@ -107,7 +125,7 @@ pub struct BufferStats {
     pub delivered_committed: AtomicU64,
     /// Undelivered messages dropped by the disk cap.
     pub dropped: AtomicU64,
-    /// Woken after every commit that added messages (the forwarder waits on it).
+    /// Woken after a commit whose rows could not be handed over as [`LiveRows`].
     pub committed: tokio::sync::Notify,
 }
 
@@ -175,6 +193,11 @@ impl Buffer {
             max_bytes: options.max_bytes,
             keep_delivered_ms: options.keep_delivered.as_millis() as i64,
             maintain_due: false,
+            synchronous: options.synchronous,
+            relaxed_sync: false,
+            live: options.live,
+            last_handed: last_seq,
+            seqs: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -210,6 +233,14 @@ struct Writer {
     max_bytes: u64,
     keep_delivered_ms: i64,
     maintain_due: bool,
+    synchronous: Synchronous,
+    /// `synchronous = normal` is set for the current transaction (delivery marks only).
+    relaxed_sync: bool,
+    live: Option<mpsc::Sender<LiveRows>>,
+    /// Newest `seq` handed (or offered) to the forwarder.
+    last_handed: i64,
+    /// `seq`s of the messages in the batch being committed, in order.
+    seqs: Vec<i64>,
 }
 
 /// What a batch may add to database plus WAL: each row is written to the WAL and later to
@@ -445,12 +476,14 @@ impl Writer {
         let mut delay = Duration::from_millis(100);
         loop {
             let started = Instant::now();
+            self.relax_sync(batch);
             match self.commit(batch) {
                 Ok(()) => {
                     self.stats
                         .last_commit_us
                         .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                    self.hand_live(batch);
                     batch.clear();
                     return;
                 }
@@ -470,7 +503,61 @@ impl Writer {
         }
     }
 
+    /// A batch of delivery marks alone is committed without fsync (see the design note);
+    /// anything else uses the configured `synchronous`.
+    fn relax_sync(&mut self, batch: &[Write]) {
+        if self.synchronous != Synchronous::Full {
+            return;
+        }
+        let relax = batch
+            .iter()
+            .all(|w| matches!(w, Write::Delivered { .. } | Write::Maintain));
+        if relax != self.relaxed_sync {
+            let mode = if relax { "NORMAL" } else { "FULL" };
+            match self.conn.pragma_update(None, "synchronous", mode) {
+                Ok(()) => self.relaxed_sync = relax,
+                Err(e) => tracing::warn!(error = %e, mode, "cannot set synchronous"),
+            }
+        }
+    }
+
+    /// Hand the rows just committed to the forwarder; when its channel is full (or gone)
+    /// wake it to read them from the database.
+    fn hand_live(&mut self, batch: &mut Vec<Write>) {
+        let Some(&last) = self.seqs.last() else {
+            return;
+        };
+        let after = std::mem::replace(&mut self.last_handed, last);
+        let Some(live) = &self.live else {
+            return;
+        };
+        if live.capacity() == 0 {
+            self.stats.committed.notify_one();
+            return;
+        }
+        let rows: Vec<Stored> = batch
+            .drain(..)
+            .filter_map(|w| match w {
+                Write::Accepted(m) => Some(m),
+                _ => None,
+            })
+            .zip(self.seqs.iter())
+            .map(|(m, &seq)| Stored {
+                seq,
+                device: m.device,
+                profile: m.profile,
+                kind: m.kind,
+                received_ms: m.received_ms,
+                payload: m.payload,
+            })
+            .collect();
+        if live.try_send(LiveRows { after, rows }).is_err() {
+            self.stats.committed.notify_one();
+        }
+    }
+
     fn commit(&mut self, batch: &[Write]) -> rusqlite::Result<()> {
+        self.seqs.clear();
         let tx = self.conn.transaction()?;
         let mut devices: HashMap<&str, DeviceDelta> = HashMap::new();
         let (mut messages, mut rejected, mut delivered, mut last_seq) = (0u64, 0u64, 0u64, 0i64);
@@ -480,7 +567,8 @@ impl Writer {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut mark_delivered = tx.prepare_cached(
-                "UPDATE messages SET delivered_ms = ?2 WHERE seq = ?1 AND delivered_ms IS NULL",
+                "UPDATE messages SET delivered_ms = ?3
+                 WHERE seq BETWEEN ?1 AND ?2 AND delivered_ms IS NULL",
             )?;
             let mut insert_rej = tx.prepare_cached(
                 "INSERT INTO rejected (device, kind, received_ms, reason, detail, excerpt)
@@ -497,6 +585,7 @@ impl Writer {
                             m.payload
                         ])?;
                         last_seq = tx.last_insert_rowid();
+                        self.seqs.push(last_seq);
                         messages += 1;
                         let d = devices.entry(&m.device).or_default();
                         d.last_seen_ms = d.last_seen_ms.max(Some(m.received_ms));
@@ -539,8 +628,10 @@ impl Writer {
                     } => bump(devices.entry(device).or_default(), what, *at_ms),
                     Write::Maintain => self.maintain_due = true,
                     Write::Delivered { seqs, at_ms } => {
-                        for seq in seqs {
-                            mark_delivered.execute(params![seq, at_ms])?;
+                        // Acknowledgements come mostly in order: one statement per run
+                        // of consecutive `seq`s.
+                        for (first, last) in seq_runs(seqs) {
+                            mark_delivered.execute(params![first, last, at_ms])?;
                         }
                         delivered += seqs.len() as u64;
                     }
@@ -569,10 +660,24 @@ impl Writer {
             self.stats
                 .last_seq
                 .store(last_seq as u64, Ordering::Relaxed);
-            self.stats.committed.notify_one();
         }
         Ok(())
     }
+}
+
+/// Runs of consecutive integers in `seqs` (any order, duplicates allowed), ascending.
+fn seq_runs(seqs: &[i64]) -> Vec<(i64, i64)> {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for s in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == s => *last = s,
+            _ => runs.push((s, s)),
+        }
+    }
+    runs
 }
 
 fn bump(d: &mut DeviceDelta, counter: &'static str, at_ms: i64) {
@@ -820,4 +925,19 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
         })
     })?;
     rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seq_runs;
+
+    #[test]
+    fn acknowledgements_become_runs() {
+        assert_eq!(seq_runs(&[]), vec![]);
+        assert_eq!(seq_runs(&[5]), vec![(5, 5)]);
+        assert_eq!(
+            seq_runs(&[3, 1, 2, 2, 7, 9, 8, 11]),
+            vec![(1, 3), (7, 9), (11, 11)]
+        );
+    }
 }

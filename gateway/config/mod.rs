@@ -237,7 +237,7 @@ fn default_rejected_keep() -> u64 {
     10_000
 }
 fn default_queue() -> usize {
-    8192
+    4096
 }
 fn default_max_bytes() -> u64 {
     2 * 1024 * 1024 * 1024
@@ -246,7 +246,7 @@ fn default_keep_delivered() -> std::time::Duration {
     std::time::Duration::from_secs(7 * 24 * 3600)
 }
 fn default_max_inflight() -> u16 {
-    256
+    1024
 }
 fn default_keep_alive_s() -> u64 {
     30
