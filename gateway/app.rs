@@ -1,6 +1,7 @@
 //! Wiring only: open the buffer, start the broker and intake, connect them with bounded
 //! channels, and stop them in order when `shutdown` fires.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use crate::buffer::{Buffer, BufferOptions, Write};
 use crate::config::{Loaded, SharedDevices};
 use crate::intake::{IntakeSink, IntakeStats};
 
-use crate::model::DeviceId;
+use crate::model::{DeviceId, Presence};
 use crate::upstream::{Forwarder, UpstreamStats};
 
 /// Capacity of the broker's event channel (connects, disconnects, denials).
@@ -116,6 +117,8 @@ pub async fn run(
         shutdown.clone(),
     ));
     let wills_done = tasks.spawn(wills.run(sink.clone(), shutdown.clone()));
+    let (serial_done, _serial_commands) =
+        start_serial(&loaded, &db_path, &sink, &buffer, &tasks, &shutdown);
     let forwarder = cfg.upstream.clone().zip(live_rx).map(|(settings, live)| {
         tracing::info!(url = %settings.url, prefix = %settings.topic_prefix, "forwarding to the central broker");
         let forwarder = Forwarder {
@@ -157,6 +160,8 @@ pub async fn run(
     tracing::info!("shutting down: closing device connections, draining intake");
     broker.close_connections();
     let _ = wills_done.await;
+    // Serial readers stop on `shutdown`; what they decoded is queued before intake closes.
+    let _ = serial_done.await;
     sink.close();
     drop(broker);
     let _ = presence.await;
@@ -175,6 +180,118 @@ pub async fn run(
         Err(e) => tracing::error!(error = %e, "buffer close task failed"),
     }
     Ok(())
+}
+
+/// Start one reader per serial device and the task that turns their events into intake
+/// messages (telemetry, `online`/`offline` status), presence and counters.
+fn start_serial(
+    loaded: &Loaded,
+    db_path: &std::path::Path,
+    sink: &Arc<IntakeSink>,
+    buffer: &Buffer,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: &CancellationToken,
+) -> (tokio::task::JoinHandle<()>, crate::serial::Commands) {
+    use crate::serial::{decode::CounterState, SerialDevice, SerialEvent};
+    let devices: Vec<SerialDevice> = loaded
+        .config
+        .devices
+        .iter()
+        .filter_map(|d| {
+            let port = d.serial.clone()?;
+            let spec = loaded.profiles.get(&d.profile)?.serial.clone()?;
+            Some(SerialDevice {
+                device: d.id.clone(),
+                port,
+                spec: Arc::new(spec),
+            })
+        })
+        .collect();
+    let mut commands = crate::serial::Commands::default();
+    let (events_tx, mut events) = mpsc::channel(crate::serial::EVENT_QUEUE);
+    if !devices.is_empty() {
+        // Counters resume from each device's newest stored telemetry.
+        let stored = tokio::task::block_in_place(|| {
+            let conn = crate::buffer::open_read_only(db_path).ok();
+            devices
+                .iter()
+                .map(|d| {
+                    conn.as_ref()
+                        .and_then(|c| crate::buffer::last_telemetry(c, &d.device).ok().flatten())
+                })
+                .collect::<Vec<_>>()
+        });
+        for (dev, last) in devices.into_iter().zip(stored) {
+            let counters = CounterState::from_stored(&dev.spec, last.as_deref());
+            let (tx, rx) = mpsc::channel(crate::serial::COMMAND_QUEUE);
+            commands.insert(dev.device.clone(), dev.spec.clone(), tx);
+            tasks.spawn(crate::serial::run(
+                dev,
+                counters,
+                events_tx.clone(),
+                rx,
+                shutdown.clone(),
+            ));
+        }
+    }
+    drop(events_tx);
+    let sink = sink.clone();
+    let writer = buffer.sender();
+    let done = tokio::spawn(async move {
+        let mut online: HashMap<DeviceId, bool> = HashMap::new();
+        while let Some(ev) = events.recv().await {
+            let now = crate::model::now_ms();
+            match ev {
+                SerialEvent::Telemetry { device, payload } => {
+                    sink.submit(
+                        format!("devices/{device}/telemetry").as_bytes(),
+                        payload.as_bytes(),
+                    );
+                }
+                SerialEvent::Online { device } => {
+                    if online.insert(device.clone(), true) != Some(true) {
+                        tracing::info!(device = %device, online = true, "device presence");
+                        sink.submit(format!("devices/{device}/status").as_bytes(), b"online");
+                        let _ = writer
+                            .send(Write::Presence(Presence {
+                                device,
+                                online: true,
+                                at_ms: now,
+                                connects: 1,
+                                disconnects: 0,
+                            }))
+                            .await;
+                    }
+                }
+                SerialEvent::Offline { device, reason } => {
+                    let was = online.insert(device.clone(), false);
+                    if was != Some(false) {
+                        tracing::info!(device = %device, online = false, reason = %reason, "device presence");
+                        sink.submit(format!("devices/{device}/status").as_bytes(), b"offline");
+                        let _ = writer
+                            .send(Write::Presence(Presence {
+                                device,
+                                online: false,
+                                at_ms: now,
+                                connects: 0,
+                                disconnects: u32::from(was == Some(true)),
+                            }))
+                            .await;
+                    }
+                }
+                SerialEvent::Counted { device, what } => {
+                    let _ = writer
+                        .send(Write::Denied {
+                            device,
+                            what,
+                            at_ms: now,
+                        })
+                        .await;
+                }
+            }
+        }
+    });
+    (done, commands)
 }
 
 /// Record presence changes and broker denials in the buffer. Presence comes from the

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! Dependencies point one way: `model` <- `config` <- {`broker`, `intake`, `buffer`,
-//! `simulate`} <- `app` <- `main`. The middle modules do not call each other; `app` connects
+//! `serial`, `upstream`, `simulate`} <- `app` <- `main`. The middle modules do not call each other; `app` connects
 //! them with bounded channels of `model` types.
 //!
 //! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages.
@@ -10,6 +10,8 @@
 //! - [`broker`]: the embedded rumqttd broker with per-device auth, topic ACLs and presence.
 //! - [`intake`]: validate each device message against its profile and stamp it.
 //! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit.
+//! - [`serial`]: serial-line devices: open, decode by profile rules, reopen after unplug.
+//! - [`upstream`]: forwarding to the central broker, acknowledged row by row.
 //! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
 //! - [`burst`]: "once per burst" log limiting.
 //! - [`app`]: wiring and ordered shutdown.
@@ -21,5 +23,6 @@ pub mod burst;
 pub mod config;
 pub mod intake;
 pub mod model;
+pub mod serial;
 pub mod simulate;
 pub mod upstream;

@@ -835,6 +835,18 @@ pub struct BufferReport {
     pub devices_configured: i64,
 }
 
+/// The newest stored telemetry payload of `device` (serial counters resume from it).
+pub fn last_telemetry(conn: &Connection, device: &str) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    conn.query_row(
+        "SELECT payload FROM messages WHERE device = ?1 AND kind = 'telemetry'
+         ORDER BY seq DESC LIMIT 1",
+        params![device],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferReport> {
     let one =
         |sql: &str| -> rusqlite::Result<Option<i64>> { conn.query_row(sql, [], |r| r.get(0)) };

@@ -6,6 +6,7 @@
 //! devices use, so `check-config` and `run` accept exactly the same files.
 
 pub mod profile;
+pub mod serial_spec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -205,7 +206,43 @@ pub struct DeviceSection {
     pub id: DeviceId,
     pub profile: String,
     /// Plain text, or an argon2 PHC string (`$argon2id$...`, see `branch-gateway hash-password`).
+    /// For MQTT devices; a serial device has `serial` instead.
+    #[serde(default)]
     pub password: String,
+    /// The serial line of a device that does not speak MQTT.
+    #[serde(default)]
+    pub serial: Option<SerialPortSection>,
+}
+
+/// `serial = { path = "/dev/serial/by-id/...", baud = 9600, ... }` on a device.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialPortSection {
+    /// Prefer a stable `/dev/serial/by-id/...` link: a replugged adapter may get a new ttyUSBn.
+    pub path: PathBuf,
+    pub baud: u32,
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    #[serde(default)]
+    pub parity: Parity,
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Odd,
+    Even,
+}
+
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
 }
 
 impl fmt::Debug for DeviceSection {
@@ -214,6 +251,7 @@ impl fmt::Debug for DeviceSection {
             .field("id", &self.id)
             .field("profile", &self.profile)
             .field("password", &"<redacted>")
+            .field("serial", &self.serial)
             .finish()
     }
 }
@@ -424,8 +462,32 @@ impl Config {
             if !seen.insert(d.id.as_str()) {
                 push(key("id"), "is used by an earlier device".into());
             }
-            if let Err(e) = Password::parse(&d.password) {
-                push(key("password"), e);
+            match &d.serial {
+                None => {
+                    if let Err(e) = Password::parse(&d.password) {
+                        push(key("password"), e);
+                    }
+                }
+                Some(port) => {
+                    if !d.password.is_empty() {
+                        push(
+                            key("password"),
+                            "a serial device does not log in over MQTT: remove it".into(),
+                        );
+                    }
+                    if port.path.as_os_str().is_empty() {
+                        push(key("serial.path"), "must not be empty".into());
+                    }
+                    if !(50..=4_000_000).contains(&port.baud) {
+                        push(key("serial.baud"), "must be between 50 and 4000000".into());
+                    }
+                    if !(5..=8).contains(&port.data_bits) {
+                        push(key("serial.data_bits"), "must be 5, 6, 7 or 8".into());
+                    }
+                    if !(1..=2).contains(&port.stop_bits) {
+                        push(key("serial.stop_bits"), "must be 1 or 2".into());
+                    }
+                }
             }
             if !valid_id(&d.profile) {
                 push(key("profile"), "is not a valid profile name".into());
@@ -440,6 +502,8 @@ impl Config {
 pub enum Password {
     Plain(String),
     Argon2(String),
+    /// A serial device: no MQTT login is accepted.
+    None,
 }
 
 impl fmt::Debug for Password {
@@ -447,6 +511,7 @@ impl fmt::Debug for Password {
         match self {
             Password::Plain(_) => f.write_str("Password::Plain(<redacted>)"),
             Password::Argon2(_) => f.write_str("Password::Argon2(<redacted>)"),
+            Password::None => f.write_str("Password::None"),
         }
     }
 }
@@ -472,6 +537,7 @@ impl Password {
         use subtle::ConstantTimeEq;
         match self {
             Password::Plain(p) => p.as_bytes().ct_eq(given).into(),
+            Password::None => false,
             Password::Argon2(phc) => {
                 use argon2::PasswordVerifier;
                 match argon2::PasswordHash::new(phc) {
@@ -547,9 +613,11 @@ impl Loaded {
         let mut devices = HashMap::new();
         for d in &self.config.devices {
             // `load` has already checked that the password parses and the profile exists.
-            if let (Ok(password), Some(profile)) =
-                (Password::parse(&d.password), self.profiles.get(&d.profile))
-            {
+            let password = match d.serial {
+                Some(_) => Ok(Password::None),
+                None => Password::parse(&d.password),
+            };
+            if let (Ok(password), Some(profile)) = (password, self.profiles.get(&d.profile)) {
                 devices.insert(
                     d.id.clone(),
                     Device {
@@ -696,6 +764,18 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             });
         }
         profiles.insert(d.profile.clone(), Arc::new(profile));
+    }
+    for (i, d) in config.devices.iter().enumerate() {
+        let serial_profile = profiles.get(&d.profile).map(|p| p.serial.is_some());
+        if d.serial.is_some() && serial_profile == Some(false) {
+            problems.push(Problem {
+                key: format!("devices[{i}].serial (id {:?})", d.id),
+                message: format!(
+                    "profile {:?} has no `serial` section: it cannot decode a serial device",
+                    d.profile
+                ),
+            });
+        }
     }
     if !problems.is_empty() {
         return Err(ConfigError::Invalid {

@@ -24,6 +24,9 @@ pub struct Profile {
     pub description: String,
     pub telemetry: Option<KindSpec>,
     pub events: Option<KindSpec>,
+    /// For devices on a serial line: how their bytes become telemetry.
+    #[serde(default)]
+    pub serial: Option<super::serial_spec::SerialSpec>,
 }
 
 /// What to do with a payload field the profile does not declare.
@@ -177,6 +180,9 @@ impl Profile {
             if let Some(spec) = spec {
                 spec.check(kind, &mut problems);
             }
+        }
+        if let Some(serial) = &self.serial {
+            serial.check(self.telemetry.as_ref().map(|t| &t.fields), &mut problems);
         }
         problems
     }
@@ -674,8 +680,8 @@ mod shipped {
             seen += 1;
         }
         assert!(
-            seen >= 5,
-            "expected the five branch device types, found {seen}"
+            seen >= 8,
+            "expected the five branch device types and three serial counters, found {seen}"
         );
     }
 }
