@@ -90,7 +90,7 @@ pub enum ChecksumType {
 }
 
 impl ChecksumType {
-    pub fn len(self) -> usize {
+    pub fn width(self) -> usize {
         match self {
             ChecksumType::Crc8 => 1,
             ChecksumType::Crc16Modbus => 2,
@@ -255,7 +255,7 @@ impl SerialSpec {
                 let body_end = b.length
                     - b.checksum
                         .as_ref()
-                        .map_or(0, |c| c.algorithm.len())
+                        .map_or(0, |c| c.algorithm.width())
                         .min(b.length);
                 if let Some(c) = &b.checksum {
                     if c.from >= body_end {

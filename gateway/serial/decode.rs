@@ -173,7 +173,7 @@ impl FrameDecoder {
             }
             let frame = &self.buf[..b.length];
             if let Some(c) = &b.checksum {
-                let end = b.length - c.algorithm.len();
+                let end = b.length - c.algorithm.width();
                 let ok = match c.algorithm {
                     ChecksumType::Crc8 => CRC8.checksum(&frame[c.from..end]) == frame[end],
                     ChecksumType::Crc16Modbus => {
