@@ -45,10 +45,26 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Play realistic traffic as every MQTT device of the config (for a branch with no devices).
+    /// Play realistic traffic as every MQTT device of the config (for a branch with no
+    /// devices), or with `gate-counter --pty --link PATH` a serial gate counter on a
+    /// pseudo-terminal linked at PATH.
     Simulate {
-        #[arg(long, short)]
-        config: PathBuf,
+        /// `gate-counter`: a serial device instead of the config's MQTT devices.
+        what: Option<SimulatedDevice>,
+        #[arg(long, short, required_unless_present = "what")]
+        config: Option<PathBuf>,
+        /// Serial: create a pseudo-terminal (the only transport the simulator has).
+        #[arg(long, requires = "what")]
+        pty: bool,
+        /// Serial: where to link the pty, e.g. the `serial.path` of a device in the config.
+        #[arg(long, requires = "what")]
+        link: Option<PathBuf>,
+        /// Serial: the wire format (text lines, binary frames with CRC-8, Modbus RTU replies).
+        #[arg(long, value_enum, default_value = "text")]
+        format: SerialFormat,
+        /// Serial: milliseconds between frames (text and evo; modbus answers polls).
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
         /// Time acceleration: 10 = ten times as many messages as real devices send.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
@@ -71,6 +87,18 @@ enum Command {
     },
     /// Read a device secret from standard input and print its argon2id hash for the config.
     HashPassword,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SimulatedDevice {
+    GateCounter,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SerialFormat {
+    Text,
+    Evo,
+    Modbus,
 }
 
 fn main() -> ExitCode {
@@ -119,11 +147,52 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate {
+            what: Some(SimulatedDevice::GateCounter),
+            link,
+            format,
+            interval_ms,
+            seconds,
+            ..
+        } => {
+            use branch_gateway::serial::sim;
+            init_logging("info");
+            let link = link.unwrap_or_else(|| PathBuf::from("./gate-counter.pty"));
+            let format = match format {
+                SerialFormat::Text => sim::CounterFormat::Text,
+                SerialFormat::Evo => sim::CounterFormat::Evo,
+                SerialFormat::Modbus => sim::CounterFormat::Modbus,
+            };
+            runtime()?.block_on(async {
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone());
+                if let Some(s) = seconds {
+                    let t = shutdown.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(s)).await;
+                        t.cancel();
+                    });
+                }
+                let pty = sim::Pty::open(&link)?;
+                println!(
+                    "gate counter on {} (linked at {}); Ctrl-C to stop",
+                    pty.device.display(),
+                    link.display()
+                );
+                let counter = sim::GateCounter::new(format, model::now_ms() as u64);
+                sim::play(pty, counter, Duration::from_millis(interval_ms), shutdown).await;
+                let _ = std::fs::remove_file(&link);
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate {
             config,
             speed,
             invalid_every,
             seconds,
+            ..
         } => {
+            let config = config.context("--config is required")?;
             let loaded = load(&config)?;
             init_logging(&loaded.config.gateway.log_level);
             let report = runtime()?.block_on(async {
@@ -421,6 +490,34 @@ async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyho
         };
         async move { simulate::run(&loaded, opts, sim_stop).await }
     });
+    // Serial devices of the example branch are played on pseudo-terminals at their paths.
+    for d in &loaded.config.devices {
+        let (Some(port), Some(format)) = (
+            &d.serial,
+            branch_gateway::serial::sim::CounterFormat::for_profile(&d.profile),
+        ) else {
+            continue;
+        };
+        use branch_gateway::serial::sim;
+        match sim::Pty::open(&port.path) {
+            Ok(pty) => {
+                println!(
+                    "serial device {} played by a simulated gate counter on {}",
+                    d.id,
+                    port.path.display()
+                );
+                let every = Duration::from_millis((1000.0 / speed.max(0.1)) as u64)
+                    .max(Duration::from_millis(10));
+                tokio::spawn(sim::play(
+                    pty,
+                    sim::GateCounter::new(format, model::now_ms() as u64),
+                    every,
+                    shutdown.child_token(),
+                ));
+            }
+            Err(e) => println!("cannot simulate serial device {}: {e}", d.id),
+        }
+    }
     let db = loaded.database_path();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;

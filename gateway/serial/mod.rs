@@ -7,6 +7,7 @@
 //! a busy loop. Problems are counted per event and logged at most once per 10 s per port.
 
 pub mod decode;
+pub mod sim;
 
 use std::sync::Arc;
 use std::time::Duration;
