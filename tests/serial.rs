@@ -7,14 +7,13 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use branch_gateway::serial::sim::{evo_frame, modbus_reply, Pty};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-static PTYS: Mutex<()> = Mutex::new(());
+static PTYS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn serial_device(id: &str, profile: &str, link: &Path) -> String {
     format!(
@@ -56,7 +55,7 @@ async fn write(pty: &mut Pty, bytes: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_counter_survives_noise_wraps_resets_unplug_and_restart() {
-    let _guard = PTYS.lock().unwrap_or_else(|p| p.into_inner());
+    let _guard = PTYS.lock().await;
     let links = tempfile::tempdir().unwrap();
     let link = links.path().join("usb-gate-text");
     let mut pty = Pty::open(&link).unwrap();
@@ -142,7 +141,7 @@ async fn text_counter_survives_noise_wraps_resets_unplug_and_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_frames_with_crc_and_modbus_polling() {
-    let _guard = PTYS.lock().unwrap_or_else(|p| p.into_inner());
+    let _guard = PTYS.lock().await;
     let links = tempfile::tempdir().unwrap();
     let evo_link = links.path().join("usb-gate-evo");
     let modbus_link = links.path().join("usb-gate-modbus");
@@ -218,7 +217,7 @@ async fn binary_frames_with_crc_and_modbus_polling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_from_the_profile_reach_the_device() {
     use branch_gateway::serial::{self, decode::CounterState, SerialDevice, SerialEvent};
-    let _guard = PTYS.lock().unwrap_or_else(|p| p.into_inner());
+    let _guard = PTYS.lock().await;
     let links = tempfile::tempdir().unwrap();
     let link = links.path().join("usb-gate-cmd");
     let mut pty = Pty::open(&link).unwrap();
