@@ -157,6 +157,27 @@ fn empty_password() {
 }
 
 #[test]
+fn serial_device_with_a_password_and_a_bad_baud() {
+    assert_fails(
+        "serial-with-password.toml",
+        &config_file("serial-with-password.toml"),
+        &[
+            "devices[2].password (id \"gate-s\"): a serial device does not log in over MQTT",
+            "devices[2].serial.baud (id \"gate-s\"): must be between 50 and 4000000",
+        ],
+    );
+}
+
+#[test]
+fn serial_device_whose_profile_cannot_decode_serial() {
+    assert_fails(
+        "serial-profile-without-serial.toml",
+        &config_file("serial-profile-without-serial.toml"),
+        &["devices[2].serial (id \"gate-s\"): profile \"test-sensor\" has no `serial` section"],
+    );
+}
+
+#[test]
 fn malformed_argon2_hash() {
     let fixture = "bad-argon2-hash.toml";
     assert_fails(
@@ -251,8 +272,8 @@ fn shipped_example_config_passes() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "gateway.example.toml: ok (13 devices, 5 profiles: catalogue-kiosk, gate-counter, \
-         reading-booth, self-check-kiosk, touch-navigator)\n"
+        "gateway.example.toml: ok (14 devices, 6 profiles: catalogue-kiosk, gate-counter, \
+         gate-counter-text, reading-booth, self-check-kiosk, touch-navigator)\n"
     );
     assert_eq!(text(&out.stderr), "");
     // The same from elsewhere, by absolute path: data and profiles resolve next to it.
@@ -260,7 +281,7 @@ fn shipped_example_config_passes() {
     let out = check_config(cwd.path(), &manifest_dir().join("gateway.example.toml"));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains(": ok (13 devices, 5 profiles: "),
+        text(&out.stdout).contains(": ok (14 devices, 6 profiles: "),
         "{}",
         text(&out.stdout)
     );
