@@ -58,9 +58,23 @@ async fn text_counter_survives_noise_wraps_resets_unplug_and_restart() {
     let _guard = PTYS.lock().await;
     let links = tempfile::tempdir().unwrap();
     let link = links.path().join("usb-gate-text");
-    let mut pty = Pty::open(&link).unwrap();
     let branch = Branch::with_extra(&[], &serial_device("gs", "gate-counter-text", &link));
+    // The adapter is missing at start: logged, counted, `offline`, retried.
     let gw = branch.start();
+    let offline = "SELECT COUNT(*) FROM messages WHERE device = 'gs' AND kind = 'status' AND payload = 'offline'";
+    assert_eq!(
+        branch.wait_count(offline, 1, Duration::from_secs(10)),
+        1,
+        "{}",
+        gw.log()
+    );
+    assert!(branch.counter("gs", "serial_open_failed") >= 1);
+    assert!(
+        gw.log().contains("cannot open serial port; retrying"),
+        "{}",
+        gw.log()
+    );
+    let mut pty = Pty::open(&link).unwrap();
     assert_eq!(branch.wait_counter("gs", "connects", 1), 1, "{}", gw.log());
 
     write(&mut pty, b"IN=65530 OUT=00100\r\n").await; // baseline
@@ -94,10 +108,9 @@ async fn text_counter_survives_noise_wraps_resets_unplug_and_restart() {
 
     // Unplug: the gateway sees end of file, marks the device offline and keeps trying.
     drop(pty);
-    let offline = "SELECT COUNT(*) FROM messages WHERE device = 'gs' AND kind = 'status' AND payload = 'offline'";
     assert_eq!(
-        branch.wait_count(offline, 1, Duration::from_secs(10)),
-        1,
+        branch.wait_count(offline, 2, Duration::from_secs(10)),
+        2,
         "{}",
         gw.log()
     );
