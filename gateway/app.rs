@@ -241,54 +241,42 @@ fn start_serial(
         let mut online: HashMap<DeviceId, bool> = HashMap::new();
         while let Some(ev) = events.recv().await {
             let now = crate::model::now_ms();
-            match ev {
+            let (device, up, reason) = match ev {
                 SerialEvent::Telemetry { device, payload } => {
                     sink.submit(
                         format!("devices/{device}/telemetry").as_bytes(),
                         payload.as_bytes(),
                     );
-                }
-                SerialEvent::Online { device } => {
-                    if online.insert(device.clone(), true) != Some(true) {
-                        tracing::info!(device = %device, online = true, "device presence");
-                        sink.submit(format!("devices/{device}/status").as_bytes(), b"online");
-                        let _ = writer
-                            .send(Write::Presence(Presence {
-                                device,
-                                online: true,
-                                at_ms: now,
-                                connects: 1,
-                                disconnects: 0,
-                            }))
-                            .await;
-                    }
-                }
-                SerialEvent::Offline { device, reason } => {
-                    let was = online.insert(device.clone(), false);
-                    if was != Some(false) {
-                        tracing::info!(device = %device, online = false, reason = %reason, "device presence");
-                        sink.submit(format!("devices/{device}/status").as_bytes(), b"offline");
-                        let _ = writer
-                            .send(Write::Presence(Presence {
-                                device,
-                                online: false,
-                                at_ms: now,
-                                connects: 0,
-                                disconnects: u32::from(was == Some(true)),
-                            }))
-                            .await;
-                    }
+                    continue;
                 }
                 SerialEvent::Counted { device, what } => {
-                    let _ = writer
-                        .send(Write::Denied {
-                            device,
-                            what,
-                            at_ms: now,
-                        })
-                        .await;
+                    let w = Write::Denied {
+                        device,
+                        what,
+                        at_ms: now,
+                    };
+                    let _ = writer.send(w).await;
+                    continue;
                 }
+                SerialEvent::Online { device } => (device, true, String::new()),
+                SerialEvent::Offline { device, reason } => (device, false, reason),
+            };
+            // Presence changes only: a port that keeps failing to open stays one `offline`.
+            let was = online.insert(device.clone(), up);
+            if was == Some(up) {
+                continue;
             }
+            tracing::info!(device = %device, online = up, reason = %reason, "device presence");
+            let status: &[u8] = if up { b"online" } else { b"offline" };
+            sink.submit(format!("devices/{device}/status").as_bytes(), status);
+            let presence = Presence {
+                device,
+                online: up,
+                at_ms: now,
+                connects: u32::from(up),
+                disconnects: u32::from(!up && was == Some(true)),
+            };
+            let _ = writer.send(Write::Presence(presence)).await;
         }
     });
     (done, commands)

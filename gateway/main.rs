@@ -165,13 +165,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(async {
                 let shutdown = CancellationToken::new();
                 spawn_signal_handler(shutdown.clone());
-                if let Some(s) = seconds {
-                    let t = shutdown.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(s)).await;
-                        t.cancel();
-                    });
-                }
+                stop_after(seconds, &shutdown);
                 let pty = sim::Pty::open(&link)?;
                 println!(
                     "gate counter on {} (linked at {}); Ctrl-C to stop",
@@ -443,10 +437,8 @@ fn ago(ms: i64) -> String {
     }
 }
 
-/// The gateway and the simulator in one process, printing the flow every few seconds.
-async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
+/// Cancel `shutdown` after `seconds`, if given.
+fn stop_after(seconds: Option<u64>, shutdown: &CancellationToken) {
     if let Some(s) = seconds {
         let t = shutdown.clone();
         tokio::spawn(async move {
@@ -454,6 +446,13 @@ async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyho
             t.cancel();
         });
     }
+}
+
+/// The gateway and the simulator in one process, printing the flow every few seconds.
+async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    stop_after(seconds, &shutdown);
     let figures = Arc::new(app::Figures::default());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let gateway = tokio::spawn(app::run(
