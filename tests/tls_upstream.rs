@@ -95,6 +95,42 @@ fn tls_upstream(tls_port: u16, prefix: &str, ca_file: &Path) -> String {
     )
 }
 
+/// A device's message is acknowledged and buffered; the gateway logs that it cannot reach
+/// the central broker, and nothing arrives there.
+async fn refused_and_still_buffered(
+    branch: &Branch,
+    gw: &Gateway,
+    id: &str,
+    consumer: &mut Consumer,
+) {
+    let mut c = connect(branch.port, id, &format!("{id}-pw")).await;
+    c.client
+        .publish(
+            format!("devices/{id}/telemetry"),
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"n":1,"device":"{id}"}}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(c.pubacks(1, Duration::from_secs(10)).await, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("cannot reach the central broker") {
+        assert!(Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), consumer.rx.recv())
+            .await
+            .is_err(),
+        "nothing reaches the central broker"
+    );
+    assert_eq!(
+        branch.count("SELECT COUNT(*) FROM messages WHERE delivered_ms IS NULL"),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_with_the_right_ca_delivers_and_a_wrong_ca_sends_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -146,36 +182,11 @@ async fn tls_with_the_right_ca_delivers_and_a_wrong_ca_sends_nothing() {
     );
     let mut wrong_consumer = Consumer::start(plain_port, "library/tls-wrong").await;
     let gw = branch.start();
-    let mut c = connect(branch.port, "t2", "t2-pw").await;
-    c.client
-        .publish(
-            "devices/t2/telemetry",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"n":1,"device":"t2"}"#,
-        )
-        .await
-        .unwrap();
-    assert_eq!(c.pubacks(1, Duration::from_secs(10)).await, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("cannot reach the central broker") {
-        assert!(Instant::now() < deadline, "{}", gw.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    refused_and_still_buffered(&branch, &gw, "t2", &mut wrong_consumer).await;
     let log = gw.log();
     assert!(
         log.contains("UnknownIssuer") || log.contains("invalid peer certificate"),
         "the log names the certificate problem:\n{log}"
-    );
-    assert!(
-        tokio::time::timeout(Duration::from_secs(2), wrong_consumer.rx.recv())
-            .await
-            .is_err(),
-        "nothing reaches the central broker"
-    );
-    assert_eq!(
-        branch.count("SELECT COUNT(*) FROM messages WHERE delivered_ms IS NULL"),
-        1
     );
     let (ok, _) = gw.terminate();
     assert!(ok.success());
@@ -262,32 +273,7 @@ async fn a_broker_that_requires_client_certificates_accepts_the_configured_one()
         &tls_upstream(tls_port, "library/mtls-none", &ca_file),
     );
     let gw = branch.start();
-    let mut c = connect(branch.port, "m2", "m2-pw").await;
-    c.client
-        .publish(
-            "devices/m2/telemetry",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"n":1,"device":"m2"}"#,
-        )
-        .await
-        .unwrap();
-    assert_eq!(c.pubacks(1, Duration::from_secs(10)).await, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("cannot reach the central broker") {
-        assert!(Instant::now() < deadline, "{}", gw.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        tokio::time::timeout(Duration::from_secs(2), refused_consumer.rx.recv())
-            .await
-            .is_err(),
-        "nothing reaches the central broker"
-    );
-    assert_eq!(
-        branch.count("SELECT COUNT(*) FROM messages WHERE delivered_ms IS NULL"),
-        1
-    );
+    refused_and_still_buffered(&branch, &gw, "m2", &mut refused_consumer).await;
     let (ok, _) = gw.terminate();
     assert!(ok.success());
     let _ = central.kill();
