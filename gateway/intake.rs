@@ -60,7 +60,7 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
     let result = match Kind::parse(kind_name) {
         Some(kind) => entry
             .profile
-            .validate(kind, payload)
+            .validate_with(kind, payload, table.privacy_key.as_deref())
             .map(|payload| (kind, payload)),
         None => Err(Rejection::new(
             RejectReason::UnknownKind,
@@ -83,7 +83,12 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
             kind: crate::config::profile::truncate(kind_name, 40),
             received_ms,
             rejection,
-            excerpt: excerpt(payload),
+            // A refused message of a profile with patron fields may hold them in clear.
+            excerpt: if entry.profile.has_privacy_fields() {
+                String::from("(withheld: the profile has privacy fields)")
+            } else {
+                excerpt(payload)
+            },
         }),
     }
 }
@@ -224,10 +229,13 @@ mod tests {
     use std::collections::HashMap;
 
     fn table() -> DeviceTable {
-        let profile = Profile::from_json(
+        table_with(
             r#"{"name":"p","description":"","telemetry":{"max_bytes":100,"fields":{"n":{"type":"integer"}}}}"#,
         )
-        .unwrap();
+    }
+
+    fn table_with(profile: &str) -> DeviceTable {
+        let profile = Profile::from_json(profile).unwrap();
         let mut devices = HashMap::new();
         devices.insert(
             "k1".to_owned(),
@@ -237,7 +245,43 @@ mod tests {
                 password: Password::parse("x").unwrap(),
             },
         );
-        DeviceTable { devices }
+        DeviceTable {
+            devices,
+            privacy_key: Some(Arc::from(&b"branch-secret-0123456789"[..])),
+        }
+    }
+
+    #[test]
+    fn privacy_rules_apply_before_storage() {
+        let t = table_with(
+            r#"{"name":"p","description":"","events":{"max_bytes":300,"type_field":"event","types":{
+                "session_end":{"fields":{"n":{"type":"integer"},
+                  "patron_id":{"type":"string","required":false,"max_length":20,"privacy":"hash"},
+                  "patron_name":{"type":"string","required":false,"privacy":"drop"}}}}}}"#,
+        );
+        let payload =
+            br#"{"event":"session_end","n":1,"patron_id":"21234000000001","patron_name":"Li Wei"}"#;
+        let Outcome::Accepted(m) = classify(&t, b"devices/k1/events", payload, 1) else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&m.payload).unwrap();
+        let expected =
+            crate::config::profile::privacy_hash(b"branch-secret-0123456789", "21234000000001");
+        assert_eq!(v["patron_id"], expected.as_str());
+        assert_eq!(expected.len(), 64);
+        assert!(v.get("patron_name").is_none());
+        assert!(!m.payload.contains("21234000000001") && !m.payload.contains("Li Wei"));
+        // A refused message keeps neither the value in its detail nor an excerpt.
+        let bad = br#"{"event":"session_end","n":1,"patron_id":"212340000000019999999"}"#;
+        let Outcome::Rejected(r) = classify(&t, b"devices/k1/events", bad, 1) else {
+            panic!()
+        };
+        assert!(!r.excerpt.contains("2123400"), "{}", r.excerpt);
+        assert!(
+            !r.rejection.detail.contains("2123400"),
+            "{}",
+            r.rejection.detail
+        );
     }
 
     #[test]

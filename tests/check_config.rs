@@ -178,6 +178,15 @@ fn serial_device_whose_profile_cannot_decode_serial() {
 }
 
 #[test]
+fn hashed_patron_field_without_a_secret() {
+    assert_fails(
+        "privacy-secret-missing.toml",
+        &config_file("privacy-secret-missing.toml"),
+        &["privacy.hmac_secret: is required: profile \"hashing-sensor\" hashes `events.card`"],
+    );
+}
+
+#[test]
 fn malformed_argon2_hash() {
     let fixture = "bad-argon2-hash.toml";
     assert_fails(

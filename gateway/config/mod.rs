@@ -29,8 +29,25 @@ pub struct Config {
     /// The central system; without it the gateway buffers and serves locally only.
     #[serde(default)]
     pub upstream: Option<UpstreamSection>,
+    /// The key for profile fields marked `privacy: hash`.
+    #[serde(default)]
+    pub privacy: Option<PrivacySection>,
     #[serde(default)]
     pub devices: Vec<DeviceSection>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySection {
+    /// Per-branch secret for HMAC-SHA256 of patron identifiers. Keep it on the branch: with
+    /// it, a known card number could be matched to its hash.
+    pub hmac_secret: String,
+}
+
+impl fmt::Debug for PrivacySection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivacySection { hmac_secret: <redacted> }")
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -450,6 +467,14 @@ impl Config {
                 );
             }
         }
+        if let Some(p) = &self.privacy {
+            if p.hmac_secret.len() < 16 {
+                push(
+                    "privacy.hmac_secret".into(),
+                    "must be at least 16 characters (a random per-branch secret)".into(),
+                );
+            }
+        }
         let mut seen = HashSet::new();
         for (i, d) in self.devices.iter().enumerate() {
             let key = |k: &str| format!("devices[{i}].{k} (id {:?})", d.id);
@@ -574,6 +599,8 @@ pub struct Device {
 #[derive(Debug, Default)]
 pub struct DeviceTable {
     pub devices: HashMap<DeviceId, Device>,
+    /// `[privacy] hmac_secret`: the key for fields marked `privacy: hash`.
+    pub privacy_key: Option<Arc<[u8]>>,
 }
 
 impl DeviceTable {
@@ -628,7 +655,14 @@ impl Loaded {
                 );
             }
         }
-        DeviceTable { devices }
+        DeviceTable {
+            devices,
+            privacy_key: self
+                .config
+                .privacy
+                .as_ref()
+                .map(|p| Arc::from(p.hmac_secret.as_bytes())),
+        }
     }
 
     /// The SQLite file inside `data_dir`.
@@ -764,6 +798,19 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             });
         }
         profiles.insert(d.profile.clone(), Arc::new(profile));
+    }
+    if config.privacy.is_none() {
+        for (name, p) in &profiles {
+            if let Some(field) = p.hashed_fields().first() {
+                problems.push(Problem {
+                    key: "privacy.hmac_secret".into(),
+                    message: format!(
+                        "is required: profile {name:?} hashes `{field}` (patron data is never stored in clear)"
+                    ),
+                });
+                break;
+            }
+        }
     }
     for (i, d) in config.devices.iter().enumerate() {
         let serial_profile = profiles.get(&d.profile).map(|p| p.serial.is_some());

@@ -133,6 +133,32 @@ pub struct FieldSpec {
     /// Sample values for the simulator and the docs; each must pass this field's checks.
     #[serde(default)]
     pub examples: Vec<Value>,
+    /// Patron data: removed (`drop`) or replaced by a keyed hash (`hash`) at intake,
+    /// before anything is stored, logged or forwarded.
+    #[serde(default)]
+    pub privacy: Option<Privacy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Privacy {
+    /// The field never leaves the device's message: removed before storage.
+    Drop,
+    /// Replaced by `HMAC-SHA256(branch secret, value)` in hex: distinct values can be
+    /// counted upstream, nobody can be identified without the branch's secret.
+    Hash,
+}
+
+/// The branch's privacy key (`[privacy] hmac_secret`).
+pub type PrivacyKey = [u8];
+
+/// `HMAC-SHA256(key, value)` in lowercase hex.
+pub fn privacy_hash(key: &PrivacyKey, value: &str) -> String {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
+    mac.update(value.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
 fn default_true() -> bool {
@@ -190,6 +216,46 @@ impl Profile {
     /// Check one payload of `kind` against this profile. On success returns the payload to
     /// store (undeclared fields removed where the profile says `drop`).
     pub fn validate(&self, kind: Kind, payload: &[u8]) -> Result<String, Rejection> {
+        self.validate_with(kind, payload, None)
+    }
+
+    /// Whether any field carries a privacy rule (then refused payloads keep no excerpt).
+    pub fn has_privacy_fields(&self) -> bool {
+        [&self.telemetry, &self.events]
+            .into_iter()
+            .flatten()
+            .any(|spec| {
+                let types = spec.types.values().flat_map(|t| t.fields.values());
+                spec.fields
+                    .values()
+                    .chain(types)
+                    .any(|f| f.privacy.is_some())
+            })
+    }
+
+    /// Fields this profile marks `hash`, as `kind.path` names (for the config check).
+    pub fn hashed_fields(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (kind, spec) in [("telemetry", &self.telemetry), ("events", &self.events)] {
+            let Some(spec) = spec else { continue };
+            let types = spec.types.iter().flat_map(|(_, t)| t.fields.iter());
+            for (name, f) in spec.fields.iter().chain(types) {
+                if f.privacy == Some(Privacy::Hash) {
+                    out.push(format!("{kind}.{name}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Check a payload and apply the privacy rules: `drop` fields are removed, `hash`
+    /// fields replaced by their keyed hash (removed too when no key is given).
+    pub fn validate_with(
+        &self,
+        kind: Kind,
+        payload: &[u8],
+        key: Option<&PrivacyKey>,
+    ) -> Result<String, Rejection> {
         if kind == Kind::Status {
             return validate_status(payload);
         }
@@ -199,7 +265,7 @@ impl Profile {
                 format!("profile `{}` declares no `{kind}`", self.name),
             ));
         };
-        spec.validate(payload)
+        spec.validate(payload, key)
     }
 }
 
@@ -266,7 +332,7 @@ impl KindSpec {
         }
     }
 
-    fn validate(&self, payload: &[u8]) -> Result<String, Rejection> {
+    fn validate(&self, payload: &[u8], key: Option<&PrivacyKey>) -> Result<String, Rejection> {
         if payload.len() > self.max_bytes {
             return Err(Rejection::new(
                 RejectReason::TooLarge,
@@ -324,10 +390,31 @@ impl KindSpec {
                     ))
                 }
                 None | Some(Value::Null) => {}
-                Some(v) => spec.validate(name, v)?,
+                Some(v) => spec.validate(name, v).map_err(|r| match spec.privacy {
+                    // A refused patron value must not end up in `rejected` or the logs.
+                    Some(_) => Rejection::new(
+                        r.reason,
+                        format!("field `{name}` failed its checks (value withheld: privacy)"),
+                    ),
+                    None => r,
+                })?,
             }
         }
         let mut dropped = false;
+        for (name, spec) in self.fields.iter().chain(type_fields.into_iter().flatten()) {
+            let Some(rule) = spec.privacy else { continue };
+            match (rule, key, obj.get(name)) {
+                (_, _, None) => continue,
+                (Privacy::Hash, Some(key), Some(Value::String(v))) => {
+                    let hashed = privacy_hash(key, v);
+                    obj.insert(name.clone(), Value::String(hashed));
+                }
+                _ => {
+                    obj.remove(name);
+                }
+            }
+            dropped = true;
+        }
         let unknown: Vec<String> = obj
             .keys()
             .filter(|k| Some(k.as_str()) != self.type_field.as_deref() && declared(k).is_none())
@@ -399,6 +486,12 @@ impl FieldSpec {
                     ));
                 }
             }
+        }
+        if self.privacy == Some(Privacy::Hash) && self.ty != FieldType::String {
+            problems.push(problem(
+                path,
+                "`privacy: hash` applies to string fields only",
+            ));
         }
         for ex in &self.examples {
             if let Err(r) = self.validate("example", ex) {
