@@ -238,7 +238,7 @@ impl Profile {
         let mut out = Vec::new();
         for (kind, spec) in [("telemetry", &self.telemetry), ("events", &self.events)] {
             let Some(spec) = spec else { continue };
-            let types = spec.types.iter().flat_map(|(_, t)| t.fields.iter());
+            let types = spec.types.values().flat_map(|t| t.fields.iter());
             for (name, f) in spec.fields.iter().chain(types) {
                 if f.privacy == Some(Privacy::Hash) {
                     out.push(format!("{kind}.{name}"));
