@@ -30,6 +30,11 @@ pub enum AppError {
     Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Tls(#[from] crate::upstream::TlsError),
+    #[error("api.listen {listen}: {source}")]
+    Api {
+        listen: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Live figures of a running gateway, shared with the summary log and the demo.
@@ -80,6 +85,14 @@ pub async fn run(
                 max_bytes: cfg.storage.max_bytes,
                 keep_delivered: cfg.storage.keep_delivered,
                 live: live_tx,
+                rollups: Arc::new(crate::summary::RollupPlan {
+                    tz: cfg.gateway.time_zone(),
+                    profiles: loaded
+                        .profiles
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                }),
             },
             &configured,
         )
@@ -138,6 +151,33 @@ pub async fn run(
     });
     if forwarder.is_none() {
         tracing::info!("no [upstream] configured: buffering and serving locally only");
+    }
+    if let Some(api) = &cfg.api {
+        let listener = tokio::net::TcpListener::bind(api.listen)
+            .await
+            .map_err(|source| AppError::Api {
+                listen: api.listen,
+                source,
+            })?;
+        let state = crate::api::ApiState {
+            database: db_path.clone(),
+            token: Arc::from(api.token.as_str()),
+            tz: cfg.gateway.time_zone(),
+            branch: cfg.gateway.branch_id.clone(),
+            buffer: buffer_stats.clone(),
+            upstream: cfg.upstream.as_ref().map(|_| figures.upstream.clone()),
+            intake: figures.intake.clone(),
+            devices_online: figures.devices_online.clone(),
+        };
+        tracing::info!(listen = %api.listen, "HTTP API listening");
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(listener, crate::api::router(state))
+                .with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP API stopped");
+            }
+        });
     }
     tasks.spawn(maintain_periodically(buffer.sender(), shutdown.clone()));
     tasks.spawn(log_summaries(

@@ -12,10 +12,13 @@
 //! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit.
 //! - [`serial`]: serial-line devices: open, decode by profile rules, reopen after unplug.
 //! - [`upstream`]: forwarding to the central broker, acknowledged row by row.
+//! - [`summary`]: rollup arithmetic (what a message adds to which hour and day).
 //! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
 //! - [`burst`]: "once per burst" log limiting.
+//! - [`api`]: HTTP for the central server: summaries, devices, health, metrics.
 //! - [`app`]: wiring and ordered shutdown.
 
+pub mod api;
 pub mod app;
 pub mod broker;
 pub mod buffer;
@@ -25,4 +28,5 @@ pub mod intake;
 pub mod model;
 pub mod serial;
 pub mod simulate;
+pub mod summary;
 pub mod upstream;

@@ -110,6 +110,8 @@ pub struct BufferOptions {
     pub keep_delivered: Duration,
     /// Where committed rows go for forwarding (none without an upstream).
     pub live: Option<mpsc::Sender<LiveRows>>,
+    /// Profiles and time zone for the summaries, folded in with every commit.
+    pub rollups: Arc<crate::summary::RollupPlan>,
 }
 
 /// Counters the writer updates; read by status logs and (later) metrics.
@@ -127,6 +129,8 @@ pub struct BufferStats {
     pub dropped: AtomicU64,
     /// Woken after a commit whose rows could not be handed over as [`LiveRows`].
     pub committed: tokio::sync::Notify,
+    /// The last commit attempt failed (disk full, I/O error): health reports it.
+    pub last_commit_failed: std::sync::atomic::AtomicBool,
 }
 
 /// The running writer. Dropping every [`mpsc::Sender`] and calling [`Buffer::close`]
@@ -196,6 +200,8 @@ impl Buffer {
             synchronous: options.synchronous,
             relaxed_sync: false,
             live: options.live,
+            rollups: options.rollups,
+            rollup_version: 0,
             last_handed: last_seq,
             seqs: Vec::new(),
         };
@@ -237,6 +243,9 @@ struct Writer {
     /// `synchronous = normal` is set for the current transaction (delivery marks only).
     relaxed_sync: bool,
     live: Option<mpsc::Sender<LiveRows>>,
+    rollups: Arc<crate::summary::RollupPlan>,
+    /// Newest version given to a changed rollup row (the pull API's cursor).
+    rollup_version: i64,
     /// Newest `seq` handed (or offered) to the forwarder.
     last_handed: i64,
     /// `seq`s of the messages in the batch being committed, in order.
@@ -483,12 +492,16 @@ impl Writer {
                         .last_commit_us
                         .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .last_commit_failed
+                        .store(false, Ordering::Relaxed);
                     self.hand_live(batch);
                     batch.clear();
                     return;
                 }
                 Err(e) => {
                     self.stats.commit_errors.fetch_add(1, Ordering::Relaxed);
+                    self.stats.last_commit_failed.store(true, Ordering::Relaxed);
                     tracing::error!(
                         path = %self.path.display(),
                         error = %e,
@@ -558,6 +571,16 @@ impl Writer {
 
     fn commit(&mut self, batch: &[Write]) -> rusqlite::Result<()> {
         self.seqs.clear();
+        if self.rollup_version == 0 {
+            self.rollup_version =
+                self.conn
+                    .query_row("SELECT COALESCE(MAX(version), 0) FROM rollups", [], |r| {
+                        r.get(0)
+                    })?;
+        }
+        let tz = self.rollups.tz.clone();
+        let mut rollups = crate::summary::Pending::default();
+        let mut connected_at: HashMap<&str, i64> = HashMap::new();
         let tx = self.conn.transaction()?;
         let mut devices: HashMap<&str, DeviceDelta> = HashMap::new();
         let (mut messages, mut rejected, mut delivered, mut last_seq) = (0u64, 0u64, 0u64, 0i64);
@@ -587,6 +610,9 @@ impl Writer {
                         last_seq = tx.last_insert_rowid();
                         self.seqs.push(last_seq);
                         messages += 1;
+                        for c in self.rollups.contributions(m) {
+                            rollups.add(&tz, &m.device, &c);
+                        }
                         let d = devices.entry(&m.device).or_default();
                         d.last_seen_ms = d.last_seen_ms.max(Some(m.received_ms));
                         bump(d, "accepted", m.received_ms);
@@ -604,6 +630,11 @@ impl Writer {
                             r.excerpt
                         ])?;
                         rejected += 1;
+                        rollups.add(
+                            &tz,
+                            &r.device,
+                            &crate::summary::count("rejected", r.received_ms),
+                        );
                         let d = devices.entry(&r.device).or_default();
                         d.last_seen_ms = d.last_seen_ms.max(Some(r.received_ms));
                         bump(d, "rejected", r.received_ms);
@@ -615,6 +646,29 @@ impl Writer {
                         ));
                     }
                     Write::Presence(p) => {
+                        if p.online {
+                            connected_at.insert(&p.device, p.at_ms);
+                        } else if p.disconnects > 0 {
+                            let since = match connected_at.remove(p.device.as_str()) {
+                                Some(ms) => Some(ms),
+                                None => tx
+                                    .query_row(
+                                        "SELECT last_connect_ms FROM devices WHERE id = ?1",
+                                        params![p.device],
+                                        |r| r.get::<_, Option<i64>>(0),
+                                    )
+                                    .ok()
+                                    .flatten(),
+                            };
+                            rollups.add(
+                                &tz,
+                                &p.device,
+                                &crate::summary::count("offline_episodes", p.at_ms),
+                            );
+                            for c in crate::summary::online_minutes(&tz, since, p.at_ms) {
+                                rollups.add(&tz, &p.device, &c);
+                            }
+                        }
                         let d = devices.entry(&p.device).or_default();
                         d.presence = Some((p.online, p.at_ms));
                         d.last_seen_ms = d.last_seen_ms.max(Some(p.at_ms));
@@ -639,6 +693,7 @@ impl Writer {
             }
         }
         apply_devices(&tx, &devices)?;
+        apply_rollups(&tx, &rollups, &mut self.rollup_version)?;
         if rejected > 0 {
             // Keep the newest `rejected_keep` (a range delete on the primary key: cheap).
             tx.execute(
@@ -691,6 +746,68 @@ fn bump_by(d: &mut DeviceDelta, counter: &'static str, n: i64, at_ms: i64) {
     let e = d.counters.entry(counter).or_insert((0, at_ms));
     e.0 += n;
     e.1 = e.1.max(at_ms);
+}
+
+/// Fold a batch's rollup aggregates into `rollups` (one upsert per key); every changed row
+/// gets a new `version`, so the pull API's cursor sees re-opened past buckets too.
+fn apply_rollups(
+    tx: &rusqlite::Transaction<'_>,
+    pending: &crate::summary::Pending,
+    version: &mut i64,
+) -> rusqlite::Result<()> {
+    use crate::config::profile::RollupOp;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut distinct = tx.prepare_cached(
+        "INSERT OR IGNORE INTO rollup_distinct (scope, period, bucket_ms, metric, value)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO rollups (scope, period, bucket_ms, metric, bucket, op, value, samples, last_ms, version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (scope, period, bucket_ms, metric) DO UPDATE SET
+           value = CASE op
+             WHEN 'min' THEN MIN(value, excluded.value)
+             WHEN 'max' THEN MAX(value, excluded.value)
+             WHEN 'last' THEN CASE WHEN excluded.last_ms >= last_ms THEN excluded.value ELSE value END
+             ELSE value + excluded.value END,
+           last_ms = MAX(last_ms, excluded.last_ms),
+           samples = samples + excluded.samples,
+           version = excluded.version",
+    )?;
+    for (k, a) in &pending.aggs {
+        let value = match a.op {
+            RollupOp::Distinct => {
+                let mut new = 0;
+                for v in &a.distinct {
+                    new += distinct.execute(params![
+                        k.scope,
+                        k.period.as_str(),
+                        k.bucket_ms,
+                        k.metric,
+                        v
+                    ])?;
+                }
+                new as f64
+            }
+            _ => a.value,
+        };
+        *version += 1;
+        upsert.execute(params![
+            k.scope,
+            k.period.as_str(),
+            k.bucket_ms,
+            k.metric,
+            a.label,
+            a.op.as_str(),
+            value,
+            a.samples,
+            a.last_ms.max(0),
+            *version
+        ])?;
+    }
+    Ok(())
 }
 
 fn apply_devices(

@@ -65,6 +65,31 @@ CREATE TABLE drops (
     PRIMARY KEY (device, kind)
 ) WITHOUT ROWID;
 "#,
+    r#"
+CREATE TABLE rollups (
+    scope     TEXT    NOT NULL,
+    period    TEXT    NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    metric    TEXT    NOT NULL,
+    bucket    TEXT    NOT NULL,
+    op        TEXT    NOT NULL,
+    value     REAL    NOT NULL,
+    samples   INTEGER NOT NULL,
+    last_ms   INTEGER NOT NULL,
+    version   INTEGER NOT NULL,
+    PRIMARY KEY (scope, period, bucket_ms, metric)
+) WITHOUT ROWID;
+CREATE INDEX rollups_version ON rollups(version);
+CREATE INDEX rollups_by_period ON rollups(period, bucket_ms);
+CREATE TABLE rollup_distinct (
+    scope     TEXT    NOT NULL,
+    period    TEXT    NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    metric    TEXT    NOT NULL,
+    value     TEXT    NOT NULL,
+    PRIMARY KEY (scope, period, bucket_ms, metric, value)
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).

@@ -32,8 +32,28 @@ pub struct Config {
     /// The key for profile fields marked `privacy: hash`.
     #[serde(default)]
     pub privacy: Option<PrivacySection>,
+    /// The HTTP API (summaries, devices, health, metrics); off without this section.
+    #[serde(default)]
+    pub api: Option<ApiSection>,
     #[serde(default)]
     pub devices: Vec<DeviceSection>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    pub listen: SocketAddr,
+    /// Clients send `Authorization: Bearer <token>` (except for `/healthz`).
+    pub token: String,
+}
+
+impl fmt::Debug for ApiSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSection")
+            .field("listen", &self.listen)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -149,6 +169,20 @@ pub struct GatewaySection {
     /// Log filter (`error`..`trace`, or a tracing directive); `RUST_LOG` wins when set.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// The branch's time zone (IANA name): summaries cut hours and days in local time.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+impl GatewaySection {
+    /// The configured time zone (`check()` has verified the name).
+    pub fn time_zone(&self) -> jiff::tz::TimeZone {
+        jiff::tz::TimeZone::get(&self.timezone).unwrap_or(jiff::tz::TimeZone::UTC)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -368,6 +402,15 @@ impl Config {
     pub fn check(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut push = |key: String, message: String| problems.push(Problem { key, message });
+        if jiff::tz::TimeZone::get(&self.gateway.timezone).is_err() {
+            push(
+                "gateway.timezone".into(),
+                format!(
+                    "{:?} is not an IANA time zone (e.g. \"Asia/Shanghai\")",
+                    self.gateway.timezone
+                ),
+            );
+        }
         if !valid_id(&self.gateway.branch_id) {
             push(
                 "gateway.branch_id".into(),
@@ -464,6 +507,14 @@ impl Config {
                 push(
                     "upstream.client_cert".into(),
                     "client_cert and client_key go together".into(),
+                );
+            }
+        }
+        if let Some(a) = &self.api {
+            if a.token.len() < 16 {
+                push(
+                    "api.token".into(),
+                    "must be at least 16 characters (a random secret shared with the central server)".into(),
                 );
             }
         }

@@ -27,7 +27,74 @@ pub struct Profile {
     /// For devices on a serial line: how their bytes become telemetry.
     #[serde(default)]
     pub serial: Option<super::serial_spec::SerialSpec>,
+    /// What this device type contributes to the hourly and daily summaries.
+    #[serde(default)]
+    pub rollups: Vec<RollupSpec>,
+    /// A payload field with the time the reading or event happened (RFC 3339 text or Unix
+    /// milliseconds); rollups use it instead of the receive time, so late data lands in
+    /// its own (past) hour.
+    #[serde(default)]
+    pub time_field: Option<String>,
 }
+
+/// One summary metric fed by this profile's messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollupSpec {
+    /// The metric's name in summaries (shared across profiles: loans from every kiosk add up).
+    pub metric: String,
+    pub kind: RollupKind,
+    /// Only messages of this event type (the kind's `type_field` value).
+    #[serde(default, rename = "type")]
+    pub event_type: Option<String>,
+    pub op: RollupOp,
+    /// The field the operation reads (not for `count`).
+    #[serde(default)]
+    pub field: Option<String>,
+    /// Only messages whose fields equal these values.
+    #[serde(default, rename = "where")]
+    pub filter: BTreeMap<String, Value>,
+    /// Multiply the field's value (e.g. 0.0166667 turns seconds into minutes).
+    #[serde(default)]
+    pub scale: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollupKind {
+    Telemetry,
+    Events,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollupOp {
+    Count,
+    Sum,
+    Min,
+    Max,
+    /// The value of the newest message in the bucket.
+    Last,
+    /// How many different values (e.g. hashed patron ids) the bucket saw.
+    Distinct,
+}
+
+impl RollupOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RollupOp::Count => "count",
+            RollupOp::Sum => "sum",
+            RollupOp::Min => "min",
+            RollupOp::Max => "max",
+            RollupOp::Last => "last",
+            RollupOp::Distinct => "distinct",
+        }
+    }
+}
+
+/// Metrics every device gets without declaring them.
+pub const BUILTIN_METRICS: [&str; 4] =
+    ["messages", "rejected", "online_minutes", "offline_episodes"];
 
 /// What to do with a payload field the profile does not declare.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -210,7 +277,81 @@ impl Profile {
         if let Some(serial) = &self.serial {
             serial.check(self.telemetry.as_ref().map(|t| &t.fields), &mut problems);
         }
+        for (i, r) in self.rollups.iter().enumerate() {
+            self.check_rollup(&format!("rollups[{i}]"), r, &mut problems);
+        }
         problems
+    }
+
+    fn check_rollup(&self, path: &str, r: &RollupSpec, problems: &mut Vec<ProfileProblem>) {
+        let name_ok = !r.metric.is_empty()
+            && r.metric.len() <= 64
+            && r.metric
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !name_ok || BUILTIN_METRICS.contains(&r.metric.as_str()) {
+            problems.push(problem(
+                path,
+                format!(
+                    "metric {:?} must be 1-64 of a-z 0-9 _ and not a built-in one",
+                    r.metric
+                ),
+            ));
+        }
+        let spec = match r.kind {
+            RollupKind::Telemetry => self.telemetry.as_ref(),
+            RollupKind::Events => self.events.as_ref(),
+        };
+        let Some(spec) = spec else {
+            problems.push(problem(path, "the profile does not declare this `kind`"));
+            return;
+        };
+        let type_fields = match &r.event_type {
+            Some(t) => match spec.types.get(t) {
+                Some(ts) => Some(&ts.fields),
+                None => {
+                    problems.push(problem(path, format!("type {t:?} is not declared")));
+                    return;
+                }
+            },
+            None => None,
+        };
+        let declared = |name: &str| {
+            spec.fields
+                .get(name)
+                .or_else(|| type_fields.and_then(|f| f.get(name)))
+        };
+        match (&r.field, r.op) {
+            (None, RollupOp::Count) => {}
+            (Some(_), RollupOp::Count) => problems.push(problem(path, "`count` takes no `field`")),
+            (None, _) => problems.push(problem(
+                path,
+                format!("`{}` needs a `field`", r.op.as_str()),
+            )),
+            (Some(f), op) => match declared(f) {
+                None => problems.push(problem(path, format!("field {f:?} is not declared"))),
+                Some(fs) => {
+                    let numeric = matches!(fs.ty, FieldType::Integer | FieldType::Number);
+                    if op != RollupOp::Distinct && !numeric {
+                        problems.push(problem(
+                            path,
+                            format!("`{}` needs a numeric field", op.as_str()),
+                        ));
+                    }
+                    if fs.privacy == Some(Privacy::Drop) {
+                        problems.push(problem(path, format!("field {f:?} is dropped at intake")));
+                    }
+                }
+            },
+        }
+        for name in r.filter.keys() {
+            if declared(name).is_none() && Some(name) != spec.type_field.as_ref() {
+                problems.push(problem(
+                    path,
+                    format!("`where` field {name:?} is not declared"),
+                ));
+            }
+        }
     }
 
     /// Check one payload of `kind` against this profile. On success returns the payload to

@@ -1,0 +1,482 @@
+//! The HTTP API for the central server and branch IT (axum): summaries (by period or by
+//! change cursor), devices, health and Prometheus metrics. Every read opens its own
+//! read-only SQLite connection on the blocking pool; nothing here writes.
+//!
+//! `/api/v1/*` and `/metrics` need `Authorization: Bearer <token>`; `/healthz` does not.
+//! Every error is JSON: `{"error": "..."}` with 400, 401, 404 or 503.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::buffer::BufferStats;
+use crate::summary::Period;
+use crate::upstream::UpstreamStats;
+
+/// Most rows one cursor page returns.
+pub const MAX_PAGE: i64 = 10_000;
+/// Most buckets one range query may cover (a year of hours is 8,784).
+const MAX_RANGE_BUCKETS: i64 = 9_000;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub database: PathBuf,
+    pub token: Arc<str>,
+    pub tz: jiff::tz::TimeZone,
+    pub branch: String,
+    pub buffer: Arc<BufferStats>,
+    /// `None` without an `[upstream]`.
+    pub upstream: Option<Arc<UpstreamStats>>,
+    pub intake: Arc<crate::intake::IntakeStats>,
+    pub devices_online: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/summaries", get(summaries))
+        .route("/api/v1/devices", get(devices))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    ApiError(status, message.into()).into_response()
+}
+
+/// A refused request: its status and the message of its JSON body.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn authorized(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(state.token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        ))
+    }
+}
+
+/// Run a read on its own read-only connection, off the async workers.
+async fn read<T: Send + 'static>(
+    state: &ApiState,
+    f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let path = state.database.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let conn = crate::buffer::open_read_only(&path).map_err(|e| e.to_string())?;
+        f(&conn).map_err(|e| e.to_string())
+    })
+    .await;
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "API cannot read the buffer");
+            Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the buffer cannot be read".into(),
+            ))
+        }
+        Err(_) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "read task failed".into(),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SummaryQuery {
+    period: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    device: Option<String>,
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// `2026-11-25` (local midnight), `2026-11-25T10:00` (local), or RFC 3339 with an offset.
+fn parse_time(tz: &jiff::tz::TimeZone, s: &str) -> Option<i64> {
+    if let Ok(ts) = s.parse::<jiff::Timestamp>() {
+        return Some(ts.as_millisecond());
+    }
+    let civil = s.parse::<jiff::civil::DateTime>().ok().or_else(|| {
+        s.parse::<jiff::civil::Date>()
+            .ok()
+            .map(|d| d.to_datetime(jiff::civil::Time::midnight()))
+    })?;
+    civil
+        .to_zoned(tz.clone())
+        .ok()
+        .map(|z| z.timestamp().as_millisecond())
+}
+
+async fn summaries(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<SummaryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if let Err(r) = authorized(&state, &headers) {
+        return r.into_response();
+    }
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    match q.after {
+        Some(after) => changes(state, q, after).await,
+        None => range(state, q).await,
+    }
+}
+
+/// Everything that changed since `after` (including re-opened past buckets), oldest
+/// change first, with the cursor for the next call.
+async fn changes(state: ApiState, q: SummaryQuery, after: i64) -> Response {
+    if q.period.is_some() || q.from.is_some() || q.to.is_some() || q.device.is_some() {
+        return error(StatusCode::BAD_REQUEST, "`after` takes only `limit`");
+    }
+    let limit = q.limit.unwrap_or(1000);
+    if after < 0 || !(1..=MAX_PAGE).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("`after` must be >= 0 and `limit` between 1 and {MAX_PAGE}"),
+        );
+    }
+    let tz = state.tz.clone();
+    let rows = read(&state, move |c| {
+        let mut st = c.prepare(
+            "SELECT scope, period, bucket, bucket_ms, metric, value, samples, version FROM rollups
+             WHERE version > ?1 ORDER BY version LIMIT ?2",
+        )?;
+        let rows = st.query_map(rusqlite::params![after, limit], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, f64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+    })
+    .await;
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let next = rows.last().map_or(after, |r| r.7);
+    let items: Vec<Value> = rows
+        .into_iter()
+        .map(
+            |(scope, period, bucket, ms, metric, value, samples, version)| {
+                json!({
+                    "device": if scope.is_empty() { Value::Null } else { json!(scope) },
+                    "period": period,
+                    "bucket": bucket,
+                    "start": start_text(&tz, ms),
+                    "metric": metric,
+                    "value": number(value),
+                    "samples": samples,
+                    "version": version,
+                })
+            },
+        )
+        .collect();
+    Json(json!({ "branch": state.branch, "items": items, "next": next })).into_response()
+}
+
+fn start_text(tz: &jiff::tz::TimeZone, ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| {
+            t.to_zoned(tz.clone())
+                .strftime("%Y-%m-%dT%H:%M:%S%:z")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// Whole numbers as integers, the rest with their fraction.
+fn number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 9e15 {
+        json!(v as i64)
+    } else {
+        json!((v * 1000.0).round() / 1000.0)
+    }
+}
+
+/// Buckets of one period between `from` (inclusive) and `to` (exclusive), for the branch
+/// (no `device`), one device, or every device (`device=*`).
+async fn range(state: ApiState, q: SummaryQuery) -> Response {
+    if q.limit.is_some() {
+        return error(StatusCode::BAD_REQUEST, "`limit` goes with `after`");
+    }
+    let Some(period) = q.period.as_deref().and_then(Period::parse) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`period` must be `hour` or `day` (or use `after`)",
+        );
+    };
+    let (Some(from), Some(to)) = (q.from.as_deref(), q.to.as_deref()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`from` and `to` are required with `period`",
+        );
+    };
+    let (Some(from_ms), Some(to_ms)) = (parse_time(&state.tz, from), parse_time(&state.tz, to))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`from`/`to`: a date (2026-11-25), a local time (2026-11-25T10:00) or RFC 3339",
+        );
+    };
+    let span = match period {
+        Period::Hour => 3_600_000,
+        Period::Day => 86_400_000,
+    };
+    if to_ms <= from_ms || (to_ms - from_ms) / span > MAX_RANGE_BUCKETS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("`to` must be after `from`, at most {MAX_RANGE_BUCKETS} buckets apart"),
+        );
+    }
+    let device = q.device.clone();
+    let rows = read(&state, move |c| {
+        let (sql, scope): (&str, Option<String>) = match device.as_deref() {
+            Some("*") => (
+                "SELECT scope, bucket, bucket_ms, metric, value FROM rollups
+                 WHERE period = ?1 AND bucket_ms >= ?2 AND bucket_ms < ?3 AND scope <> ''
+                 ORDER BY scope, bucket_ms, metric",
+                None,
+            ),
+            other => (
+                "SELECT scope, bucket, bucket_ms, metric, value FROM rollups
+                 WHERE scope = ?4 AND period = ?1 AND bucket_ms >= ?2 AND bucket_ms < ?3
+                 ORDER BY bucket_ms, metric",
+                Some(other.unwrap_or("").to_owned()),
+            ),
+        };
+        let mut st = c.prepare_cached(sql)?;
+        let map = |r: &rusqlite::Row<'_>| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, f64>(4)?,
+            ))
+        };
+        let period = period.as_str();
+        let rows = match &scope {
+            Some(s) => st.query_map(rusqlite::params![period, from_ms, to_ms, s], map)?,
+            None => st.query_map(rusqlite::params![period, from_ms, to_ms], map)?,
+        };
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+    })
+    .await;
+    let rows = match rows {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let mut items: Vec<Value> = Vec::new();
+    let mut current: Option<(String, i64)> = None;
+    for (scope, bucket, ms, metric, value) in rows {
+        if current.as_ref() != Some(&(scope.clone(), ms)) {
+            items.push(json!({
+                "device": if scope.is_empty() { Value::Null } else { json!(scope) },
+                "bucket": bucket,
+                "start": start_text(&state.tz, ms),
+                "metrics": {},
+            }));
+            current = Some((scope, ms));
+        }
+        if let Some(last) = items.last_mut() {
+            last["metrics"][metric] = number(value);
+        }
+    }
+    Json(json!({
+        "branch": state.branch,
+        "period": period.as_str(),
+        "timezone": state.tz.iana_name().unwrap_or("UTC"),
+        "items": items,
+    }))
+    .into_response()
+}
+
+async fn devices(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&state, &headers) {
+        return r.into_response();
+    }
+    let rows = match read(&state, crate::buffer::device_report).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let items: Vec<Value> = rows
+        .into_iter()
+        .filter(|d| d.configured)
+        .map(|d| {
+            json!({
+                "id": d.id,
+                "profile": d.profile,
+                "online": d.online,
+                "last_seen": d.last_seen_ms.map(crate::model::format_ms),
+                "reported_status": d.reported_status,
+                "accepted": d.accepted,
+                "rejected": d.rejected,
+                "denied": d.denied,
+                "last_rejection": d.last_reject_reason,
+            })
+        })
+        .collect();
+    Json(json!({ "branch": state.branch, "devices": items })).into_response()
+}
+
+/// 200 when the gateway can do its job (the buffer is readable and its last commit did
+/// not fail); 503 otherwise. The upstream link is reported, but being offline is normal
+/// for a store-and-forward gateway and does not fail the check.
+async fn healthz(State(state): State<ApiState>) -> Response {
+    let storage = read(&state, |c| {
+        c.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get::<_, i64>(0))
+    })
+    .await;
+    let failing = state.buffer.last_commit_failed.load(Ordering::Relaxed);
+    let storage_ok = storage.is_ok() && !failing;
+    let upstream = match &state.upstream {
+        None => "not configured",
+        Some(u) if u.connected.load(Ordering::Relaxed) => "connected",
+        Some(_) => "disconnected",
+    };
+    let body = json!({
+        "status": if storage_ok { "ok" } else { "failing" },
+        "broker": "listening",
+        "storage": if storage_ok { "ok" } else { "failing" },
+        "upstream": upstream,
+        "backlog": state.upstream.as_ref().map(|u| u.backlog.load(Ordering::Relaxed)),
+        "devices_online": state.devices_online.load(Ordering::Relaxed),
+    });
+    let status = if storage_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&state, &headers) {
+        return r.into_response();
+    }
+    let report = read(&state, |c| {
+        crate::buffer::buffer_report(c, crate::model::now_ms())
+    })
+    .await;
+    let size = crate::buffer::size_on_disk(&state.database);
+    let mut out = String::new();
+    let mut metric = |name: &str, help: &str, kind: &str, samples: &[(String, f64)]| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in samples {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    let i = &state.intake;
+    metric(
+        "branch_gateway_messages_total",
+        "Device messages by outcome at intake.",
+        "counter",
+        &[
+            (
+                "{outcome=\"accepted\"}".into(),
+                i.accepted.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "{outcome=\"rejected\"}".into(),
+                i.rejected.load(Ordering::Relaxed) as f64,
+            ),
+        ],
+    );
+    if let Some(u) = &state.upstream {
+        metric(
+            "branch_gateway_forwarded_total",
+            "Messages acknowledged by the central broker.",
+            "counter",
+            &[(String::new(), u.acknowledged.load(Ordering::Relaxed) as f64)],
+        );
+        metric(
+            "branch_gateway_upstream_connected",
+            "1 while connected to the central broker.",
+            "gauge",
+            &[(
+                String::new(),
+                u.connected.load(Ordering::Relaxed) as u8 as f64,
+            )],
+        );
+    }
+    if let Ok(r) = &report {
+        metric(
+            "branch_gateway_backlog_messages",
+            "Buffered messages not yet acknowledged upstream.",
+            "gauge",
+            &[(String::new(), r.backlog as f64)],
+        );
+        let age = r
+            .oldest_undelivered_ms
+            .map_or(0.0, |ms| (crate::model::now_ms() - ms) as f64 / 1000.0);
+        metric(
+            "branch_gateway_oldest_undelivered_age_seconds",
+            "Age of the oldest undelivered message.",
+            "gauge",
+            &[(String::new(), age)],
+        );
+        let drops: Vec<(String, f64)> = r
+            .drops
+            .iter()
+            .map(|(d, k, n)| (format!("{{device=\"{d}\",kind=\"{k}\"}}"), *n as f64))
+            .collect();
+        metric(
+            "branch_gateway_dropped_total",
+            "Undelivered messages removed by the disk cap.",
+            "counter",
+            &drops,
+        );
+    }
+    metric(
+        "branch_gateway_devices_online",
+        "Devices connected now.",
+        "gauge",
+        &[(
+            String::new(),
+            state.devices_online.load(Ordering::Relaxed) as f64,
+        )],
+    );
+    metric(
+        "branch_gateway_buffer_bytes",
+        "SQLite database plus WAL on disk.",
+        "gauge",
+        &[(String::new(), size as f64)],
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,479 @@
+//! Summaries: the pure arithmetic of rollups. No I/O and no tokio: what a message
+//! contributes ([`contributions`], from its profile's `rollups`), which local hour and day it
+//! falls in ([`bucket`]), and how a batch's contributions combine ([`Pending`]) before the
+//! buffer's writer folds them into SQLite in the same transaction as the messages.
+//!
+//! Every contribution counts for its device and for the branch (scope `""`), per hour and
+//! per day in the branch's time zone. A message's time is its profile's `time_field` when
+//! it has a plausible one (at most 30 days old, at most 1 hour ahead), else the receive
+//! time; late messages therefore reopen past buckets, which the pull API's cursor shows.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde_json::Value;
+
+use crate::config::profile::{Profile, RollupKind, RollupOp};
+use crate::model::Kind;
+
+const MAX_PAST_MS: i64 = 30 * 86_400_000;
+const MAX_FUTURE_MS: i64 = 3_600_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Period {
+    Hour,
+    Day,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Hour => "hour",
+            Period::Day => "day",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Period> {
+        match s {
+            "hour" => Some(Period::Hour),
+            "day" => Some(Period::Day),
+            _ => None,
+        }
+    }
+}
+
+/// What one message adds to one metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    pub metric: String,
+    pub op: RollupOp,
+    /// When it happened (Unix ms): the bucket is chosen from this.
+    pub at_ms: i64,
+    pub value: Sample,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sample {
+    Num(f64),
+    Text(String),
+}
+
+/// The contributions of one accepted message (`payload` as stored, after the privacy
+/// rules). Plus the built-in `messages` count, which every device gets.
+pub fn contributions(
+    profile: &Profile,
+    kind: Kind,
+    payload: &str,
+    received_ms: i64,
+) -> Vec<Contribution> {
+    let mut out = Vec::new();
+    let wanted = |k: RollupKind| match k {
+        RollupKind::Telemetry => kind == Kind::Telemetry,
+        RollupKind::Events => kind == Kind::Events,
+    };
+    let parsed = if profile.rollups.iter().any(|r| wanted(r.kind)) {
+        serde_json::from_str::<Value>(payload).ok()
+    } else {
+        None
+    };
+    let at_ms = parsed
+        .as_ref()
+        .and_then(|v| event_time(profile, v, received_ms))
+        .unwrap_or(received_ms);
+    out.push(Contribution {
+        metric: "messages".into(),
+        op: RollupOp::Count,
+        at_ms,
+        value: Sample::Num(1.0),
+    });
+    let Some(v) = parsed else { return out };
+    let type_field = match kind {
+        Kind::Telemetry => profile.telemetry.as_ref(),
+        Kind::Events => profile.events.as_ref(),
+        Kind::Status => None,
+    }
+    .and_then(|k| k.type_field.as_deref());
+    for r in profile.rollups.iter().filter(|r| wanted(r.kind)) {
+        if let (Some(t), Some(tf)) = (&r.event_type, type_field) {
+            if v.get(tf).and_then(Value::as_str) != Some(t.as_str()) {
+                continue;
+            }
+        }
+        if r.filter.iter().any(|(k, want)| v.get(k) != Some(want)) {
+            continue;
+        }
+        let value = match (r.op, &r.field) {
+            (RollupOp::Count, _) => Sample::Num(1.0),
+            (RollupOp::Distinct, Some(f)) => match v.get(f) {
+                Some(Value::String(s)) => Sample::Text(s.clone()),
+                Some(Value::Number(n)) => Sample::Text(n.to_string()),
+                _ => continue,
+            },
+            (_, Some(f)) => match v.get(f).and_then(Value::as_f64) {
+                Some(x) => Sample::Num(x * r.scale.unwrap_or(1.0)),
+                None => continue,
+            },
+            (_, None) => continue,
+        };
+        out.push(Contribution {
+            metric: r.metric.clone(),
+            op: r.op,
+            at_ms,
+            value,
+        });
+    }
+    out
+}
+
+/// A plain count of one at `at_ms` (built-in metrics).
+pub fn count(metric: &str, at_ms: i64) -> Contribution {
+    Contribution {
+        metric: metric.to_owned(),
+        op: RollupOp::Count,
+        at_ms,
+        value: Sample::Num(1.0),
+    }
+}
+
+/// `online_minutes` for a connection from `since` to `until`, cut at hour boundaries so
+/// each piece lands in its own hour (and day). Nothing when the start is unknown.
+pub fn online_minutes(
+    tz: &jiff::tz::TimeZone,
+    since: Option<i64>,
+    until: i64,
+) -> Vec<Contribution> {
+    let mut out = Vec::new();
+    let Some(mut from) = since.filter(|s| *s <= until && until - s < MAX_PAST_MS) else {
+        return out;
+    };
+    while from < until {
+        let (start, _) = bucket(tz, from, Period::Hour);
+        let end = (start + 3_600_000).min(until);
+        out.push(Contribution {
+            metric: "online_minutes".into(),
+            op: RollupOp::Sum,
+            at_ms: from,
+            value: Sample::Num((end - from) as f64 / 60_000.0),
+        });
+        from = end;
+    }
+    out
+}
+
+/// What the writer needs to compute rollups: the branch's time zone and the profiles.
+#[derive(Debug, Clone)]
+pub struct RollupPlan {
+    pub tz: jiff::tz::TimeZone,
+    pub profiles: HashMap<String, std::sync::Arc<Profile>>,
+}
+
+impl Default for RollupPlan {
+    fn default() -> Self {
+        RollupPlan {
+            tz: jiff::tz::TimeZone::UTC,
+            profiles: HashMap::new(),
+        }
+    }
+}
+
+impl RollupPlan {
+    /// A stored message's contributions (only `messages` if its profile is unknown).
+    pub fn contributions(&self, m: &crate::model::Accepted) -> Vec<Contribution> {
+        match self.profiles.get(&m.profile) {
+            Some(p) => contributions(p, m.kind, &m.payload, m.received_ms),
+            None => vec![count("messages", m.received_ms)],
+        }
+    }
+}
+
+fn event_time(profile: &Profile, v: &Value, received_ms: i64) -> Option<i64> {
+    let field = profile.time_field.as_deref()?;
+    let ms = match v.get(field)? {
+        Value::String(s) => s.parse::<jiff::Timestamp>().ok()?.as_millisecond(),
+        Value::Number(n) => n.as_i64()?,
+        _ => return None,
+    };
+    (received_ms - MAX_PAST_MS..=received_ms + MAX_FUTURE_MS)
+        .contains(&ms)
+        .then_some(ms)
+}
+
+/// The start of the local hour or day that `ms` falls in: (Unix ms, local label such as
+/// `2026-11-25T10:00` or `2026-11-25`).
+pub fn bucket(tz: &jiff::tz::TimeZone, ms: i64, period: Period) -> (i64, String) {
+    let Ok(ts) = jiff::Timestamp::from_millisecond(ms) else {
+        return (ms, ms.to_string());
+    };
+    let z = ts.to_zoned(tz.clone());
+    let start = match period {
+        Period::Day => z.start_of_day().ok(),
+        Period::Hour => z
+            .with()
+            .minute(0)
+            .second(0)
+            .subsec_nanosecond(0)
+            .build()
+            .ok(),
+    }
+    .unwrap_or(z);
+    let label = match period {
+        Period::Day => start.strftime("%Y-%m-%d").to_string(),
+        Period::Hour => start.strftime("%Y-%m-%dT%H:00").to_string(),
+    };
+    (start.timestamp().as_millisecond(), label)
+}
+
+/// Where an aggregate lives: device (or `""` for the branch), period, bucket, metric.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub scope: String,
+    pub period: Period,
+    pub bucket_ms: i64,
+    pub metric: String,
+}
+
+/// A batch's combined contributions to one key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agg {
+    pub op: RollupOp,
+    pub label: String,
+    pub samples: i64,
+    /// count and sum: the total; min, max: the extreme; last: the newest value.
+    pub value: f64,
+    /// `last`: the time of `value`.
+    pub last_ms: i64,
+    /// `distinct`: the values seen in this batch.
+    pub distinct: BTreeSet<String>,
+}
+
+/// Contributions of one batch, combined per key (one SQL upsert per key, not per message).
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub aggs: HashMap<Key, Agg>,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.aggs.is_empty()
+    }
+
+    /// Add `c` for `device` and for the branch, per hour and per day.
+    pub fn add(&mut self, tz: &jiff::tz::TimeZone, device: &str, c: &Contribution) {
+        for period in [Period::Hour, Period::Day] {
+            let (bucket_ms, label) = bucket(tz, c.at_ms, period);
+            for scope in [device, ""] {
+                let key = Key {
+                    scope: scope.to_owned(),
+                    period,
+                    bucket_ms,
+                    metric: c.metric.clone(),
+                };
+                let agg = self.aggs.entry(key).or_insert_with(|| Agg {
+                    op: c.op,
+                    label: label.clone(),
+                    samples: 0,
+                    value: match c.op {
+                        RollupOp::Min => f64::INFINITY,
+                        RollupOp::Max => f64::NEG_INFINITY,
+                        _ => 0.0,
+                    },
+                    last_ms: i64::MIN,
+                    distinct: BTreeSet::new(),
+                });
+                agg.samples += 1;
+                match (&c.value, c.op) {
+                    (Sample::Text(t), RollupOp::Distinct) => {
+                        agg.distinct.insert(t.clone());
+                    }
+                    (Sample::Num(x), RollupOp::Count | RollupOp::Sum) => agg.value += x,
+                    (Sample::Num(x), RollupOp::Min) => agg.value = agg.value.min(*x),
+                    (Sample::Num(x), RollupOp::Max) => agg.value = agg.value.max(*x),
+                    (Sample::Num(x), RollupOp::Last) if c.at_ms >= agg.last_ms => {
+                        agg.value = *x;
+                        agg.last_ms = c.at_ms;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Fold a batch aggregate into a stored one (the SQL upsert does the same); `stored_new`
+/// is how many of the batch's distinct values were new to the bucket.
+pub fn fold(op: RollupOp, stored: (f64, i64), batch: &Agg, distinct_new: i64) -> (f64, i64) {
+    let (value, last_ms) = stored;
+    match op {
+        RollupOp::Count | RollupOp::Sum => (value + batch.value, last_ms),
+        RollupOp::Min => (value.min(batch.value), last_ms),
+        RollupOp::Max => (value.max(batch.value), last_ms),
+        RollupOp::Last if batch.last_ms >= last_ms => (batch.value, batch.last_ms),
+        RollupOp::Last => (value, last_ms),
+        RollupOp::Distinct => (value + distinct_new as f64, last_ms),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tz() -> jiff::tz::TimeZone {
+        jiff::tz::TimeZone::get("Asia/Shanghai").unwrap()
+    }
+
+    #[test]
+    fn buckets_follow_local_time() {
+        // 2026-11-25T02:30:00Z is 10:30 in Shanghai.
+        let ms = 1_795_573_800_000;
+        assert_eq!(bucket(&tz(), ms, Period::Hour).1, "2026-11-25T10:00");
+        assert_eq!(
+            bucket(&tz(), ms, Period::Day),
+            (1_795_536_000_000, "2026-11-25".into())
+        );
+        // 2026-11-25T17:00Z is already the 26th there.
+        assert_eq!(
+            bucket(&tz(), 1_795_626_000_000, Period::Day).1,
+            "2026-11-26"
+        );
+    }
+
+    fn kiosk() -> Profile {
+        Profile::from_json(
+            r#"{"name":"k","description":"","time_field":"at",
+                "events":{"max_bytes":300,"type_field":"event","types":{
+                  "loan":{"fields":{"ok":{"type":"boolean"},"at":{"type":"string","required":false}}},
+                  "session_end":{"fields":{"duration_s":{"type":"integer"},"patron_id":{"type":"string","required":false}}}}},
+                "rollups":[
+                  {"metric":"loans","kind":"events","type":"loan","op":"count","where":{"ok":true}},
+                  {"metric":"loan_failures","kind":"events","type":"loan","op":"count","where":{"ok":false}},
+                  {"metric":"session_minutes","kind":"events","type":"session_end","op":"sum","field":"duration_s","scale":0.5},
+                  {"metric":"patrons","kind":"events","type":"session_end","op":"distinct","field":"patron_id"}]}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn contributions_follow_the_profile() {
+        let p = kiosk();
+        assert_eq!(p.check(), vec![]);
+        let names = |payload: &str| -> Vec<String> {
+            contributions(&p, Kind::Events, payload, 1_795_573_800_000)
+                .into_iter()
+                .map(|c| format!("{}={:?}", c.metric, c.value))
+                .collect()
+        };
+        assert_eq!(
+            names(r#"{"event":"loan","ok":true}"#),
+            ["messages=Num(1.0)", "loans=Num(1.0)"]
+        );
+        assert_eq!(
+            names(r#"{"event":"loan","ok":false}"#),
+            ["messages=Num(1.0)", "loan_failures=Num(1.0)"]
+        );
+        assert_eq!(
+            names(r#"{"event":"session_end","duration_s":120,"patron_id":"ab"}"#),
+            [
+                "messages=Num(1.0)",
+                "session_minutes=Num(60.0)",
+                "patrons=Text(\"ab\")"
+            ]
+        );
+        // A plausible event time moves the message to its own hour; an absurd one does not.
+        let late = contributions(
+            &p,
+            Kind::Events,
+            r#"{"event":"loan","ok":true,"at":"2026-11-25T01:10:00Z"}"#,
+            1_795_573_800_000,
+        );
+        assert_eq!(late[0].at_ms, 1_795_569_000_000);
+        let absurd = contributions(
+            &p,
+            Kind::Events,
+            r#"{"event":"loan","ok":true,"at":"1999-01-01T00:00:00Z"}"#,
+            1_795_573_800_000,
+        );
+        assert_eq!(absurd[0].at_ms, 1_795_573_800_000);
+    }
+
+    /// Property: however a random stream (late and out-of-order messages, repeated
+    /// patrons, both periods) is cut into batches and folded, every aggregate equals a
+    /// recount over all messages at once.
+    #[test]
+    fn batched_rollups_equal_a_recount() {
+        let p = kiosk();
+        let base = 1_795_573_800_000i64;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _round in 0..50 {
+            let mut msgs = Vec::new();
+            for _ in 0..(20 + next(200)) {
+                let device = format!("k{}", next(3));
+                let at = base - (next(72) as i64) * 1_800_000 + next(1_000) as i64;
+                let at_text = jiff::Timestamp::from_millisecond(at).unwrap().to_string();
+                let payload = match next(3) {
+                    0 => format!(
+                        r#"{{"event":"loan","ok":{},"at":"{at_text}"}}"#,
+                        next(2) == 0
+                    ),
+                    _ => format!(
+                        r#"{{"event":"session_end","duration_s":{},"patron_id":"p{}"}}"#,
+                        next(600),
+                        next(10)
+                    ),
+                };
+                msgs.push((device, contributions(&p, Kind::Events, &payload, base)));
+            }
+            // Recount: everything in one batch.
+            let mut all = Pending::default();
+            for (d, cs) in &msgs {
+                for c in cs {
+                    all.add(&tz(), d, c);
+                }
+            }
+            // Batched: random cuts, folded the way the writer folds them.
+            let mut stored: HashMap<Key, ((f64, i64), BTreeSet<String>)> = HashMap::new();
+            let mut i = 0;
+            while i < msgs.len() {
+                let n = 1 + next(40) as usize;
+                let mut batch = Pending::default();
+                for (d, cs) in &msgs[i..(i + n).min(msgs.len())] {
+                    for c in cs {
+                        batch.add(&tz(), d, c);
+                    }
+                }
+                for (k, a) in &batch.aggs {
+                    let e = stored.entry(k.clone()).or_insert_with(|| {
+                        let init = match a.op {
+                            RollupOp::Min => f64::INFINITY,
+                            RollupOp::Max => f64::NEG_INFINITY,
+                            _ => 0.0,
+                        };
+                        ((init, i64::MIN), BTreeSet::new())
+                    });
+                    let before = e.1.len();
+                    e.1.extend(a.distinct.iter().cloned());
+                    let new = (e.1.len() - before) as i64;
+                    e.0 = fold(a.op, e.0, a, new);
+                }
+                i += n;
+            }
+            assert_eq!(stored.len(), all.aggs.len());
+            for (k, a) in &all.aggs {
+                let (value, _) = stored[k].0;
+                let expected = if a.op == RollupOp::Distinct {
+                    a.distinct.len() as f64
+                } else {
+                    a.value
+                };
+                assert!(
+                    (value - expected).abs() < 1e-6,
+                    "{k:?}: {value} vs {expected}"
+                );
+            }
+        }
+    }
+}
