@@ -8,6 +8,8 @@
 //! cargo build --release
 //! cargo run --release --example intake_bench -- --devices 200 --messages 1000 \
 //!     --sustained-rate 40000 --rate 5000 --rate-seconds 20
+//! cargo run --release --example intake_bench -- --devices 200 --messages 1000 --rollups \
+//!     --sustained-rate 40000 --rate 5000 --rate-seconds 5   # with four declared rollups
 //! ```
 //! Phases: (1) every device publishes `--messages` as fast as acknowledgements allow;
 //! (2) `--sustained-rate` msg/s for `--rate-seconds`; (3) `--rate` msg/s for `--rate-seconds`.
@@ -33,6 +35,8 @@ struct Args {
     rate_seconds: u64,
     binary: PathBuf,
     synchronous: String,
+    /// Give the bench profile four rollups (count, sum, max, distinct) to measure their cost.
+    rollups: bool,
 }
 
 fn parse_args() -> Args {
@@ -44,10 +48,16 @@ fn parse_args() -> Args {
         rate_seconds: 20,
         binary: PathBuf::from("target/release/branch-gateway"),
         synchronous: "full".into(),
+        rollups: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
+        if argv[i] == "--rollups" {
+            a.rollups = true;
+            i += 1;
+            continue;
+        }
         let v = argv.get(i + 1).cloned().unwrap_or_default();
         match argv[i].as_str() {
             "--devices" => a.devices = v.parse().expect("--devices N"),
@@ -78,6 +88,15 @@ const PROFILE: &str = r#"{
   }}
 }"#;
 
+const ROLLUPS: &str = r#",
+  "rollups": [
+    {"metric": "readings", "kind": "telemetry", "op": "count"},
+    {"metric": "n_total", "kind": "telemetry", "op": "sum", "field": "n"},
+    {"metric": "n_max", "kind": "telemetry", "op": "max", "field": "n"},
+    {"metric": "active_devices", "kind": "telemetry", "op": "distinct", "field": "device"}
+  ]
+}"#;
+
 fn payload(device: &str, n: usize) -> String {
     let head = format!(
         r#"{{"ts_us":{},"n":{n},"device":"{device}","pad":""#,
@@ -89,7 +108,12 @@ fn payload(device: &str, n: usize) -> String {
 
 fn write_setup(dir: &Path, port: u16, args: &Args) -> PathBuf {
     std::fs::create_dir_all(dir.join("profiles")).unwrap();
-    std::fs::write(dir.join("profiles/bench-sensor.json"), PROFILE).unwrap();
+    let profile = if args.rollups {
+        format!("{}{ROLLUPS}", PROFILE.trim_end().trim_end_matches('}'))
+    } else {
+        PROFILE.to_owned()
+    };
+    std::fs::write(dir.join("profiles/bench-sensor.json"), profile).unwrap();
     let mut cfg = format!(
         "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"warn\"\n\
          [broker]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nsynchronous = \"{}\"\n",

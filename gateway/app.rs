@@ -85,14 +85,7 @@ pub async fn run(
                 max_bytes: cfg.storage.max_bytes,
                 keep_delivered: cfg.storage.keep_delivered,
                 live: live_tx,
-                rollups: Arc::new(crate::summary::RollupPlan {
-                    tz: cfg.gateway.time_zone(),
-                    profiles: loaded
-                        .profiles
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                }),
+                rollup_tz: cfg.gateway.time_zone(),
             },
             &configured,
         )

@@ -76,6 +76,12 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
             profile: entry.profile.name.clone(),
             kind,
             received_ms,
+            contributions: crate::summary::contributions(
+                &entry.profile,
+                kind,
+                &payload,
+                received_ms,
+            ),
             payload,
         }),
         Err(rejection) => Outcome::Rejected(Rejected {
@@ -294,7 +300,8 @@ mod tests {
                 profile: "p".into(),
                 kind: Kind::Telemetry,
                 received_ms: 42,
-                payload: r#"{"n":1}"#.into()
+                payload: r#"{"n":1}"#.into(),
+                contributions: vec![crate::summary::count(&crate::summary::MESSAGES, 42)],
             })
         );
         let status = classify(&table(), b"devices/k1/status", b"offline", 1);

@@ -136,6 +136,9 @@ pub struct Accepted {
     /// The payload as stored: a JSON object's text for telemetry and events,
     /// `online` / `offline` for status.
     pub payload: String,
+    /// What the message adds to the summaries: computed at intake (in parallel), folded
+    /// into the rollup tables by the writer in the message's own transaction.
+    pub contributions: Vec<Contribution>,
 }
 
 /// A buffered message as the forwarder reads it back.
@@ -336,4 +339,47 @@ mod tests {
             assert_eq!(format_ms(ms), t.format(&fmt).unwrap(), "{ms}");
         }
     }
+}
+
+/// How a summary metric combines the values it gets (declared in device profiles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollupOp {
+    Count,
+    Sum,
+    Min,
+    Max,
+    /// The value of the newest message in the bucket.
+    Last,
+    /// How many different values (e.g. hashed patron ids) the bucket saw.
+    Distinct,
+}
+
+impl RollupOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RollupOp::Count => "count",
+            RollupOp::Sum => "sum",
+            RollupOp::Min => "min",
+            RollupOp::Max => "max",
+            RollupOp::Last => "last",
+            RollupOp::Distinct => "distinct",
+        }
+    }
+}
+
+/// What one message adds to one summary metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    pub metric: std::sync::Arc<str>,
+    pub op: RollupOp,
+    /// When it happened (Unix ms): the hour and day are chosen from this.
+    pub at_ms: i64,
+    pub value: Sample,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sample {
+    Num(f64),
+    Text(String),
 }

@@ -9,11 +9,20 @@
 //! time; late messages therefore reopen past buckets, which the pull API's cursor shows.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, LazyLock};
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::config::profile::{Profile, RollupKind, RollupOp};
+use crate::config::profile::{Profile, RollupKind};
 use crate::model::Kind;
+pub use crate::model::{Contribution, RollupOp, Sample};
+
+/// The built-in metrics' names, allocated once.
+pub static MESSAGES: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("messages"));
+pub static REJECTED: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("rejected"));
+pub static OFFLINE_EPISODES: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("offline_episodes"));
+pub static ONLINE_MINUTES: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("online_minutes"));
 
 const MAX_PAST_MS: i64 = 30 * 86_400_000;
 const MAX_FUTURE_MS: i64 = 3_600_000;
@@ -41,22 +50,6 @@ impl Period {
     }
 }
 
-/// What one message adds to one metric.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Contribution {
-    pub metric: String,
-    pub op: RollupOp,
-    /// When it happened (Unix ms): the bucket is chosen from this.
-    pub at_ms: i64,
-    pub value: Sample,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Sample {
-    Num(f64),
-    Text(String),
-}
-
 /// The contributions of one accepted message (`payload` as stored, after the privacy
 /// rules). Plus the built-in `messages` count, which every device gets.
 pub fn contributions(
@@ -70,45 +63,56 @@ pub fn contributions(
         RollupKind::Telemetry => kind == Kind::Telemetry,
         RollupKind::Events => kind == Kind::Events,
     };
-    let parsed = if profile.rollups.iter().any(|r| wanted(r.kind)) {
-        serde_json::from_str::<Value>(payload).ok()
+    // Only the top-level fields' raw text: values are parsed when a rollup reads them.
+    let fields: Option<HashMap<&str, &RawValue>> = if profile.rollups.iter().any(|r| wanted(r.kind))
+    {
+        serde_json::from_str(payload).ok()
     } else {
         None
     };
-    let at_ms = parsed
-        .as_ref()
-        .and_then(|v| event_time(profile, v, received_ms))
+    let get = |name: &str| -> Option<Value> {
+        fields
+            .as_ref()
+            .and_then(|f| f.get(name))
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+    };
+    let at_ms = profile
+        .time_field
+        .as_deref()
+        .and_then(|f| get(f))
+        .and_then(|v| event_time(&v, received_ms))
         .unwrap_or(received_ms);
-    out.push(Contribution {
-        metric: "messages".into(),
-        op: RollupOp::Count,
-        at_ms,
-        value: Sample::Num(1.0),
-    });
-    let Some(v) = parsed else { return out };
+    out.push(count(&MESSAGES, at_ms));
+    if fields.is_none() {
+        return out;
+    }
     let type_field = match kind {
         Kind::Telemetry => profile.telemetry.as_ref(),
         Kind::Events => profile.events.as_ref(),
         Kind::Status => None,
     }
     .and_then(|k| k.type_field.as_deref());
+    let event_type = type_field.and_then(&get);
     for r in profile.rollups.iter().filter(|r| wanted(r.kind)) {
-        if let (Some(t), Some(tf)) = (&r.event_type, type_field) {
-            if v.get(tf).and_then(Value::as_str) != Some(t.as_str()) {
+        if let Some(t) = &r.event_type {
+            if event_type.as_ref().and_then(Value::as_str) != Some(t.as_str()) {
                 continue;
             }
         }
-        if r.filter.iter().any(|(k, want)| v.get(k) != Some(want)) {
+        if r.filter
+            .iter()
+            .any(|(k, want)| get(k).as_ref() != Some(want))
+        {
             continue;
         }
         let value = match (r.op, &r.field) {
             (RollupOp::Count, _) => Sample::Num(1.0),
-            (RollupOp::Distinct, Some(f)) => match v.get(f) {
-                Some(Value::String(s)) => Sample::Text(s.clone()),
+            (RollupOp::Distinct, Some(f)) => match get(f) {
+                Some(Value::String(s)) => Sample::Text(s),
                 Some(Value::Number(n)) => Sample::Text(n.to_string()),
                 _ => continue,
             },
-            (_, Some(f)) => match v.get(f).and_then(Value::as_f64) {
+            (_, Some(f)) => match get(f).as_ref().and_then(Value::as_f64) {
                 Some(x) => Sample::Num(x * r.scale.unwrap_or(1.0)),
                 None => continue,
             },
@@ -125,9 +129,9 @@ pub fn contributions(
 }
 
 /// A plain count of one at `at_ms` (built-in metrics).
-pub fn count(metric: &str, at_ms: i64) -> Contribution {
+pub fn count(metric: &Arc<str>, at_ms: i64) -> Contribution {
     Contribution {
-        metric: metric.to_owned(),
+        metric: metric.clone(),
         op: RollupOp::Count,
         at_ms,
         value: Sample::Num(1.0),
@@ -149,7 +153,7 @@ pub fn online_minutes(
         let (start, _) = bucket(tz, from, Period::Hour);
         let end = (start + 3_600_000).min(until);
         out.push(Contribution {
-            metric: "online_minutes".into(),
+            metric: ONLINE_MINUTES.clone(),
             op: RollupOp::Sum,
             at_ms: from,
             value: Sample::Num((end - from) as f64 / 60_000.0),
@@ -159,35 +163,8 @@ pub fn online_minutes(
     out
 }
 
-/// What the writer needs to compute rollups: the branch's time zone and the profiles.
-#[derive(Debug, Clone)]
-pub struct RollupPlan {
-    pub tz: jiff::tz::TimeZone,
-    pub profiles: HashMap<String, std::sync::Arc<Profile>>,
-}
-
-impl Default for RollupPlan {
-    fn default() -> Self {
-        RollupPlan {
-            tz: jiff::tz::TimeZone::UTC,
-            profiles: HashMap::new(),
-        }
-    }
-}
-
-impl RollupPlan {
-    /// A stored message's contributions (only `messages` if its profile is unknown).
-    pub fn contributions(&self, m: &crate::model::Accepted) -> Vec<Contribution> {
-        match self.profiles.get(&m.profile) {
-            Some(p) => contributions(p, m.kind, &m.payload, m.received_ms),
-            None => vec![count("messages", m.received_ms)],
-        }
-    }
-}
-
-fn event_time(profile: &Profile, v: &Value, received_ms: i64) -> Option<i64> {
-    let field = profile.time_field.as_deref()?;
-    let ms = match v.get(field)? {
+fn event_time(v: &Value, received_ms: i64) -> Option<i64> {
+    let ms = match v {
         Value::String(s) => s.parse::<jiff::Timestamp>().ok()?.as_millisecond(),
         Value::Number(n) => n.as_i64()?,
         _ => return None,
@@ -228,73 +205,136 @@ pub struct Key {
     pub scope: String,
     pub period: Period,
     pub bucket_ms: i64,
-    pub metric: String,
+    pub metric: Arc<str>,
 }
 
-/// A batch's combined contributions to one key.
+/// Combined contributions to one key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agg {
     pub op: RollupOp,
+    /// The bucket's local label (set when a batch is expanded to its keys).
     pub label: String,
     pub samples: i64,
     /// count and sum: the total; min, max: the extreme; last: the newest value.
     pub value: f64,
     /// `last`: the time of `value`.
     pub last_ms: i64,
-    /// `distinct`: the values seen in this batch.
+    /// `distinct`: the values seen.
     pub distinct: BTreeSet<String>,
 }
 
-/// Contributions of one batch, combined per key (one SQL upsert per key, not per message).
-#[derive(Debug, Default)]
-pub struct Pending {
-    pub aggs: HashMap<Key, Agg>,
-}
-
-impl Pending {
-    pub fn is_empty(&self) -> bool {
-        self.aggs.is_empty()
+impl Agg {
+    fn new(op: RollupOp) -> Agg {
+        Agg {
+            op,
+            label: String::new(),
+            samples: 0,
+            value: match op {
+                RollupOp::Min => f64::INFINITY,
+                RollupOp::Max => f64::NEG_INFINITY,
+                _ => 0.0,
+            },
+            last_ms: i64::MIN,
+            distinct: BTreeSet::new(),
+        }
     }
 
-    /// Add `c` for `device` and for the branch, per hour and per day.
-    pub fn add(&mut self, tz: &jiff::tz::TimeZone, device: &str, c: &Contribution) {
-        for period in [Period::Hour, Period::Day] {
-            let (bucket_ms, label) = bucket(tz, c.at_ms, period);
-            for scope in [device, ""] {
-                let key = Key {
-                    scope: scope.to_owned(),
-                    period,
-                    bucket_ms,
-                    metric: c.metric.clone(),
-                };
-                let agg = self.aggs.entry(key).or_insert_with(|| Agg {
-                    op: c.op,
-                    label: label.clone(),
-                    samples: 0,
-                    value: match c.op {
-                        RollupOp::Min => f64::INFINITY,
-                        RollupOp::Max => f64::NEG_INFINITY,
-                        _ => 0.0,
-                    },
-                    last_ms: i64::MIN,
-                    distinct: BTreeSet::new(),
-                });
-                agg.samples += 1;
-                match (&c.value, c.op) {
-                    (Sample::Text(t), RollupOp::Distinct) => {
-                        agg.distinct.insert(t.clone());
-                    }
-                    (Sample::Num(x), RollupOp::Count | RollupOp::Sum) => agg.value += x,
-                    (Sample::Num(x), RollupOp::Min) => agg.value = agg.value.min(*x),
-                    (Sample::Num(x), RollupOp::Max) => agg.value = agg.value.max(*x),
-                    (Sample::Num(x), RollupOp::Last) if c.at_ms >= agg.last_ms => {
-                        agg.value = *x;
-                        agg.last_ms = c.at_ms;
-                    }
-                    _ => {}
+    fn add(&mut self, c: &Contribution) {
+        self.samples += 1;
+        match (&c.value, self.op) {
+            (Sample::Text(t), RollupOp::Distinct) => {
+                self.distinct.insert(t.clone());
+            }
+            (Sample::Num(x), RollupOp::Count | RollupOp::Sum) => self.value += x,
+            (Sample::Num(x), RollupOp::Min) => self.value = self.value.min(*x),
+            (Sample::Num(x), RollupOp::Max) => self.value = self.value.max(*x),
+            (Sample::Num(x), RollupOp::Last) if c.at_ms >= self.last_ms => {
+                self.value = *x;
+                self.last_ms = c.at_ms;
+            }
+            _ => {}
+        }
+    }
+
+    fn merge(&mut self, o: &Agg) {
+        self.samples += o.samples;
+        match self.op {
+            RollupOp::Count | RollupOp::Sum => self.value += o.value,
+            RollupOp::Min => self.value = self.value.min(o.value),
+            RollupOp::Max => self.value = self.value.max(o.value),
+            RollupOp::Last if o.last_ms >= self.last_ms => {
+                self.value = o.value;
+                self.last_ms = o.last_ms;
+            }
+            RollupOp::Last => {}
+            RollupOp::Distinct => self.distinct.extend(o.distinct.iter().cloned()),
+        }
+    }
+}
+
+/// A batch's contributions, first combined per device, metric and local hour (cheap: no
+/// time-zone work or allocation per message once the hour is known), then expanded to
+/// the four keys each one feeds: device and branch, hour and day.
+#[derive(Debug, Default)]
+pub struct Pending<'a> {
+    hours: HashMap<(&'a str, Arc<str>, i64), Agg>,
+    /// The last hour found: [start, end) in Unix ms.
+    hour: Option<(i64, i64)>,
+}
+
+impl<'a> Pending<'a> {
+    pub fn is_empty(&self) -> bool {
+        self.hours.is_empty()
+    }
+
+    pub fn add(&mut self, tz: &jiff::tz::TimeZone, device: &'a str, c: &Contribution) {
+        let hour = match self.hour {
+            Some((start, end)) if (start..end).contains(&c.at_ms) => start,
+            _ => {
+                let (start, _) = bucket(tz, c.at_ms, Period::Hour);
+                self.hour = Some((start, start + 3_600_000));
+                start
+            }
+        };
+        self.hours
+            .entry((device, c.metric.clone(), hour))
+            .or_insert_with(|| Agg::new(c.op))
+            .add(c);
+    }
+
+    /// Every (scope, period, bucket, metric) this batch changes, with its combined value.
+    pub fn expand(self, tz: &jiff::tz::TimeZone) -> HashMap<Key, Agg> {
+        let mut labels: HashMap<i64, (String, i64, String)> = HashMap::new();
+        let mut out: HashMap<Key, Agg> = HashMap::new();
+        for ((device, metric, hour), agg) in self.hours {
+            let (hour_label, day_ms, day_label) = labels
+                .entry(hour)
+                .or_insert_with(|| {
+                    let (_, hl) = bucket(tz, hour, Period::Hour);
+                    let (d, dl) = bucket(tz, hour, Period::Day);
+                    (hl, d, dl)
+                })
+                .clone();
+            for (period, bucket_ms, label) in [
+                (Period::Hour, hour, hour_label),
+                (Period::Day, day_ms, day_label),
+            ] {
+                for scope in [device, ""] {
+                    let key = Key {
+                        scope: scope.to_owned(),
+                        period,
+                        bucket_ms,
+                        metric: metric.clone(),
+                    };
+                    let e = out.entry(key).or_insert_with(|| Agg {
+                        label: label.clone(),
+                        ..Agg::new(agg.op)
+                    });
+                    e.merge(&agg);
                 }
             }
         }
+        out
     }
 }
 
@@ -434,6 +474,7 @@ mod tests {
                     all.add(&tz(), d, c);
                 }
             }
+            let all = all.expand(&tz());
             // Batched: random cuts, folded the way the writer folds them.
             let mut stored: HashMap<Key, ((f64, i64), BTreeSet<String>)> = HashMap::new();
             let mut i = 0;
@@ -445,7 +486,7 @@ mod tests {
                         batch.add(&tz(), d, c);
                     }
                 }
-                for (k, a) in &batch.aggs {
+                for (k, a) in &batch.expand(&tz()) {
                     let e = stored.entry(k.clone()).or_insert_with(|| {
                         let init = match a.op {
                             RollupOp::Min => f64::INFINITY,
@@ -461,8 +502,8 @@ mod tests {
                 }
                 i += n;
             }
-            assert_eq!(stored.len(), all.aggs.len());
-            for (k, a) in &all.aggs {
+            assert_eq!(stored.len(), all.len());
+            for (k, a) in &all {
                 let (value, _) = stored[k].0;
                 let expected = if a.op == RollupOp::Distinct {
                     a.distinct.len() as f64

@@ -110,8 +110,8 @@ pub struct BufferOptions {
     pub keep_delivered: Duration,
     /// Where committed rows go for forwarding (none without an upstream).
     pub live: Option<mpsc::Sender<LiveRows>>,
-    /// Profiles and time zone for the summaries, folded in with every commit.
-    pub rollups: Arc<crate::summary::RollupPlan>,
+    /// The branch's time zone: rollups cut local hours and days.
+    pub rollup_tz: jiff::tz::TimeZone,
 }
 
 /// Counters the writer updates; read by status logs and (later) metrics.
@@ -200,7 +200,7 @@ impl Buffer {
             synchronous: options.synchronous,
             relaxed_sync: false,
             live: options.live,
-            rollups: options.rollups,
+            rollup_tz: options.rollup_tz,
             rollup_version: 0,
             last_handed: last_seq,
             seqs: Vec::new(),
@@ -243,7 +243,7 @@ struct Writer {
     /// `synchronous = normal` is set for the current transaction (delivery marks only).
     relaxed_sync: bool,
     live: Option<mpsc::Sender<LiveRows>>,
-    rollups: Arc<crate::summary::RollupPlan>,
+    rollup_tz: jiff::tz::TimeZone,
     /// Newest version given to a changed rollup row (the pull API's cursor).
     rollup_version: i64,
     /// Newest `seq` handed (or offered) to the forwarder.
@@ -578,7 +578,7 @@ impl Writer {
                         r.get(0)
                     })?;
         }
-        let tz = self.rollups.tz.clone();
+        let tz = self.rollup_tz.clone();
         let mut rollups = crate::summary::Pending::default();
         let mut connected_at: HashMap<&str, i64> = HashMap::new();
         let tx = self.conn.transaction()?;
@@ -610,8 +610,8 @@ impl Writer {
                         last_seq = tx.last_insert_rowid();
                         self.seqs.push(last_seq);
                         messages += 1;
-                        for c in self.rollups.contributions(m) {
-                            rollups.add(&tz, &m.device, &c);
+                        for c in &m.contributions {
+                            rollups.add(&tz, &m.device, c);
                         }
                         let d = devices.entry(&m.device).or_default();
                         d.last_seen_ms = d.last_seen_ms.max(Some(m.received_ms));
@@ -633,7 +633,7 @@ impl Writer {
                         rollups.add(
                             &tz,
                             &r.device,
-                            &crate::summary::count("rejected", r.received_ms),
+                            &crate::summary::count(&crate::summary::REJECTED, r.received_ms),
                         );
                         let d = devices.entry(&r.device).or_default();
                         d.last_seen_ms = d.last_seen_ms.max(Some(r.received_ms));
@@ -663,7 +663,7 @@ impl Writer {
                             rollups.add(
                                 &tz,
                                 &p.device,
-                                &crate::summary::count("offline_episodes", p.at_ms),
+                                &crate::summary::count(&crate::summary::OFFLINE_EPISODES, p.at_ms),
                             );
                             for c in crate::summary::online_minutes(&tz, since, p.at_ms) {
                                 rollups.add(&tz, &p.device, &c);
@@ -693,7 +693,9 @@ impl Writer {
             }
         }
         apply_devices(&tx, &devices)?;
-        apply_rollups(&tx, &rollups, &mut self.rollup_version)?;
+        if !rollups.is_empty() {
+            apply_rollups(&tx, &rollups.expand(&tz), &mut self.rollup_version)?;
+        }
         if rejected > 0 {
             // Keep the newest `rejected_keep` (a range delete on the primary key: cheap).
             tx.execute(
@@ -752,13 +754,10 @@ fn bump_by(d: &mut DeviceDelta, counter: &'static str, n: i64, at_ms: i64) {
 /// gets a new `version`, so the pull API's cursor sees re-opened past buckets too.
 fn apply_rollups(
     tx: &rusqlite::Transaction<'_>,
-    pending: &crate::summary::Pending,
+    pending: &HashMap<crate::summary::Key, crate::summary::Agg>,
     version: &mut i64,
 ) -> rusqlite::Result<()> {
-    use crate::config::profile::RollupOp;
-    if pending.is_empty() {
-        return Ok(());
-    }
+    use crate::model::RollupOp;
     let mut distinct = tx.prepare_cached(
         "INSERT OR IGNORE INTO rollup_distinct (scope, period, bucket_ms, metric, value)
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -776,7 +775,7 @@ fn apply_rollups(
            samples = samples + excluded.samples,
            version = excluded.version",
     )?;
-    for (k, a) in &pending.aggs {
+    for (k, a) in pending {
         let value = match a.op {
             RollupOp::Distinct => {
                 let mut new = 0;

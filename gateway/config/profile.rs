@@ -42,7 +42,7 @@ pub struct Profile {
 #[serde(deny_unknown_fields)]
 pub struct RollupSpec {
     /// The metric's name in summaries (shared across profiles: loans from every kiosk add up).
-    pub metric: String,
+    pub metric: std::sync::Arc<str>,
     pub kind: RollupKind,
     /// Only messages of this event type (the kind's `type_field` value).
     #[serde(default, rename = "type")]
@@ -66,31 +66,7 @@ pub enum RollupKind {
     Events,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RollupOp {
-    Count,
-    Sum,
-    Min,
-    Max,
-    /// The value of the newest message in the bucket.
-    Last,
-    /// How many different values (e.g. hashed patron ids) the bucket saw.
-    Distinct,
-}
-
-impl RollupOp {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RollupOp::Count => "count",
-            RollupOp::Sum => "sum",
-            RollupOp::Min => "min",
-            RollupOp::Max => "max",
-            RollupOp::Last => "last",
-            RollupOp::Distinct => "distinct",
-        }
-    }
-}
+pub use crate::model::RollupOp;
 
 /// Metrics every device gets without declaring them.
 pub const BUILTIN_METRICS: [&str; 4] =
@@ -289,7 +265,7 @@ impl Profile {
             && r.metric
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !name_ok || BUILTIN_METRICS.contains(&r.metric.as_str()) {
+        if !name_ok || BUILTIN_METRICS.contains(&&*r.metric) {
             problems.push(problem(
                 path,
                 format!(
