@@ -79,7 +79,7 @@ pub fn contributions(
     let at_ms = profile
         .time_field
         .as_deref()
-        .and_then(|f| get(f))
+        .and_then(&get)
         .and_then(|v| event_time(&v, received_ms))
         .unwrap_or(received_ms);
     out.push(count(&MESSAGES, at_ms));
