@@ -109,6 +109,7 @@ pub async fn run(
     let sink = Arc::new(IntakeSink::new(
         devices.clone(),
         buffer.sender(),
+        buffer_stats.clone(),
         figures.intake.clone(),
     ));
     let (broker, wills) =

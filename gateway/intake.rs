@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::mpsc;
 
-use crate::buffer::Write;
+use crate::buffer::{BufferStats, Write};
 use crate::burst::BurstLimiter;
 use crate::config::{DeviceTable, SharedDevices};
 use crate::model::{
@@ -111,6 +111,7 @@ pub struct IntakeSink {
     devices: SharedDevices,
     /// `None` once closed at shutdown (open connections keep the sink itself alive).
     writer: RwLock<Option<mpsc::Sender<Write>>>,
+    buffer: Arc<BufferStats>,
     stats: Arc<IntakeStats>,
     log: Mutex<BurstLimiter<(DeviceId, RejectReason)>>,
     last_wait_log_ms: AtomicI64,
@@ -120,11 +121,13 @@ impl IntakeSink {
     pub fn new(
         devices: SharedDevices,
         writer: mpsc::Sender<Write>,
+        buffer: Arc<BufferStats>,
         stats: Arc<IntakeStats>,
     ) -> Self {
         IntakeSink {
             devices,
             writer: RwLock::new(Some(writer)),
+            buffer,
             stats,
             log: Mutex::new(BurstLimiter::new(10_000, 4096)),
             last_wait_log_ms: AtomicI64::new(i64::MIN / 2),
@@ -200,7 +203,16 @@ impl IntakeSink {
                     );
                 }
                 let blocking = || {
-                    let _ = writer.blocking_send(w);
+                    // Wait for half the queue to be free (one wake-up per batch), then
+                    // queue without ever registering as a per-message waiter.
+                    let mut w = w;
+                    loop {
+                        self.buffer.room.wait_for_room(writer);
+                        match writer.try_send(w) {
+                            Err(mpsc::error::TrySendError::Full(back)) => w = back,
+                            _ => return,
+                        }
+                    }
                 };
                 match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
                     Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
