@@ -265,7 +265,11 @@ async fn range(state: ApiState, q: SummaryQuery) -> Response {
         );
     }
     let device = q.device.clone();
-    let rows = read(&state, move |c| {
+    let tz = state.tz.clone();
+    let branch = state.branch.clone();
+    // Query, grouping and serialisation all run on the blocking pool: a year of hours is
+    // a megabyte of JSON.
+    let body = read(&state, move |c| {
         let (sql, scope): (&str, Option<String>) = match device.as_deref() {
             Some("*") => (
                 "SELECT scope, bucket, bucket_ms, metric, value FROM rollups
@@ -281,50 +285,61 @@ async fn range(state: ApiState, q: SummaryQuery) -> Response {
             ),
         };
         let mut st = c.prepare_cached(sql)?;
-        let map = |r: &rusqlite::Row<'_>| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, f64>(4)?,
-            ))
+        let period_name = period.as_str();
+        let mut rows = match &scope {
+            Some(s) => st.query(rusqlite::params![period_name, from_ms, to_ms, s])?,
+            None => st.query(rusqlite::params![period_name, from_ms, to_ms])?,
         };
-        let period = period.as_str();
-        let rows = match &scope {
-            Some(s) => st.query_map(rusqlite::params![period, from_ms, to_ms, s], map)?,
-            None => st.query_map(rusqlite::params![period, from_ms, to_ms], map)?,
+        let mut items: Vec<Bucket> = Vec::new();
+        while let Some(r) = rows.next()? {
+            let (scope, ms): (String, i64) = (r.get(0)?, r.get(2)?);
+            let same = items
+                .last()
+                .is_some_and(|b| b.start_ms == ms && b.device.as_deref().unwrap_or("") == scope);
+            if !same {
+                items.push(Bucket {
+                    device: (!scope.is_empty()).then_some(scope),
+                    bucket: r.get(1)?,
+                    start: start_text(&tz, ms),
+                    start_ms: ms,
+                    metrics: serde_json::Map::new(),
+                });
+            }
+            if let Some(b) = items.last_mut() {
+                b.metrics.insert(r.get(3)?, number(r.get(4)?));
+            }
+        }
+        let page = RangePage {
+            branch: &branch,
+            period: period_name,
+            timezone: tz.iana_name().unwrap_or("UTC"),
+            items: &items,
         };
-        rows.collect::<rusqlite::Result<Vec<_>>>()
+        Ok(serde_json::to_string(&page).unwrap_or_default())
     })
     .await;
-    let rows = match rows {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
-    let mut items: Vec<Value> = Vec::new();
-    let mut current: Option<(String, i64)> = None;
-    for (scope, bucket, ms, metric, value) in rows {
-        if current.as_ref() != Some(&(scope.clone(), ms)) {
-            items.push(json!({
-                "device": if scope.is_empty() { Value::Null } else { json!(scope) },
-                "bucket": bucket,
-                "start": start_text(&state.tz, ms),
-                "metrics": {},
-            }));
-            current = Some((scope, ms));
-        }
-        if let Some(last) = items.last_mut() {
-            last["metrics"][metric] = number(value);
-        }
+    match body {
+        Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(e) => e.into_response(),
     }
-    Json(json!({
-        "branch": state.branch,
-        "period": period.as_str(),
-        "timezone": state.tz.iana_name().unwrap_or("UTC"),
-        "items": items,
-    }))
-    .into_response()
+}
+
+#[derive(serde::Serialize)]
+struct Bucket {
+    device: Option<String>,
+    bucket: String,
+    start: String,
+    #[serde(skip)]
+    start_ms: i64,
+    metrics: serde_json::Map<String, Value>,
+}
+
+#[derive(serde::Serialize)]
+struct RangePage<'a> {
+    branch: &'a str,
+    period: &'a str,
+    timezone: &'a str,
+    items: &'a [Bucket],
 }
 
 async fn devices(State(state): State<ApiState>, headers: HeaderMap) -> Response {
