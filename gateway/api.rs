@@ -200,7 +200,7 @@ async fn changes(state: ApiState, q: SummaryQuery, after: i64) -> Response {
                     "bucket": bucket,
                     "start": start_text(&tz, ms),
                     "metric": metric,
-                    "value": number(value),
+                    "value": crate::summary::json_number(value),
                     "samples": samples,
                     "version": version,
                 })
@@ -218,15 +218,6 @@ fn start_text(tz: &jiff::tz::TimeZone, ms: i64) -> String {
                 .to_string()
         })
         .unwrap_or_default()
-}
-
-/// Whole numbers as integers, the rest with their fraction.
-fn number(v: f64) -> Value {
-    if v.fract() == 0.0 && v.abs() < 9e15 {
-        json!(v as i64)
-    } else {
-        json!((v * 1000.0).round() / 1000.0)
-    }
 }
 
 /// Buckets of one period between `from` (inclusive) and `to` (exclusive), for the branch
@@ -306,7 +297,8 @@ async fn range(state: ApiState, q: SummaryQuery) -> Response {
                 });
             }
             if let Some(b) = items.last_mut() {
-                b.metrics.insert(r.get(3)?, number(r.get(4)?));
+                b.metrics
+                    .insert(r.get(3)?, crate::summary::json_number(r.get(4)?));
             }
         }
         let page = RangePage {

@@ -112,7 +112,7 @@ pub async fn run(
         buffer_stats.clone(),
         figures.intake.clone(),
     ));
-    let (broker, wills) =
+    let (broker, wills, branch_publisher) =
         Broker::start(settings.clone(), devices.clone(), sink.clone(), events_tx).await?;
 
     let tasks = tokio_util::task::TaskTracker::new();
@@ -173,6 +173,14 @@ pub async fn run(
             }
         });
     }
+    tasks.spawn(publish_live_summary(
+        branch_publisher,
+        db_path.clone(),
+        cfg.gateway.branch_id.clone(),
+        cfg.gateway.time_zone(),
+        figures.devices_online.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(maintain_periodically(buffer.sender(), shutdown.clone()));
     tasks.spawn(log_summaries(
         figures.clone(),
@@ -314,6 +322,64 @@ fn start_serial(
         }
     });
     (done, commands)
+}
+
+/// How often the live summary for in-branch screens is refreshed.
+const LIVE_SUMMARY_EVERY: Duration = Duration::from_secs(5);
+
+/// Publish today's branch figures so far, retained on `branch/summary/live`, for the
+/// lobby screens (which subscribe read-only).
+async fn publish_live_summary(
+    mut publisher: crate::broker::BranchPublisher,
+    db: std::path::PathBuf,
+    branch: String,
+    tz: jiff::tz::TimeZone,
+    devices_online: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(LIVE_SUMMARY_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = crate::model::now_ms();
+        let (day_ms, date) = crate::summary::bucket(&tz, now, crate::summary::Period::Day);
+        let db2 = db.clone();
+        let today = tokio::task::spawn_blocking(move || {
+            let conn = crate::buffer::open_read_only(&db2).ok()?;
+            crate::buffer::day_figures(&conn, day_ms).ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(today) = today else { continue };
+        let get = |m: &str| today.iter().find(|(k, _)| k == m).map_or(0.0, |(_, v)| *v);
+        let metrics: serde_json::Map<String, serde_json::Value> = today
+            .iter()
+            .map(|(k, v)| (k.clone(), crate::summary::json_number(*v)))
+            .collect();
+        let n = crate::summary::json_number;
+        let payload = serde_json::json!({
+            "branch": branch,
+            "date": date,
+            "at": crate::model::format_ms(now),
+            "visitors_in": n(get("visitors_in")),
+            "visitors_out": n(get("visitors_out")),
+            "occupancy": n((get("visitors_in") - get("visitors_out")).max(0.0)),
+            "loans": n(get("loans")),
+            "returns": n(get("returns")),
+            "booth_sessions": n(get("booth_sessions")),
+            "devices_online": devices_online.load(Ordering::Relaxed),
+            "metrics": metrics,
+        });
+        if let Err(e) = publisher
+            .publish_retained("branch/summary/live", payload.to_string().into_bytes())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot publish the live summary");
+        }
+    }
 }
 
 /// Record presence changes and broker denials in the buffer. Presence comes from the

@@ -128,6 +128,15 @@ pub fn contributions(
     out
 }
 
+/// A rollup value for JSON: whole numbers as integers, the rest to three decimals.
+pub fn json_number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 9e15 {
+        Value::from(v as i64)
+    } else {
+        Value::from((v * 1000.0).round() / 1000.0)
+    }
+}
+
 /// A plain count of one at `at_ms` (built-in metrics).
 pub fn count(metric: &Arc<str>, at_ms: i64) -> Contribution {
     Contribution {

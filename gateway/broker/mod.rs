@@ -70,6 +70,34 @@ pub struct WillLink {
     rx: LinkRx,
 }
 
+/// Publishes the gateway's own messages for in-branch clients under `branch/` (screens
+/// subscribe read-only: devices may publish only under their own `devices/ID/`).
+pub struct BranchPublisher {
+    tx: LinkTx,
+    /// Kept so the router keeps the link.
+    _rx: LinkRx,
+}
+
+impl BranchPublisher {
+    /// Publish `payload` on `topic` (under `branch/`), retained, at QoS 0.
+    pub async fn publish_retained(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), BrokerError> {
+        let publish = rumqttd::protocol::Publish::new(
+            bytes::Bytes::copy_from_slice(topic.as_bytes()),
+            bytes::Bytes::from(payload),
+            true,
+        );
+        self.tx
+            .send(rumqttd::protocol::Packet::Publish(publish, None))
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::Link(e.to_string()))
+    }
+}
+
 /// After shutdown is requested, keep draining wills until the link is quiet this long...
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
 /// ... but never longer than this.
@@ -126,7 +154,7 @@ impl Broker {
         devices: SharedDevices,
         sink: Arc<dyn PublishSink>,
         events: mpsc::Sender<BrokerEvent>,
-    ) -> Result<(Broker, WillLink), BrokerError> {
+    ) -> Result<(Broker, WillLink, BranchPublisher), BrokerError> {
         // Fail early and clearly if the address is taken (rumqttd would only log it).
         std::net::TcpListener::bind(settings.listen).map_err(|source| BrokerError::Bind {
             addr: settings.listen,
@@ -162,6 +190,11 @@ impl Broker {
         tx.subscribe(WILL_FILTER)
             .map_err(|e| BrokerError::Link(e.to_string()))?;
 
+        let (branch_tx, branch_rx, _) =
+            rumqttd::local::LinkBuilder::new("gateway-branch", router_tx.clone())
+                .clean_session(true)
+                .build()
+                .map_err(|e| BrokerError::Link(e.to_string()))?;
         let shared = Arc::new(Shared::new(devices, sink, events));
         let server_settings = ServerSettings {
             name: "devices".to_owned(),
@@ -208,7 +241,14 @@ impl Broker {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok((Broker { shared, accept }, WillLink { _tx: tx, rx }))
+        Ok((
+            Broker { shared, accept },
+            WillLink { _tx: tx, rx },
+            BranchPublisher {
+                tx: branch_tx,
+                _rx: branch_rx,
+            },
+        ))
     }
 
     pub fn shared(&self) -> &Arc<Shared> {

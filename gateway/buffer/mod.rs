@@ -991,6 +991,16 @@ pub struct BufferReport {
     pub devices_configured: i64,
 }
 
+/// The branch's figures for the day starting at `day_ms`: (metric, value).
+pub fn day_figures(conn: &Connection, day_ms: i64) -> rusqlite::Result<Vec<(String, f64)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT metric, value FROM rollups WHERE scope = '' AND period = 'day' AND bucket_ms = ?1
+         ORDER BY metric",
+    )?;
+    let rows = st.query_map(params![day_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
 /// The newest stored telemetry payload of `device` (serial counters resume from it).
 pub fn last_telemetry(conn: &Connection, device: &str) -> rusqlite::Result<Option<String>> {
     use rusqlite::OptionalExtension;
