@@ -181,6 +181,14 @@ pub async fn run(
         figures.devices_online.clone(),
         shutdown.clone(),
     ));
+    if cfg.upstream.is_some() {
+        tasks.spawn(push_hourly_summaries(
+            db_path.clone(),
+            buffer.sender(),
+            cfg.gateway.time_zone(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(maintain_periodically(buffer.sender(), shutdown.clone()));
     tasks.spawn(log_summaries(
         figures.clone(),
@@ -324,6 +332,70 @@ fn start_serial(
     (done, commands)
 }
 
+/// How often the hourly push checks whether an hour has closed.
+const HOUR_CHECK_EVERY: Duration = Duration::from_secs(30);
+
+/// Queue each closed hour's branch summary in the outbox (it goes upstream to
+/// `{prefix}/summaries/hour` like any message: at least once, in order). At start the most
+/// recent closed hour is queued again (the central side keys summaries by hour); hours
+/// missed while the gateway was down come from the pull API.
+async fn push_hourly_summaries(
+    db: std::path::PathBuf,
+    writer: mpsc::Sender<Write>,
+    tz: jiff::tz::TimeZone,
+    shutdown: CancellationToken,
+) {
+    use crate::summary::{bucket, Period};
+    let mut tick = tokio::time::interval(HOUR_CHECK_EVERY);
+    let mut pushed: Option<i64> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = crate::model::now_ms();
+        let (current, _) = bucket(&tz, now, Period::Hour);
+        let (closed, label) = bucket(&tz, current - 1, Period::Hour);
+        if pushed == Some(closed) {
+            continue;
+        }
+        let db2 = db.clone();
+        let figures = tokio::task::spawn_blocking(move || {
+            let conn = crate::buffer::open_read_only(&db2).ok()?;
+            crate::buffer::bucket_figures(&conn, "hour", closed).ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(figures) = figures else { continue };
+        let metrics: serde_json::Map<String, serde_json::Value> = figures
+            .into_iter()
+            .map(|(k, v)| (k, crate::summary::json_number(v)))
+            .collect();
+        let start = jiff::Timestamp::from_millisecond(closed)
+            .map(|t| {
+                t.to_zoned(tz.clone())
+                    .strftime("%Y-%m-%dT%H:%M:%S%:z")
+                    .to_string()
+            })
+            .unwrap_or_default();
+        let payload = serde_json::json!({ "hour": label, "start": start, "metrics": metrics });
+        let summary = crate::model::Accepted {
+            device: String::new(),
+            profile: String::new(),
+            kind: crate::model::Kind::Summary,
+            received_ms: now,
+            payload: payload.to_string(),
+            contributions: Vec::new(),
+        };
+        if writer.send(Write::Accepted(summary)).await.is_err() {
+            return;
+        }
+        tracing::info!(hour = %label, "hourly summary queued for upstream");
+        pushed = Some(closed);
+    }
+}
+
 /// How often the live summary for in-branch screens is refreshed.
 const LIVE_SUMMARY_EVERY: Duration = Duration::from_secs(5);
 
@@ -348,7 +420,7 @@ async fn publish_live_summary(
         let db2 = db.clone();
         let today = tokio::task::spawn_blocking(move || {
             let conn = crate::buffer::open_read_only(&db2).ok()?;
-            crate::buffer::day_figures(&conn, day_ms).ok()
+            crate::buffer::bucket_figures(&conn, "day", day_ms).ok()
         })
         .await
         .ok()

@@ -6,15 +6,19 @@ use std::fmt;
 /// A device's configured id; also its MQTT username and the `ID` in `devices/ID/...`.
 pub type DeviceId = String;
 
-/// The three topics a device publishes to, `devices/ID/{telemetry|events|status}`.
+/// What a stored message is: the three topics a device publishes to,
+/// `devices/ID/{telemetry|events|status}`, and the gateway's own hourly summary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Telemetry,
     Events,
     Status,
+    /// A closed hour's branch summary, made by the gateway (never sent by a device).
+    Summary,
 }
 
 impl Kind {
+    /// The kinds a device may send.
     pub const ALL: [Kind; 3] = [Kind::Telemetry, Kind::Events, Kind::Status];
 
     pub fn as_str(self) -> &'static str {
@@ -22,9 +26,19 @@ impl Kind {
             Kind::Telemetry => "telemetry",
             Kind::Events => "events",
             Kind::Status => "status",
+            Kind::Summary => "summary",
         }
     }
 
+    /// A stored kind (including `summary`).
+    pub fn parse_stored(s: &str) -> Option<Kind> {
+        match s {
+            "summary" => Some(Kind::Summary),
+            other => Kind::parse(other),
+        }
+    }
+
+    /// A device topic's kind (never `summary`).
     pub fn parse(s: &str) -> Option<Kind> {
         match s {
             "telemetry" => Some(Kind::Telemetry),
@@ -153,8 +167,12 @@ pub struct Stored {
 }
 
 impl Stored {
-    /// `{prefix}/devices/ID/KIND`: where the central side receives this message.
+    /// `{prefix}/devices/ID/KIND` (or `{prefix}/summaries/hour` for the gateway's hourly
+    /// summary): where the central side receives this message.
     pub fn topic(&self, prefix: &str) -> String {
+        if self.kind == Kind::Summary {
+            return format!("{prefix}/summaries/hour");
+        }
         let kind = self.kind.as_str();
         let mut t = String::with_capacity(prefix.len() + self.device.len() + kind.len() + 10);
         t.push_str(prefix);
@@ -189,7 +207,7 @@ impl Stored {
         e.push_str(r#"","data":"#);
         match self.kind {
             Kind::Status => push_json_string(&mut e, &self.payload),
-            Kind::Telemetry | Kind::Events => e.push_str(&self.payload),
+            Kind::Telemetry | Kind::Events | Kind::Summary => e.push_str(&self.payload),
         }
         e.push('}');
         e

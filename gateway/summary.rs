@@ -89,7 +89,7 @@ pub fn contributions(
     let type_field = match kind {
         Kind::Telemetry => profile.telemetry.as_ref(),
         Kind::Events => profile.events.as_ref(),
-        Kind::Status => None,
+        Kind::Status | Kind::Summary => None,
     }
     .and_then(|k| k.type_field.as_deref());
     let event_type = type_field.and_then(&get);

@@ -653,6 +653,9 @@ impl Writer {
                         for c in &m.contributions {
                             rollups.add(&tz, &m.device, c);
                         }
+                        if m.kind == crate::model::Kind::Summary {
+                            continue; // the gateway's own: no device to update
+                        }
                         let d = devices.entry(&m.device).or_default();
                         d.last_seen_ms = d.last_seen_ms.max(Some(m.received_ms));
                         bump(d, "accepted", m.received_ms);
@@ -929,7 +932,7 @@ impl Outbox {
                 seq: r.get(0)?,
                 device: r.get(1)?,
                 profile: r.get(2)?,
-                kind: Kind::parse(&kind).unwrap_or(Kind::Events),
+                kind: Kind::parse_stored(&kind).unwrap_or(Kind::Events),
                 received_ms: r.get(4)?,
                 payload: r.get(5)?,
             })
@@ -991,13 +994,17 @@ pub struct BufferReport {
     pub devices_configured: i64,
 }
 
-/// The branch's figures for the day starting at `day_ms`: (metric, value).
-pub fn day_figures(conn: &Connection, day_ms: i64) -> rusqlite::Result<Vec<(String, f64)>> {
+/// The branch's figures for one bucket (`period` `hour` or `day`): (metric, value).
+pub fn bucket_figures(
+    conn: &Connection,
+    period: &str,
+    bucket_ms: i64,
+) -> rusqlite::Result<Vec<(String, f64)>> {
     let mut st = conn.prepare_cached(
-        "SELECT metric, value FROM rollups WHERE scope = '' AND period = 'day' AND bucket_ms = ?1
+        "SELECT metric, value FROM rollups WHERE scope = '' AND period = ?1 AND bucket_ms = ?2
          ORDER BY metric",
     )?;
-    let rows = st.query_map(params![day_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let rows = st.query_map(params![period, bucket_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
 }
 

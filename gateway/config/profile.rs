@@ -225,7 +225,7 @@ impl Profile {
         match kind {
             Kind::Telemetry => self.telemetry.as_ref(),
             Kind::Events => self.events.as_ref(),
-            Kind::Status => None,
+            Kind::Status | Kind::Summary => None,
         }
     }
 
