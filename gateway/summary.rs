@@ -385,6 +385,25 @@ mod tests {
         );
     }
 
+    #[test]
+    fn online_minutes_are_cut_at_hour_boundaries() {
+        let utc = jiff::tz::TimeZone::UTC;
+        let h = 3_600_000;
+        // 10:30 to 12:15: 30 + 60 + 15 minutes, in three hours.
+        let parts = online_minutes(&utc, Some(10 * h + h / 2), 12 * h + h / 4);
+        let got: Vec<(i64, Sample)> = parts.into_iter().map(|c| (c.at_ms, c.value)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (10 * h + h / 2, Sample::Num(30.0)),
+                (11 * h, Sample::Num(60.0)),
+                (12 * h, Sample::Num(15.0)),
+            ]
+        );
+        assert!(online_minutes(&utc, None, h).is_empty());
+        assert!(online_minutes(&utc, Some(2 * h), h).is_empty());
+    }
+
     fn kiosk() -> Profile {
         Profile::from_json(
             r#"{"name":"k","description":"","time_field":"at",

@@ -87,6 +87,10 @@ impl Branch {
              [broker]\nlisten = \"127.0.0.1:{}\"\n[storage]\n{extra}\n",
             self.port
         );
+        // Shipped profiles hash patron fields: every test branch has a privacy key.
+        if !extra.contains("[privacy]") {
+            cfg.push_str("[privacy]\nhmac_secret = \"test-branch-secret-0123456789\"\n");
+        }
         for d in devices {
             cfg.push_str(&format!(
                 "[[devices]]\nid = \"{}\"\nprofile = \"{}\"\npassword = \"{}\"\n",
