@@ -392,7 +392,7 @@ async fn main() {
         let gw_port = free_port();
         let mut cfg = format!(
             "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"error\"\n\
-             [broker]\nlisten = \"127.0.0.1:{gw_port}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{central_port}\"\nclient_id = \"gw-compare\"\ntopic_prefix = \"gw\"\n"
+             [broker]\nlisten = \"127.0.0.1:{gw_port}\"\n[upstream]\nurl = \"mqtt://127.0.0.1:{central_port}\"\nclient_id = \"gw-compare\"\ntopic_prefix = \"gw\"\npush_summaries = false\n"
         );
         for d in 0..devices {
             cfg.push_str(&format!(

@@ -110,7 +110,7 @@ async fn main() {
     let mut cfg = format!(
         "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"warn\"\n\
          [broker]\nlisten = \"127.0.0.1:{gw_port}\"\n\
-         [upstream]\nurl = \"mqtt://127.0.0.1:{central_port}\"\nclient_id = \"gw-bench\"\ntopic_prefix = \"bench\"\n"
+         [upstream]\nurl = \"mqtt://127.0.0.1:{central_port}\"\nclient_id = \"gw-bench\"\ntopic_prefix = \"bench\"\npush_summaries = false\n"
     );
     for d in 0..devices {
         cfg.push_str(&format!(

@@ -181,7 +181,7 @@ pub async fn run(
         figures.devices_online.clone(),
         shutdown.clone(),
     ));
-    if cfg.upstream.is_some() {
+    if cfg.upstream.as_ref().is_some_and(|u| u.push_summaries) {
         tasks.spawn(push_hourly_summaries(
             db_path.clone(),
             buffer.sender(),

@@ -121,7 +121,8 @@ async fn closed_hours_are_pushed_upstream() {
     let mut consumer = Consumer::start(central.port, "library/sum").await;
     let branch = Branch::with_extra(
         &[device("gate-1", "timed-gate")],
-        &upstream_section(central.port, "library/sum"),
+        &upstream_section(central.port, "library/sum")
+            .replace("push_summaries = false", "push_summaries = true"),
     );
     std::fs::write(
         branch.dir.path().join("profiles/timed-gate.json"),

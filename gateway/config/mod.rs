@@ -103,6 +103,13 @@ pub struct UpstreamSection {
     /// capped); without it the backlog drains as fast as the link takes it.
     #[serde(default)]
     pub max_backfill_rate: Option<u32>,
+    /// Send each closed hour's branch summary to `{topic_prefix}/summaries/hour`.
+    #[serde(default = "default_push_summaries")]
+    pub push_summaries: bool,
+}
+
+fn default_push_summaries() -> bool {
+    true
 }
 
 impl fmt::Debug for UpstreamSection {

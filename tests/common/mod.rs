@@ -565,6 +565,6 @@ impl Consumer {
 /// The `[upstream]` section pointing at a central broker on `port`.
 pub fn upstream_section(port: u16, prefix: &str) -> String {
     format!(
-        "[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"gw-test-{port}\"\ntopic_prefix = \"{prefix}\"\n"
+        "[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"gw-test-{port}\"\ntopic_prefix = \"{prefix}\"\npush_summaries = false\n"
     )
 }
