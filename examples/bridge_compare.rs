@@ -28,15 +28,6 @@ const PROFILE: &str = r#"{"name": "bench-sensor", "description": "benchmark devi
   "telemetry": {"max_bytes": 1024, "fields": {"ts_us": {"type": "integer"}, "n": {"type": "integer"},
     "device": {"type": "string"}, "run": {"type": "string"}, "pad": {"type": "string"}}}}"#;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let argv: Vec<String> = std::env::args().collect();
-    argv.iter()
-        .position(|a| a == name)
-        .and_then(|i| argv.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
-}
-
 fn mosquitto(dir: &Path, name: &str, conf: &str, port: u16) -> Child {
     let path = dir.join(format!("{name}.conf"));
     std::fs::write(&path, conf).unwrap();

@@ -23,15 +23,6 @@ const PROFILE: &str = r#"{"name": "bench-sensor", "description": "benchmark devi
   "telemetry": {"max_bytes": 1024, "fields": {
     "n": {"type": "integer", "min": 0}, "device": {"type": "string"}, "pad": {"type": "string"}}}}"#;
 
-fn arg(name: &str, default: usize) -> usize {
-    let argv: Vec<String> = std::env::args().collect();
-    argv.iter()
-        .position(|a| a == name)
-        .and_then(|i| argv.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
-}
-
 fn committed(db: &Path) -> i64 {
     rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .and_then(|c| {

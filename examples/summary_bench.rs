@@ -19,15 +19,6 @@ use std::time::{Duration, Instant};
 const TOKEN: &str = "bench-token-0123456789abcdef";
 const HOUR: i64 = 3_600_000;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let argv: Vec<String> = std::env::args().collect();
-    argv.iter()
-        .position(|a| a == name)
-        .and_then(|i| argv.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
-}
-
 fn get(port: u16, path: &str) -> (u16, usize) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -112,10 +103,8 @@ fn main() {
         let scopes: Vec<String> = std::iter::once(String::new())
             .chain((0..devices).map(|d| format!("gate-{d:03}")))
             .collect();
-        for h in 0..8760i64 {
-            let ms = start + h * HOUR;
-            let hl = label(ms, false);
-            for scope in &scopes {
+        let mut insert =
+            |scope: &str, period: &str, ms: i64, label: &str, value: f64, samples: i64| {
                 for (metric, op) in [
                     ("visitors_in", "sum"),
                     ("visitors_out", "sum"),
@@ -124,40 +113,26 @@ fn main() {
                     rows += 1;
                     st.execute(rusqlite::params![
                         scope,
-                        "hour",
+                        period,
                         ms,
                         metric,
-                        hl,
+                        label,
                         op,
-                        (h % 37) as f64,
-                        60,
+                        value,
+                        samples,
                         rows as i64
                     ])
                     .unwrap();
                 }
-            }
-            if h % 24 == 0 {
-                let dl = label(ms, true);
-                for scope in &scopes {
-                    for (metric, op) in [
-                        ("visitors_in", "sum"),
-                        ("visitors_out", "sum"),
-                        ("messages", "count"),
-                    ] {
-                        rows += 1;
-                        st.execute(rusqlite::params![
-                            scope,
-                            "day",
-                            ms,
-                            metric,
-                            dl,
-                            op,
-                            400.0,
-                            1440,
-                            rows as i64
-                        ])
-                        .unwrap();
-                    }
+            };
+        for h in 0..8760i64 {
+            let ms = start + h * HOUR;
+            let hour = label(ms, false);
+            let day = (h % 24 == 0).then(|| label(ms, true));
+            for scope in &scopes {
+                insert(scope, "hour", ms, &hour, (h % 37) as f64, 60);
+                if let Some(day) = &day {
+                    insert(scope, "day", ms, day, 400.0, 1440);
                 }
             }
         }

@@ -54,3 +54,16 @@ pub fn cpu_ms(pid: u32) -> u64 {
     let ticks = 100; // USER_HZ on Linux
     f.iter().sum::<u64>() * 1000 / ticks
 }
+
+/// `--name VALUE` from the command line, parsed, or `default`.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let argv: Vec<String> = std::env::args().collect();
+    argv.iter()
+        .position(|a| a == name)
+        .and_then(|i| argv.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} takes a number, not {v:?}"))
+        })
+        .unwrap_or(default)
+}
