@@ -1,11 +1,13 @@
 //! branch-gateway: the edge gateway of a public-library branch.
 //!
 //! # Layout
-//! Dependencies point one way: `model` <- `config` <- {`broker`, `intake`, `buffer`,
-//! `serial`, `upstream`, `simulate`} <- `app` <- `main`. The middle modules do not call each other; `app` connects
-//! them with bounded channels of `model` types.
+//! Dependencies point one way: `model` <- `config` <- `summary` (pure arithmetic) <-
+//! {`broker`, `intake`, `buffer`, `serial`, `upstream`, `api`, `simulate`} <- `app` <- `main`.
+//! The middle modules do not call each other; `app` connects them with bounded channels of
+//! `model` types.
 //!
-//! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages.
+//! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages,
+//!   summary contributions.
 //! - [`config`]: the TOML config and the JSON device profiles; strict parsing, then `check()`.
 //! - [`broker`]: the embedded rumqttd broker with per-device auth, topic ACLs and presence.
 //! - [`intake`]: validate each device message against its profile and stamp it.
