@@ -58,8 +58,13 @@ async fn patron_identifiers_never_leave_intake_in_clear() {
         "keyed hash, same on every branch restart"
     );
     assert!(v["data"].get("patron_name").is_none());
+    // The refused message was published after the valid one: wait for its commit.
     assert_eq!(
-        branch.count("SELECT COUNT(*) FROM rejected WHERE device = 'kiosk-1'"),
+        branch.wait_count(
+            "SELECT COUNT(*) FROM rejected WHERE device = 'kiosk-1'",
+            1,
+            Duration::from_secs(10)
+        ),
         1
     );
     let (ok, _) = gw.terminate();
