@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, Request,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -226,11 +228,15 @@ impl Forwarder {
         .to_string()
     }
 
-    fn client(&self, started_ms: i64) -> (AsyncClient, EventLoop) {
-        // The request channel holds a whole window, so `try_publish` never finds it full.
-        AsyncClient::new(
-            self.options(started_ms),
-            self.settings.max_inflight as usize + 8,
+    /// A fresh connection: rumqttc's event loop (connect, TLS, packet ids, codec) and the
+    /// channel the forwarder queues requests on. The channel holds a whole window, so
+    /// `try_send` never finds it full.
+    fn client(&self, started_ms: i64) -> (Requests, EventLoop, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(self.settings.max_inflight as usize + 8);
+        (
+            Requests(tx),
+            EventLoop::new(self.options(started_ms), 8),
+            rx,
         )
     }
 
@@ -239,7 +245,7 @@ impl Forwarder {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let started_ms = now_ms();
         let window = self.settings.max_inflight as usize;
-        let (mut client, eventloop) = self.client(started_ms);
+        let (mut client, eventloop, requests) = self.client(started_ms);
         let (events_tx, mut events) = mpsc::channel(window + 64);
         // Each connection attempt gets a fresh client (generation): rumqttc would otherwise
         // send requests still in its channel on the next connection, ahead of the rewind,
@@ -247,6 +253,7 @@ impl Forwarder {
         let mut generation = 0u64;
         let mut driver = tokio::spawn(drive(
             eventloop,
+            requests,
             generation,
             events_tx.clone(),
             Duration::ZERO,
@@ -353,11 +360,11 @@ impl Forwarder {
                                 failures = failures.saturating_add(1);
                                 driver.abort();
                                 generation += 1;
-                                let (c, el) = self.client(started_ms);
+                                let (c, el, rx) = self.client(started_ms);
                                 client = c;
                                 self.stats.client_rebuilds.fetch_add(1, Ordering::Relaxed);
                                 let delay = backoff(failures, self.settings.reconnect_max_ms);
-                                driver = tokio::spawn(drive(el, generation, events_tx.clone(), delay));
+                                driver = tokio::spawn(drive(el, rx, generation, events_tx.clone(), delay));
                             }
                         }
                         handled += 1;
@@ -521,7 +528,7 @@ impl Forwarder {
     }
 
     /// Queue one row's envelope; backlog rows go to `{prefix}/backfill/devices/ID/KIND`.
-    fn publish_row(&self, client: &AsyncClient, row: &Stored, backfill: bool) -> bool {
+    fn publish_row(&self, client: &Requests, row: &Stored, backfill: bool) -> bool {
         let prefix = &self.settings.topic_prefix;
         let topic = if backfill {
             row.topic(&format!("{prefix}/backfill"))
@@ -552,13 +559,49 @@ impl Forwarder {
     }
 }
 
-/// Poll one connection's rumqttc event loop without ever cancelling it (a `poll()`
-/// dropped mid-connect abandons the half-open connection and makes the broker fire our
-/// will) and forward its events, tagged with its generation. Stops at the first error:
-/// the forwarder then starts a fresh client after a backoff (`poll()` alone would
-/// reconnect at once, and would keep the old client's queued requests).
+/// The forwarder's side of one connection's request queue.
+struct Requests(mpsc::Sender<Request>);
+
+impl Requests {
+    fn try_publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: String,
+    ) -> Result<(), ()> {
+        let mut p = Publish::new(topic, qos, payload);
+        p.retain = retain;
+        self.0.try_send(Request::Publish(p)).map_err(|_| ())
+    }
+
+    fn try_disconnect(&self) -> Result<(), ()> {
+        self.0
+            .try_send(Request::Disconnect(rumqttc::Disconnect))
+            .map_err(|_| ())
+    }
+}
+
+/// Flush the socket within the connection timeout. (A macro: rumqttc does not export the
+/// name of its `Network` type.)
+macro_rules! flush {
+    ($network:expr, $timeout:expr) => {
+        match tokio::time::timeout($timeout, $network.flush()).await {
+            Ok(r) => r.map_err(ConnectionError::from),
+            Err(_) => Err(ConnectionError::FlushTimeout),
+        }
+    };
+}
+
+/// Run one connection: connect with rumqttc's event loop (never cancelled mid-connect: a
+/// dropped `poll()` abandons the half-open connection and makes the broker fire our will),
+/// then move packets ourselves with rumqttc's state machine and codec, writing every queued
+/// publish before one flush. (`poll()` flushes the socket once per request: one syscall
+/// and one timer per message.) Events are forwarded tagged with the generation. Stops at
+/// the first error: the forwarder starts a fresh client after a backoff.
 async fn drive(
     mut eventloop: EventLoop,
+    mut requests: mpsc::Receiver<Request>,
     generation: u64,
     events: mpsc::Sender<(u64, Result<Event, ConnectionError>)>,
     delay: Duration,
@@ -566,9 +609,94 @@ async fn drive(
     tokio::time::sleep(delay).await;
     loop {
         let ev = eventloop.poll().await;
-        let failed = ev.is_err();
+        let (failed, connected) = match &ev {
+            Err(_) => (true, false),
+            Ok(Event::Incoming(Packet::ConnAck(_))) => (false, true),
+            Ok(_) => (false, false),
+        };
         if events.send((generation, ev)).await.is_err() || failed {
             return;
+        }
+        if connected {
+            break;
+        }
+    }
+    let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
+    let keep_alive = eventloop.mqtt_options.keep_alive();
+    let max_inflight = eventloop.mqtt_options.inflight();
+    let EventLoop { state, network, .. } = &mut eventloop;
+    let Some(network) = network.as_mut() else {
+        return;
+    };
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + keep_alive,
+        keep_alive.max(Duration::from_secs(1)),
+    );
+    let mut batch: Vec<Request> = Vec::with_capacity(256);
+    loop {
+        let room = if state.collision.is_some() {
+            0
+        } else {
+            max_inflight.saturating_sub(state.inflight()).min(256) as usize
+        };
+        let result: Result<bool, ConnectionError> = tokio::select! {
+            r = network.readb(state) => match r {
+                Ok(()) => flush!(network, timeout).map(|()| true),
+                Err(e) => Err(e.into()),
+            },
+            n = requests.recv_many(&mut batch, room.max(1)), if room > 0 => {
+                if n == 0 {
+                    return; // the forwarder dropped this connection
+                }
+                let mut r = Ok(true);
+                for request in batch.drain(..) {
+                    let last = matches!(request, Request::Disconnect(_));
+                    match state.handle_outgoing_packet(request) {
+                        Ok(Some(packet)) => {
+                            if let Err(e) = network.write(packet).await {
+                                r = Err(e.into());
+                                break;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            r = Err(e.into());
+                            break;
+                        }
+                    }
+                    if last {
+                        r = Ok(false);
+                        break;
+                    }
+                }
+                match r {
+                    Ok(more) => flush!(network, timeout).map(|()| more),
+                    Err(e) => Err(e),
+                }
+            },
+            _ = ping.tick(), if !keep_alive.is_zero() => {
+                match state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq)) {
+                    Ok(Some(packet)) => match network.write(packet).await {
+                        Ok(()) => flush!(network, timeout).map(|()| true),
+                        Err(e) => Err(e.into()),
+                    },
+                    Ok(None) => Ok(true),
+                    Err(e) => Err(e.into()),
+                }
+            },
+        };
+        while let Some(ev) = state.events.pop_front() {
+            if events.send((generation, Ok(ev))).await.is_err() {
+                return;
+            }
+        }
+        match result {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let _ = events.send((generation, Err(e))).await;
+                return;
+            }
         }
     }
 }

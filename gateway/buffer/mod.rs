@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, OpenFlags};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::mpsc;
 
 use crate::config::Synchronous;
@@ -236,6 +236,7 @@ impl Buffer {
             max_bytes: options.max_bytes,
             keep_delivered_ms: options.keep_delivered.as_millis() as i64,
             maintain_due: false,
+            prune_cursor: 0,
             synchronous: options.synchronous,
             relaxed_sync: false,
             live: options.live,
@@ -278,6 +279,8 @@ struct Writer {
     max_bytes: u64,
     keep_delivered_ms: i64,
     maintain_due: bool,
+    /// Where the next retention walk starts (see `prune_delivered`).
+    prune_cursor: i64,
     synchronous: Synchronous,
     /// `synchronous = normal` is set for the current transaction (delivery marks only).
     relaxed_sync: bool,
@@ -312,6 +315,11 @@ const CAP_LOW: f64 = 0.60;
 /// Rows deleted per step while making room: small steps keep the WAL small and drop no
 /// more than needed.
 const CAP_CHUNK: i64 = 500;
+/// Rows retention looks at per maintenance pass (every 10 s).
+const PRUNE_SCAN: i64 = 50_000;
+/// How long per-10-second delivery counts are kept (for `status`).
+const DELIVERIES_KEPT_MS: i64 = 3_600_000;
+const DELIVERIES_BUCKET_MS: i64 = 10_000;
 
 impl Writer {
     fn size_on_disk(&self) -> u64 {
@@ -333,10 +341,10 @@ impl Writer {
     /// `reserve`: room to leave for a batch about to be committed.
     fn maintain(&mut self, reserve: u64) -> rusqlite::Result<()> {
         let now = crate::model::now_ms();
-        let pruned = self.conn.execute(
-            "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages
-               WHERE delivered_ms IS NOT NULL AND delivered_ms < ?1 ORDER BY delivered_ms LIMIT 50000)",
-            params![now - self.keep_delivered_ms],
+        let pruned = self.prune_delivered(now - self.keep_delivered_ms)?;
+        self.conn.execute(
+            "DELETE FROM deliveries WHERE bucket_ms < ?1",
+            params![now - DELIVERIES_KEPT_MS],
         )?;
         if pruned > 0 {
             tracing::debug!(pruned, "delivered messages past retention pruned");
@@ -363,7 +371,7 @@ impl Writer {
                 let n = if step == "delivered" {
                     let n = self.conn.execute(
                         "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages
-                           WHERE delivered_ms IS NOT NULL ORDER BY delivered_ms LIMIT ?1)",
+                           WHERE delivered_ms IS NOT NULL ORDER BY seq LIMIT ?1)",
                         params![CAP_CHUNK],
                     )?;
                     freed_delivered += n;
@@ -402,6 +410,46 @@ impl Writer {
             );
         }
         Ok(())
+    }
+
+    /// Delete delivered messages delivered before `cutoff`, walking `seq` order from
+    /// `prune_cursor`, at most [`PRUNE_SCAN`] rows per call. A message is received before
+    /// it is delivered and `seq` follows reception, so the walk ends at the first row
+    /// received after the cutoff; the next walk starts again from the oldest row (older
+    /// rows still undelivered now may be delivered by then).
+    fn prune_delivered(&mut self, cutoff: i64) -> rusqlite::Result<usize> {
+        let from = self.prune_cursor;
+        let first: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT received_ms FROM messages WHERE seq > ?1 ORDER BY seq LIMIT 1",
+                params![from],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if first.is_none_or(|received| received >= cutoff) {
+            self.prune_cursor = 0;
+            return Ok(0);
+        }
+        let end: Option<(i64, i64)> = self
+            .conn
+            .query_row(
+                "SELECT seq, received_ms FROM messages WHERE seq > ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
+                params![from, PRUNE_SCAN - 1],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let upto = end.map(|(seq, _)| seq).unwrap_or(i64::MAX);
+        let pruned = self.conn.execute(
+            "DELETE FROM messages WHERE seq > ?1 AND seq <= ?2
+               AND delivered_ms IS NOT NULL AND delivered_ms < ?3",
+            params![from, upto, cutoff],
+        )?;
+        self.prune_cursor = match end {
+            Some((seq, received)) if received < cutoff => seq,
+            _ => 0,
+        };
+        Ok(pruned)
     }
 
     /// Pages in use (the file shrinks only after `shrink`).
@@ -731,6 +779,14 @@ impl Writer {
                             mark_delivered.execute(params![first, last, at_ms])?;
                         }
                         delivered += seqs.len() as u64;
+                        if !seqs.is_empty() {
+                            tx.execute(
+                                "INSERT INTO deliveries (bucket_ms, count, last_ms) VALUES (?1, ?2, ?3)
+                                 ON CONFLICT(bucket_ms) DO UPDATE SET count = count + excluded.count,
+                                   last_ms = MAX(last_ms, excluded.last_ms)",
+                                params![at_ms - at_ms.rem_euclid(DELIVERIES_BUCKET_MS), seqs.len() as i64, at_ms],
+                            )?;
+                        }
                     }
                 }
             }
@@ -952,7 +1008,8 @@ impl Outbox {
     /// Undelivered messages and the receive time of the oldest.
     pub fn backlog(&mut self) -> rusqlite::Result<(i64, Option<i64>)> {
         self.conn.query_row(
-            "SELECT COUNT(*), MIN(received_ms) FROM messages WHERE delivered_ms IS NULL",
+            "SELECT (SELECT COUNT(*) FROM messages WHERE delivered_ms IS NULL),
+                    (SELECT received_ms FROM messages WHERE delivered_ms IS NULL ORDER BY seq LIMIT 1)",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -1010,7 +1067,6 @@ pub fn bucket_figures(
 
 /// The newest stored telemetry payload of `device` (serial counters resume from it).
 pub fn last_telemetry(conn: &Connection, device: &str) -> rusqlite::Result<Option<String>> {
-    use rusqlite::OptionalExtension;
     conn.query_row(
         "SELECT payload FROM messages WHERE device = ?1 AND kind = 'telemetry'
          ORDER BY seq DESC LIMIT 1",
@@ -1024,7 +1080,8 @@ pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferR
     let one =
         |sql: &str| -> rusqlite::Result<Option<i64>> { conn.query_row(sql, [], |r| r.get(0)) };
     let (backlog, oldest): (i64, Option<i64>) = conn.query_row(
-        "SELECT COUNT(*), MIN(received_ms) FROM messages WHERE delivered_ms IS NULL",
+        "SELECT (SELECT COUNT(*) FROM messages WHERE delivered_ms IS NULL),
+                (SELECT received_ms FROM messages WHERE delivered_ms IS NULL ORDER BY seq LIMIT 1)",
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -1040,11 +1097,9 @@ pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferR
             .unwrap_or(0),
         backlog,
         oldest_undelivered_ms: oldest,
-        last_delivered_ms: one(
-            "SELECT MAX(delivered_ms) FROM messages WHERE delivered_ms IS NOT NULL",
-        )?,
+        last_delivered_ms: one("SELECT MAX(last_ms) FROM deliveries")?,
         delivered_last_minute: conn.query_row(
-            "SELECT COUNT(*) FROM messages WHERE delivered_ms IS NOT NULL AND delivered_ms > ?1",
+            "SELECT COALESCE(SUM(count), 0) FROM deliveries WHERE bucket_ms >= ?1",
             params![now_ms - 60_000],
             |r| r.get(0),
         )?,
@@ -1114,7 +1169,84 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
 
 #[cfg(test)]
 mod tests {
-    use super::seq_runs;
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+
+    fn message(received_ms: i64) -> Write {
+        Write::Accepted(Accepted {
+            device: "gate-1".into(),
+            profile: "gate-counter".into(),
+            kind: crate::model::Kind::Telemetry,
+            received_ms,
+            payload: r#"{"in":1}"#.into(),
+            contributions: Vec::new(),
+        })
+    }
+
+    fn seqs_left(path: &Path) -> Vec<i64> {
+        let conn = open_read_only(path).unwrap();
+        let mut st = conn
+            .prepare("SELECT seq FROM messages ORDER BY seq")
+            .unwrap();
+        let rows = st.query_map([], |r| r.get(0)).unwrap();
+        rows.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    /// Retention removes exactly the rows delivered longer ago than `keep_delivered`:
+    /// never an undelivered one, and rows delivered late (after an older walk passed them)
+    /// on a later pass.
+    #[test]
+    fn retention_prunes_only_rows_delivered_before_the_cutoff() {
+        let dir = std::env::temp_dir().join(format!("bgw-retention-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("buffer.sqlite");
+        let open = || {
+            let options = BufferOptions {
+                synchronous: Synchronous::Normal,
+                rejected_keep: 100,
+                queue_capacity: 64,
+                max_bytes: 1 << 30,
+                keep_delivered: Duration::from_millis(7 * DAY as u64),
+                live: None,
+                rollup_tz: jiff::tz::TimeZone::UTC,
+            };
+            Buffer::open(&path, options, &[("gate-1".into(), "gate-counter".into())]).unwrap()
+        };
+        let now = crate::model::now_ms();
+        let buffer = open();
+        let tx = buffer.sender();
+        // seq 1..=10 received ten days ago, 11..=15 now.
+        for _ in 0..10 {
+            tx.blocking_send(message(now - 10 * DAY)).unwrap();
+        }
+        for _ in 0..5 {
+            tx.blocking_send(message(now)).unwrap();
+        }
+        let delivered = |seqs: Vec<i64>, at_ms| Write::Delivered { seqs, at_ms };
+        tx.blocking_send(delivered(vec![1, 2, 3, 4, 5], now - 8 * DAY))
+            .unwrap();
+        tx.blocking_send(delivered(vec![6, 7], now - DAY)).unwrap();
+        tx.blocking_send(delivered(vec![11, 12], now)).unwrap();
+        tx.blocking_send(Write::Maintain).unwrap();
+        drop(tx);
+        buffer.close().unwrap();
+        assert_eq!(seqs_left(&path), vec![6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+
+        // seq 9 is delivered long ago after all (late mark): the next pass finds it.
+        let buffer = open();
+        let tx = buffer.sender();
+        tx.blocking_send(delivered(vec![9], now - 9 * DAY)).unwrap();
+        tx.blocking_send(Write::Maintain).unwrap();
+        drop(tx);
+        buffer.close().unwrap();
+        assert_eq!(seqs_left(&path), vec![6, 7, 8, 10, 11, 12, 13, 14, 15]);
+        let report = buffer_report(&open_read_only(&path).unwrap(), now).unwrap();
+        assert_eq!(report.backlog, 5, "8, 10 and 13..=15 undelivered");
+        assert_eq!(report.oldest_undelivered_ms, Some(now - 10 * DAY));
+        assert_eq!(report.last_delivered_ms, Some(now));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn acknowledgements_become_runs() {

@@ -90,6 +90,18 @@ CREATE TABLE rollup_distinct (
     PRIMARY KEY (scope, period, bucket_ms, metric, value)
 ) WITHOUT ROWID;
 "#,
+    // v5: two indexes cost a B-tree insert per message and two updates per delivery
+    // (a sixth of the gateway's CPU under load); retention and the disk cap walk `seq`
+    // ranges instead, and delivery figures for `status` come from `deliveries`.
+    r#"
+DROP INDEX messages_kind_undelivered;
+DROP INDEX messages_delivered;
+CREATE TABLE deliveries (
+    bucket_ms INTEGER PRIMARY KEY,
+    count     INTEGER NOT NULL,
+    last_ms   INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).
