@@ -167,6 +167,39 @@ pub struct Stored {
 }
 
 impl Stored {
+    pub fn as_ref(&self) -> StoredRef<'_> {
+        StoredRef {
+            seq: self.seq,
+            device: &self.device,
+            profile: &self.profile,
+            kind: self.kind,
+            received_ms: self.received_ms,
+            payload: &self.payload,
+        }
+    }
+
+    pub fn topic(&self, prefix: &str) -> String {
+        self.as_ref().topic(prefix)
+    }
+
+    pub fn envelope(&self, branch: &str) -> String {
+        self.as_ref().envelope(branch)
+    }
+}
+
+/// A buffered message borrowed from a database row: the forwarder builds topic and
+/// envelope straight from SQLite's memory, without owned copies of each column.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoredRef<'a> {
+    pub seq: i64,
+    pub device: &'a str,
+    pub profile: &'a str,
+    pub kind: Kind,
+    pub received_ms: i64,
+    pub payload: &'a str,
+}
+
+impl StoredRef<'_> {
     /// `{prefix}/devices/ID/KIND` (or `{prefix}/summaries/hour` for the gateway's hourly
     /// summary): where the central side receives this message.
     pub fn topic(&self, prefix: &str) -> String {

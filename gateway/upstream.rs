@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{BufferStats, LiveRows, Outbox, Write};
 use crate::config::UpstreamSection;
-use crate::model::{now_ms, Stored};
+use crate::model::{now_ms, Stored, StoredRef};
 
 /// How often acknowledged `seq`s are handed to the writer.
 const ACK_FLUSH: Duration = Duration::from_millis(50);
@@ -289,6 +289,9 @@ impl Forwarder {
         let mut last_backlog_log = now_ms() - BACKLOG_LOG_EVERY_MS;
         let mut acked_at_log = 0u64;
         let addr = self.settings.url.clone();
+        let live_prefix: Arc<str> = self.settings.topic_prefix.as_str().into();
+        let backfill_prefix: Arc<str> = format!("{}/backfill", self.settings.topic_prefix).into();
+        let branch: Arc<str> = self.branch.as_str().into();
 
         loop {
             // Refill once half the window is free: one read of many rows, not a read per
@@ -388,7 +391,7 @@ impl Forwarder {
                     let mut limit = window.saturating_sub(queued.len() + inflight.len());
                     let from = live_cursor;
                     for row in batch.rows.iter().filter(|r| r.seq > from) {
-                        if limit == 0 || !self.publish_row(&client, row, false) {
+                        if limit == 0 || !self.publish_row(&client, row) {
                             caught_up = false;
                             break;
                         }
@@ -407,7 +410,7 @@ impl Forwarder {
                 _ = std::future::ready(()), if room && (!caught_up || (!backfill_done && backfill_resume <= tokio::time::Instant::now())) => {
                     let mut limit = window.saturating_sub(queued.len() + inflight.len());
                     // Live rows first.
-                    let live = match fetch(&mut outbox, live_cursor, i64::MAX, limit).await {
+                    let live = match fetch(&mut outbox, live_cursor, i64::MAX, limit, live_prefix.clone(), branch.clone()).await {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot read the buffer");
@@ -417,7 +420,7 @@ impl Forwarder {
                     };
                     caught_up = live.len() < limit;
                     for row in live {
-                        if !self.publish_row(&client, &row, false) {
+                        if !self.publish_ready(&client, row.topic, row.envelope) {
                             break;
                         }
                         queued.push_back(Sent::Row(row.seq));
@@ -432,7 +435,7 @@ impl Forwarder {
                             limit = limit.min(per_tick);
                             backfill_resume = now + interval * limit as u32;
                         }
-                        let rows = match fetch(&mut outbox, backfill_cursor, boundary, limit).await {
+                        let rows = match fetch(&mut outbox, backfill_cursor, boundary, limit, backfill_prefix.clone(), branch.clone()).await {
                             Ok(r) => r,
                             Err(e) => {
                                 tracing::error!(error = %e, "cannot read the buffer");
@@ -446,7 +449,7 @@ impl Forwarder {
                             }
                         }
                         for row in rows {
-                            if !self.publish_row(&client, &row, true) {
+                            if !self.publish_ready(&client, row.topic, row.envelope) {
                                 break;
                             }
                             queued.push_back(Sent::Row(row.seq));
@@ -527,16 +530,20 @@ impl Forwarder {
         driver.abort();
     }
 
-    /// Queue one row's envelope; backlog rows go to `{prefix}/backfill/devices/ID/KIND`.
-    fn publish_row(&self, client: &Requests, row: &Stored, backfill: bool) -> bool {
-        let prefix = &self.settings.topic_prefix;
-        let topic = if backfill {
-            row.topic(&format!("{prefix}/backfill"))
-        } else {
-            row.topic(prefix)
-        };
+    /// Queue one row the writer handed over (live traffic).
+    fn publish_row(&self, client: &Requests, row: &Stored) -> bool {
+        let row = row.as_ref();
+        self.publish_ready(
+            client,
+            row.topic(&self.settings.topic_prefix),
+            row.envelope(&self.branch),
+        )
+    }
+
+    /// Queue one envelope; backlog rows go to `{prefix}/backfill/devices/ID/KIND`.
+    fn publish_ready(&self, client: &Requests, topic: String, envelope: String) -> bool {
         let ok = client
-            .try_publish(topic, QoS::AtLeastOnce, false, row.envelope(&self.branch))
+            .try_publish(topic, QoS::AtLeastOnce, false, envelope)
             .is_ok();
         if ok {
             self.stats.published.fetch_add(1, Ordering::Relaxed);
@@ -701,15 +708,30 @@ async fn drive(
     }
 }
 
+/// A row read back from the buffer, ready to publish.
+struct Ready {
+    seq: i64,
+    topic: String,
+    envelope: String,
+}
+
+/// Read up to `limit` undelivered rows after `after` (and up to `upto`) and build their
+/// topics and envelopes on the blocking pool, straight from the rows.
 async fn fetch(
     outbox: &mut Option<Outbox>,
     after: i64,
     upto: i64,
     limit: usize,
-) -> rusqlite::Result<Vec<Stored>> {
+    topic_prefix: Arc<str>,
+    branch: Arc<str>,
+) -> rusqlite::Result<Vec<Ready>> {
     let mut ob = outbox.take().expect("outbox is returned after every use");
     let (ob, rows) = tokio::task::spawn_blocking(move || {
-        let rows = ob.next_between(after, upto, limit.max(1));
+        let rows = ob.next_between(after, upto, limit.max(1), |row: StoredRef<'_>| Ready {
+            seq: row.seq,
+            topic: row.topic(&topic_prefix),
+            envelope: row.envelope(&branch),
+        });
         (ob, rows)
     })
     .await

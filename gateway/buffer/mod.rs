@@ -40,7 +40,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::mpsc;
 
 use crate::config::Synchronous;
-use crate::model::{Accepted, DeviceId, Kind, Presence, Rejected, Stored};
+use crate::model::{Accepted, DeviceId, Kind, Presence, Rejected, Stored, StoredRef};
 
 /// Most commands applied in one transaction.
 pub const MAX_BATCH: usize = 2048;
@@ -971,29 +971,37 @@ impl Outbox {
         })
     }
 
-    /// Up to `limit` undelivered messages with `after < seq <= upto`, oldest first.
-    pub fn next_between(
+    /// Up to `limit` undelivered messages with `after < seq <= upto`, oldest first, each
+    /// turned into `T` by `f` while borrowed from the row.
+    pub fn next_between<T>(
         &mut self,
         after: i64,
         upto: i64,
         limit: usize,
-    ) -> rusqlite::Result<Vec<Stored>> {
+        mut f: impl FnMut(StoredRef<'_>) -> T,
+    ) -> rusqlite::Result<Vec<T>> {
         let mut st = self.conn.prepare_cached(
             "SELECT seq, device, profile, kind, received_ms, payload FROM messages
              WHERE delivered_ms IS NULL AND seq > ?1 AND seq <= ?3 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = st.query_map(params![after, limit as i64, upto], |r| {
-            let kind: String = r.get(3)?;
-            Ok(Stored {
+        let mut rows = st.query(params![after, limit as i64, upto])?;
+        let mut out = Vec::with_capacity(limit.min(4096));
+        fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> rusqlite::Result<&'r str> {
+            Ok(r.get_ref(i)?.as_str()?)
+        }
+        // Borrowed columns are only valid until the next `next()`, so `f` runs here.
+        while let Some(r) = rows.next()? {
+            let row = StoredRef {
                 seq: r.get(0)?,
-                device: r.get(1)?,
-                profile: r.get(2)?,
-                kind: Kind::parse_stored(&kind).unwrap_or(Kind::Events),
+                device: text(r, 1)?,
+                profile: text(r, 2)?,
+                kind: Kind::parse_stored(text(r, 3)?).unwrap_or(Kind::Events),
                 received_ms: r.get(4)?,
-                payload: r.get(5)?,
-            })
-        })?;
-        rows.collect()
+                payload: text(r, 5)?,
+            };
+            out.push(f(row));
+        }
+        Ok(out)
     }
 
     /// Messages dropped by the disk cap, per device and kind: (device, kind, count).
