@@ -112,7 +112,7 @@ pub async fn run(
         buffer_stats.clone(),
         figures.intake.clone(),
     ));
-    let (broker, wills, branch_publisher) =
+    let (broker, wills, branch_publisher, router_probe) =
         Broker::start(settings.clone(), devices.clone(), sink.clone(), events_tx).await?;
 
     let tasks = tokio_util::task::TaskTracker::new();
@@ -195,6 +195,19 @@ pub async fn run(
         buffer_stats.clone(),
         shutdown.clone(),
     ));
+    let status = status_line(
+        cfg.devices.len(),
+        figures.clone(),
+        buffer_stats.clone(),
+        cfg.upstream.is_some(),
+    );
+    tasks.spawn(crate::service::supervise(
+        router_probe,
+        buffer.sender(),
+        buffer_stats.clone(),
+        status.clone(),
+        shutdown.clone(),
+    ));
     tasks.close();
 
     tracing::info!(
@@ -205,8 +218,11 @@ pub async fn run(
         "gateway ready: devices can connect"
     );
     ready(settings.listen);
+    // The broker accepts connections, the buffer is open and the API listens.
+    crate::service::notify_ready(&status());
 
     shutdown.cancelled().await;
+    crate::service::notify_stopping();
     tracing::info!("shutting down: closing device connections, draining intake");
     broker.close_connections();
     let _ = wills_done.await;
@@ -514,6 +530,43 @@ async fn record_broker_events(
             }
             return;
         }
+    }
+}
+
+/// The one-line health for `systemctl status` (sd_notify `STATUS=`).
+fn status_line(
+    configured: usize,
+    figures: Arc<Figures>,
+    buffer: Arc<crate::buffer::BufferStats>,
+    has_upstream: bool,
+) -> impl Fn() -> String + Send + Clone + 'static {
+    move || {
+        let upstream = if !has_upstream {
+            "no upstream".to_owned()
+        } else {
+            let up = &figures.upstream;
+            format!(
+                "upstream {}, backlog {}",
+                if up.connected.load(Ordering::Relaxed) {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                up.backlog.load(Ordering::Relaxed)
+            )
+        };
+        let storage = if buffer.last_commit_failed.load(Ordering::Relaxed) {
+            "storage FAILING (see log)"
+        } else {
+            "storage ok"
+        };
+        format!(
+            "{}/{} devices online, {}, {}",
+            figures.devices_online.load(Ordering::Relaxed),
+            configured,
+            upstream,
+            storage
+        )
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! Dependencies point one way: `model` <- `config` <- `summary` (pure arithmetic) <-
-//! {`broker`, `intake`, `buffer`, `serial`, `upstream`, `api`, `simulate`} <- `app` <- `main`.
+//! {`broker`, `intake`, `buffer`, `serial`, `upstream`, `api`, `simulate`} <- `service` <- `app` <-
+//! `main`.
 //! The middle modules do not call each other; `app` connects them with bounded channels of
 //! `model` types.
 //!
@@ -18,6 +19,7 @@
 //! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
 //! - [`burst`]: "once per burst" log limiting.
 //! - [`api`]: HTTP for the central server: summaries, devices, health, metrics.
+//! - [`service`]: systemd integration: readiness, watchdog (with liveness probes), status.
 //! - [`app`]: wiring and ordered shutdown.
 
 pub mod api;
@@ -29,6 +31,7 @@ pub mod config;
 pub mod intake;
 pub mod model;
 pub mod serial;
+pub mod service;
 pub mod simulate;
 pub mod summary;
 pub mod upstream;

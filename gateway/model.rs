@@ -210,7 +210,7 @@ impl StoredRef<'_> {
         let mut t = String::with_capacity(prefix.len() + self.device.len() + kind.len() + 10);
         t.push_str(prefix);
         t.push_str("/devices/");
-        t.push_str(&self.device);
+        t.push_str(self.device);
         t.push('/');
         t.push_str(kind);
         t
@@ -230,17 +230,17 @@ impl StoredRef<'_> {
         e.push_str(r#","branch":"#);
         push_json_string(&mut e, branch);
         e.push_str(r#","device":"#);
-        push_json_string(&mut e, &self.device);
+        push_json_string(&mut e, self.device);
         e.push_str(r#","profile":"#);
-        push_json_string(&mut e, &self.profile);
+        push_json_string(&mut e, self.profile);
         e.push_str(r#","kind":""#);
         e.push_str(self.kind.as_str());
         e.push_str(r#"","received_at":""#);
         push_rfc3339_ms(&mut e, self.received_ms);
         e.push_str(r#"","data":"#);
         match self.kind {
-            Kind::Status => push_json_string(&mut e, &self.payload),
-            Kind::Telemetry | Kind::Events | Kind::Summary => e.push_str(&self.payload),
+            Kind::Status => push_json_string(&mut e, self.payload),
+            Kind::Telemetry | Kind::Events | Kind::Summary => e.push_str(self.payload),
         }
         e.push('}');
         e

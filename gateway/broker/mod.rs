@@ -98,6 +98,62 @@ impl BranchPublisher {
     }
 }
 
+/// The topic of the router liveness probe: only in-process links use it (devices may
+/// publish under their own `devices/ID/` only, and subscribe to nothing here).
+pub const PROBE_TOPIC: &str = "gateway/probe";
+
+/// An in-process link subscribed to [`PROBE_TOPIC`]: a publish that comes back through
+/// the router proves the router thread is alive and routing (rumqttd's router can die
+/// while the process lives).
+pub struct RouterProbe {
+    tx: LinkTx,
+    rx: LinkRx,
+    sent: u64,
+}
+
+impl RouterProbe {
+    /// Publish a numbered probe and wait for it to come back; `Err` after `timeout`.
+    pub async fn round_trip(&mut self, timeout: Duration) -> Result<Duration, BrokerError> {
+        self.sent += 1;
+        let token = self.sent.to_string();
+        let started = tokio::time::Instant::now();
+        let publish = rumqttd::protocol::Publish::new(
+            bytes::Bytes::from_static(PROBE_TOPIC.as_bytes()),
+            bytes::Bytes::from(token.clone()),
+            false,
+        );
+        let wait = async {
+            self.tx
+                .send(rumqttd::protocol::Packet::Publish(publish, None))
+                .await
+                .map_err(|e| BrokerError::Link(e.to_string()))?;
+            loop {
+                match self.rx.next().await {
+                    Ok(Some(rumqttd::Notification::Forward(f))) => {
+                        if f.publish.payload.as_ref() == token.as_bytes() {
+                            return Ok(started.elapsed());
+                        }
+                    }
+                    Ok(Some(rumqttd::Notification::Unschedule)) => self
+                        .rx
+                        .wake()
+                        .await
+                        .map_err(|e| BrokerError::Link(e.to_string()))?,
+                    Ok(_) => {}
+                    Err(e) => return Err(BrokerError::Link(e.to_string())),
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Link(format!(
+                "router did not route a probe within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+}
+
 /// After shutdown is requested, keep draining wills until the link is quiet this long...
 const DRAIN_QUIET: Duration = Duration::from_millis(300);
 /// ... but never longer than this.
@@ -154,7 +210,7 @@ impl Broker {
         devices: SharedDevices,
         sink: Arc<dyn PublishSink>,
         events: mpsc::Sender<BrokerEvent>,
-    ) -> Result<(Broker, WillLink, BranchPublisher), BrokerError> {
+    ) -> Result<(Broker, WillLink, BranchPublisher, RouterProbe), BrokerError> {
         // Fail early and clearly if the address is taken (rumqttd would only log it).
         std::net::TcpListener::bind(settings.listen).map_err(|source| BrokerError::Bind {
             addr: settings.listen,
@@ -195,6 +251,14 @@ impl Broker {
                 .clean_session(true)
                 .build()
                 .map_err(|e| BrokerError::Link(e.to_string()))?;
+        let (mut probe_tx, probe_rx, _) =
+            rumqttd::local::LinkBuilder::new("gateway-probe", router_tx.clone())
+                .clean_session(true)
+                .build()
+                .map_err(|e| BrokerError::Link(e.to_string()))?;
+        probe_tx
+            .subscribe(PROBE_TOPIC)
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
         let shared = Arc::new(Shared::new(devices, sink, events));
         let server_settings = ServerSettings {
             name: "devices".to_owned(),
@@ -247,6 +311,11 @@ impl Broker {
             BranchPublisher {
                 tx: branch_tx,
                 _rx: branch_rx,
+            },
+            RouterProbe {
+                tx: probe_tx,
+                rx: probe_rx,
+                sent: 0,
             },
         ))
     }

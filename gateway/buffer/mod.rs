@@ -32,7 +32,7 @@ pub mod schema;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,9 @@ pub enum Write {
     },
     /// Prune delivered messages past retention and enforce the disk cap (sent periodically).
     Maintain,
+    /// Liveness probe for the service watchdog: it only makes the writer go round its loop
+    /// (and so refresh [`BufferStats::heartbeat_ms`]).
+    Probe,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +136,9 @@ pub struct BufferStats {
     pub last_commit_failed: std::sync::atomic::AtomicBool,
     /// Where intake waits while the writer queue is full.
     pub room: Room,
+    /// When the writer last took a batch or finished a commit attempt (failed ones too: a
+    /// writer retrying on a full disk is alive, one blocked for good is not).
+    pub heartbeat_ms: AtomicI64,
 }
 
 /// Intake waits here while the writer queue is full, until half of it is free again.
@@ -227,6 +233,9 @@ impl Buffer {
         }
         let stats = Arc::new(BufferStats::default());
         stats.last_seq.store(last_seq as u64, Ordering::Relaxed);
+        stats
+            .heartbeat_ms
+            .store(crate::model::now_ms(), Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let writer = Writer {
             conn,
@@ -237,6 +246,7 @@ impl Buffer {
             keep_delivered_ms: options.keep_delivered.as_millis() as i64,
             maintain_due: false,
             prune_cursor: 0,
+            wedge_file: std::env::var_os("BRANCH_GATEWAY_TEST_WEDGE_FILE").map(PathBuf::from),
             synchronous: options.synchronous,
             relaxed_sync: false,
             live: options.live,
@@ -281,6 +291,8 @@ struct Writer {
     maintain_due: bool,
     /// Where the next retention walk starts (see `prune_delivered`).
     prune_cursor: i64,
+    /// See [`Writer::wedged_for_test`].
+    wedge_file: Option<PathBuf>,
     synchronous: Synchronous,
     /// `synchronous = normal` is set for the current transaction (delivery marks only).
     relaxed_sync: bool,
@@ -540,6 +552,8 @@ impl Writer {
                 }
             }
             self.stats.room.taken();
+            self.wedged_for_test();
+            self.beat();
             // Make room first if this batch could carry the database past its cap.
             let incoming = incoming_bytes(&batch);
             if self.size_on_disk() + incoming > self.high_water() {
@@ -567,6 +581,23 @@ impl Writer {
         tracing::debug!(path = %self.path.display(), "writer stopped: channel closed");
     }
 
+    fn beat(&self) {
+        self.stats
+            .heartbeat_ms
+            .store(crate::model::now_ms(), Ordering::Relaxed);
+    }
+
+    /// For the watchdog test only: with `BRANCH_GATEWAY_TEST_WEDGE_FILE` set in the
+    /// environment, the writer stands still (as if stuck in a system call) while that file
+    /// exists.
+    fn wedged_for_test(&self) {
+        if let Some(path) = &self.wedge_file {
+            while path.exists() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     /// Commit the batch; on failure (e.g. disk full) keep it and retry with backoff, so
     /// nothing already accepted is dropped. Meanwhile the queue in front fills up.
     fn commit_with_retry(&mut self, batch: &mut Vec<Write>) {
@@ -574,7 +605,9 @@ impl Writer {
         loop {
             let started = Instant::now();
             self.relax_sync(batch);
-            match self.commit(batch) {
+            let result = self.commit(batch);
+            self.beat();
+            match result {
                 Ok(()) => {
                     self.stats
                         .last_commit_us
@@ -612,7 +645,7 @@ impl Writer {
         }
         let relax = batch
             .iter()
-            .all(|w| matches!(w, Write::Delivered { .. } | Write::Maintain));
+            .all(|w| matches!(w, Write::Delivered { .. } | Write::Maintain | Write::Probe));
         if relax != self.relaxed_sync {
             let mode = if relax { "NORMAL" } else { "FULL" };
             match self.conn.pragma_update(None, "synchronous", mode) {
@@ -772,6 +805,7 @@ impl Writer {
                         at_ms,
                     } => bump(devices.entry(device).or_default(), what, *at_ms),
                     Write::Maintain => self.maintain_due = true,
+                    Write::Probe => {}
                     Write::Delivered { seqs, at_ms } => {
                         // Acknowledgements come mostly in order: one statement per run
                         // of consecutive `seq`s.

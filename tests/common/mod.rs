@@ -158,6 +158,11 @@ impl Branch {
 
     /// Start the real binary on this branch and wait until its broker accepts connections.
     pub fn start(&self) -> Gateway {
+        self.start_with_env(&[])
+    }
+
+    /// [`Branch::start`] with extra environment variables.
+    pub fn start_with_env(&self, env: &[(&str, String)]) -> Gateway {
         let log = self
             .dir
             .path()
@@ -166,6 +171,7 @@ impl Branch {
             .args(["run", "--config"])
             .arg(self.config())
             .env("RUST_LOG", "info,rumqttd=off")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
