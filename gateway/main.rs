@@ -366,6 +366,18 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
         "devices     {} online of {} configured (details: branch-gateway devices)",
         r.devices_online, r.devices_configured
     );
+    let offline: Vec<String> = buffer::device_report(&conn)
+        .context("cannot read the buffer")?
+        .into_iter()
+        .filter(|d| d.configured && !d.online)
+        .map(|d| match d.last_seen_ms {
+            Some(ms) => format!("{} (last seen {})", d.id, ago(now - ms)),
+            None => format!("{} (never seen)", d.id),
+        })
+        .collect();
+    if !offline.is_empty() {
+        println!("offline     {}", offline.join(", "));
+    }
     let size = buffer::size_on_disk(&path);
     println!(
         "buffer      {} messages up to seq {}, {:.1} MiB of {:.1} MiB cap ({:.0}%), {} rejected kept",
@@ -414,6 +426,13 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
         println!(
             "drops       {total} undelivered messages removed by the disk cap: {}",
             detail.join(", ")
+        );
+    }
+    for (at_ms, kind, detail) in buffer::incidents(&conn, 5).context("cannot read the buffer")? {
+        println!(
+            "incident    {} ({}): {kind}: {detail}",
+            model::format_ms(at_ms),
+            ago(now - at_ms)
         );
     }
     Ok(())

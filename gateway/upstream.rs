@@ -206,7 +206,11 @@ impl Forwarder {
 
     /// `{prefix}/gateway/health`: backlog, drops per device and kind (totals since the
     /// database was created), devices online.
-    fn health_payload(&self, drops: &[(String, String, i64)]) -> String {
+    fn health_payload(
+        &self,
+        drops: &[(String, String, i64)],
+        incidents: &[(i64, String, String)],
+    ) -> String {
         let mut by_device = serde_json::Map::new();
         for (device, kind, count) in drops {
             let entry = by_device
@@ -223,6 +227,14 @@ impl Forwarder {
                 ms => serde_json::json!(crate::model::format_ms(ms)),
             },
             "dropped": by_device,
+            "incidents": incidents
+                .iter()
+                .map(|(at, kind, detail)| serde_json::json!({
+                    "at": crate::model::format_ms(*at),
+                    "kind": kind,
+                    "detail": detail,
+                }))
+                .collect::<Vec<_>>(),
             "devices_online": self.devices_online.load(Ordering::Relaxed),
         })
         .to_string()
@@ -461,12 +473,12 @@ impl Forwarder {
                 _ = health_tick.tick() => health_due = true,
                 _ = std::future::ready(()), if health_due && room => {
                     health_due = false;
-                    let drops = match drops(&mut outbox).await {
+                    let (drops, incidents) = match drops(&mut outbox).await {
                         Some(d) => d,
                         None => continue,
                     };
                     let topic = format!("{}/gateway/health", self.settings.topic_prefix);
-                    if client.try_publish(topic, QoS::AtLeastOnce, false, self.health_payload(&drops)).is_ok() {
+                    if client.try_publish(topic, QoS::AtLeastOnce, false, self.health_payload(&drops, &incidents)).is_ok() {
                         queued.push_back(Sent::GatewayStatus);
                     }
                 }
@@ -740,10 +752,13 @@ async fn fetch(
     rows
 }
 
-async fn drops(outbox: &mut Option<Outbox>) -> Option<Vec<(String, String, i64)>> {
+/// Disk-cap drops per device and kind, and recent incidents, for the health message.
+type HealthRows = (Vec<(String, String, i64)>, Vec<(i64, String, String)>);
+
+async fn drops(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
     let mut ob = outbox.take()?;
     let (ob, r) = tokio::task::spawn_blocking(move || {
-        let r = ob.drops();
+        let r = ob.drops().and_then(|d| Ok((d, ob.incidents()?)));
         (ob, r)
     })
     .await

@@ -204,9 +204,64 @@ impl Buffer {
                 source,
             })?;
         }
-        let mut conn = Connection::open(path).map_err(sql_err)?;
-        schema::prepare(&conn, options.synchronous, options.max_bytes).map_err(sql_err)?;
-        schema::migrate(&mut conn, path)?;
+        let (mut conn, moved_aside) = match open_checked(path, &options) {
+            Ok(conn) => (conn, None),
+            Err(OpenFailure::Corrupt(why)) => {
+                let aside = move_aside(path).map_err(|source| BufferError::Dir {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                tracing::error!(
+                    path = %path.display(),
+                    moved_to = %aside.display(),
+                    problem = %why,
+                    "BUFFER DATABASE CORRUPT: moved aside (kept for inspection, never deleted); starting with a fresh one"
+                );
+                let conn = open_checked(path, &options).map_err(|e| match e {
+                    OpenFailure::Corrupt(why) => BufferError::Sqlite {
+                        path: path.to_path_buf(),
+                        source: rusqlite::Error::InvalidParameterName(why),
+                    },
+                    OpenFailure::Other(e) => e,
+                })?;
+                (conn, Some((aside, why)))
+            }
+            Err(OpenFailure::Other(e)) => return Err(e),
+        };
+        if let Some((aside, why)) = &moved_aside {
+            conn.execute(
+                "INSERT INTO incidents (at_ms, kind, detail) VALUES (?1, 'database-moved-aside', ?2)",
+                params![
+                    crate::model::now_ms(),
+                    format!("corrupt database moved to {} ({why})", aside.display())
+                ],
+            )
+            .map_err(sql_err)?;
+            // `seq` must never repeat (central drops repeats as duplicates): continue above
+            // the old database's last one when it can still be read, and in any case above
+            // Unix milliseconds x 1000, which no past `seq` can have reached.
+            let old_last: i64 = open_read_only(aside)
+                .ok()
+                .and_then(|c| {
+                    c.query_row(
+                        "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .ok()
+                })
+                .unwrap_or(0);
+            let start = old_last.max(crate::model::now_ms().saturating_mul(1000));
+            conn.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?1)",
+                params![start],
+            )
+            .map_err(sql_err)?;
+            tracing::warn!(
+                next_seq = start + 1,
+                "seq continues above every earlier one; central sees a gap"
+            );
+        }
         let last_seq: i64 = conn
             .query_row(
                 "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)",
@@ -279,6 +334,68 @@ impl Buffer {
         drop(self.tx);
         self.thread.join().map_err(|_| BufferError::WriterGone)
     }
+}
+
+enum OpenFailure {
+    /// The file is not a usable database (not SQLite, damaged pages, failed check).
+    Corrupt(String),
+    Other(BufferError),
+}
+
+/// Open, set up and migrate the database, then `PRAGMA quick_check` it. Corruption is told
+/// apart from other failures (permissions, a full disk), which must never cost the data.
+fn open_checked(path: &Path, options: &BufferOptions) -> Result<Connection, OpenFailure> {
+    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+    let classify = |source: rusqlite::Error| match source.sqlite_error_code() {
+        Some(DatabaseCorrupt | NotADatabase) => OpenFailure::Corrupt(source.to_string()),
+        _ => OpenFailure::Other(BufferError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        }),
+    };
+    let mut conn = Connection::open(path).map_err(classify)?;
+    schema::prepare(&conn, options.synchronous, options.max_bytes).map_err(classify)?;
+    let problems: Vec<String> = {
+        let mut st = conn.prepare("PRAGMA quick_check").map_err(classify)?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(classify)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(classify)?
+    };
+    if problems != ["ok"] {
+        let mut why = problems.into_iter().take(3).collect::<Vec<_>>().join("; ");
+        why.truncate(300);
+        return Err(OpenFailure::Corrupt(format!("quick_check: {why}")));
+    }
+    match schema::migrate(&mut conn, path) {
+        Ok(()) => Ok(conn),
+        Err(BufferError::Sqlite { source, .. }) => Err(classify(source)),
+        Err(e) => Err(OpenFailure::Other(e)),
+    }
+}
+
+/// Rename the database and its WAL and shared-memory files to `NAME.corrupt-TIMESTAMP*`.
+fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = crate::model::format_ms(crate::model::now_ms()).replace(':', "");
+    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    std::fs::rename(path, &aside)?;
+    for suffix in ["-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", path.display()));
+        if from.exists() {
+            std::fs::rename(&from, format!("{}{suffix}", aside.display()))?;
+        }
+    }
+    Ok(aside)
+}
+
+/// Recent incidents (e.g. a corrupt database moved aside): (at_ms, kind, detail), newest first.
+pub fn incidents(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<(i64, String, String)>> {
+    let mut st =
+        conn.prepare("SELECT at_ms, kind, detail FROM incidents ORDER BY id DESC LIMIT ?1")?;
+    let rows = st.query_map(params![limit as i64], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    rows.collect()
 }
 
 struct Writer {
@@ -1036,6 +1153,11 @@ impl Outbox {
             out.push(f(row));
         }
         Ok(out)
+    }
+
+    /// Recent incidents, newest first (see [`incidents`]).
+    pub fn incidents(&mut self) -> rusqlite::Result<Vec<(i64, String, String)>> {
+        incidents(&self.conn, 10)
     }
 
     /// Messages dropped by the disk cap, per device and kind: (device, kind, count).

@@ -102,6 +102,16 @@ CREATE TABLE deliveries (
     last_ms   INTEGER NOT NULL
 );
 "#,
+    // v6: what happened to the gateway itself (a corrupt database moved aside), for
+    // `status` and the upstream health message.
+    r#"
+CREATE TABLE incidents (
+    id     INTEGER PRIMARY KEY,
+    at_ms  INTEGER NOT NULL,
+    kind   TEXT    NOT NULL,
+    detail TEXT    NOT NULL
+);
+"#,
 ];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).
