@@ -108,3 +108,54 @@ async fn ready_watchdog_status_and_a_wedged_writer() {
         "{msgs:?}"
     );
 }
+
+/// With stderr connected to the journal (`JOURNAL_STREAM` naming stderr's device and
+/// inode), lines carry a `<N>` priority and no timestamp of their own.
+#[test]
+fn journal_lines_carry_priorities_and_no_timestamps() {
+    use std::os::unix::fs::MetadataExt;
+    let branch = Branch::new(&[device("kiosk-01", "test-sensor")]);
+    let log_path = branch.dir.path().join("journal.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let meta = log.metadata().unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(branch.config())
+        .env("RUST_LOG", "info,rumqttd=off")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    while !read().contains("gateway ready") {
+        assert!(Instant::now() < deadline, "{}", read());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+    let text = read();
+    let ready = text.lines().find(|l| l.contains("gateway ready")).unwrap();
+    assert!(
+        ready.starts_with("<6> INFO branch_gateway::app: gateway ready"),
+        "{ready}"
+    );
+    for line in text.lines() {
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"]
+                .iter()
+                .any(|p| line.starts_with(p)),
+            "{line}"
+        );
+        // The level comes right after the priority: no timestamp, no colour codes.
+        let level = line[3..].split_whitespace().next().unwrap_or("");
+        assert!(
+            ["ERROR", "WARN", "INFO", "DEBUG", "TRACE"].contains(&level),
+            "{line}"
+        );
+        assert!(!line.contains('\u{1b}'), "{line}");
+    }
+}
