@@ -208,6 +208,16 @@ pub async fn run(
         status.clone(),
         shutdown.clone(),
     ));
+    // Registered before READY: SIGHUP's default action would end the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    tasks.spawn(reload_on_sighup(
+        hangup,
+        loaded.path.clone(),
+        devices.clone(),
+        buffer.sender(),
+        status.clone(),
+        shutdown.clone(),
+    ));
     tasks.close();
 
     tracing::info!(
@@ -530,6 +540,78 @@ async fn record_broker_events(
             }
             return;
         }
+    }
+}
+
+/// `systemctl reload` (SIGHUP): re-read the config file and the profiles. Device changes
+/// (added, removed, new password or profile, privacy key) take effect at once without
+/// touching other connections or the buffer; an invalid file is refused and the running
+/// config stays; changes only a restart applies are named in the log.
+async fn reload_on_sighup(
+    hangup: std::io::Result<tokio::signal::unix::Signal>,
+    path: std::path::PathBuf,
+    devices: SharedDevices,
+    writer: mpsc::Sender<Write>,
+    status: impl Fn() -> String + Send + 'static,
+    shutdown: CancellationToken,
+) {
+    let Ok(mut hangup) = hangup else {
+        tracing::warn!("cannot listen for SIGHUP: reload unavailable");
+        return;
+    };
+    // What is running: sections needing a restart are compared with this one forever.
+    let started = crate::config::raw_table(&path).unwrap_or_default();
+    let mut applied = started.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hangup.recv() => {}
+        }
+        crate::service::notify_reloading();
+        let load = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let loaded = crate::config::load(&path).map_err(|e| e.to_string())?;
+                let raw = crate::config::raw_table(&path)?;
+                Ok::<_, String>((loaded, raw))
+            })
+            .await
+        };
+        match load {
+            Ok(Ok((loaded, raw))) => {
+                let (added, removed, changed) = crate::config::device_changes(&applied, &raw);
+                devices.store(loaded.device_table());
+                let list = loaded
+                    .config
+                    .devices
+                    .iter()
+                    .map(|d| (d.id.clone(), d.profile.clone()))
+                    .collect();
+                let _ = writer.send(Write::Configured(list)).await;
+                tracing::info!(
+                    path = %path.display(),
+                    devices = loaded.config.devices.len(),
+                    ?added,
+                    ?removed,
+                    ?changed,
+                    "configuration reloaded: device changes in effect"
+                );
+                let restart = crate::config::needs_restart(&started, &raw);
+                if !restart.is_empty() {
+                    tracing::warn!(
+                        changes = %restart.join(", "),
+                        "these changes take effect only after a restart (systemctl restart branch-gateway)"
+                    );
+                }
+                applied = raw;
+            }
+            Ok(Err(e)) => tracing::error!(
+                error = %e,
+                "reload refused: the new configuration is invalid; the running one stays"
+            ),
+            Err(e) => tracing::error!(error = %e, "reload failed"),
+        }
+        crate::service::notify_ready(&status());
     }
 }
 

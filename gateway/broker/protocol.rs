@@ -173,7 +173,9 @@ pub struct Shared {
     /// is acknowledged to a device after the gateway decided to stop.
     pub closing: AtomicBool,
     /// Argon2 is slow by design: remember secrets already verified this run, per device.
-    verified: Mutex<HashMap<DeviceId, String>>,
+    /// Keyed by device, holding (configured Argon2 hash, secret): a reload that changes the
+    /// hash makes the entry stale.
+    verified: Mutex<HashMap<DeviceId, (String, String)>>,
     log: Mutex<BurstLimiter<(Option<DeviceId>, Denial)>>,
 }
 
@@ -237,9 +239,11 @@ impl Shared {
             .lock()
             .ok()
             .and_then(|v| v.get(username).cloned());
-        if let Some(known) = cached {
+        if let (Some((hash, known)), crate::config::Password::Argon2(current)) =
+            (cached, &device.password)
+        {
             use subtle::ConstantTimeEq;
-            if bool::from(known.as_bytes().ct_eq(password.as_bytes())) {
+            if hash == *current && bool::from(known.as_bytes().ct_eq(password.as_bytes())) {
                 return Ok(device.id.clone());
             }
         }
@@ -254,9 +258,9 @@ impl Shared {
             _ => verify(),
         };
         if ok {
-            if let crate::config::Password::Argon2(_) = device.password {
+            if let crate::config::Password::Argon2(hash) = &device.password {
                 if let Ok(mut v) = self.verified.lock() {
-                    v.insert(device.id.clone(), password.to_owned());
+                    v.insert(device.id.clone(), (hash.clone(), password.to_owned()));
                 }
             }
             Ok(device.id.clone())

@@ -75,6 +75,8 @@ pub enum Write {
     },
     /// Prune delivered messages past retention and enforce the disk cap (sent periodically).
     Maintain,
+    /// The configured devices after a reload: (id, profile).
+    Configured(Vec<(DeviceId, String)>),
     /// Liveness probe for the service watchdog: it only makes the writer go round its loop
     /// (and so refresh [`BufferStats::heartbeat_ms`]).
     Probe,
@@ -923,6 +925,16 @@ impl Writer {
                     } => bump(devices.entry(device).or_default(), what, *at_ms),
                     Write::Maintain => self.maintain_due = true,
                     Write::Probe => {}
+                    Write::Configured(list) => {
+                        tx.execute("UPDATE devices SET configured = 0", [])?;
+                        let mut st = tx.prepare_cached(
+                            "INSERT INTO devices (id, profile, online, configured) VALUES (?1, ?2, 0, 1)
+                             ON CONFLICT(id) DO UPDATE SET profile = excluded.profile, configured = 1",
+                        )?;
+                        for (id, profile) in list {
+                            st.execute(params![id, profile])?;
+                        }
+                    }
                     Write::Delivered { seqs, at_ms } => {
                         // Acknowledgements come mostly in order: one statement per run
                         // of consecutive `seq`s.

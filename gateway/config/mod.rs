@@ -681,6 +681,71 @@ impl SharedDevices {
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
+
+    /// Swap in a new table (a reload): readers see it at their next `load()`.
+    pub fn store(&self, table: DeviceTable) {
+        let table = Arc::new(table);
+        match self.0.write() {
+            Ok(mut g) => *g = table,
+            Err(poisoned) => *poisoned.into_inner() = table,
+        }
+    }
+}
+
+/// The raw TOML of a config file, for comparing what a reload changes.
+pub fn raw_table(path: &Path) -> Result<toml::Table, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    text.parse::<toml::Table>().map_err(|e| e.to_string())
+}
+
+/// What a reload cannot apply: the sections (and serial devices, whose readers start
+/// with the process) that differ between the running config and the new one.
+pub fn needs_restart(running: &toml::Table, new: &toml::Table) -> Vec<String> {
+    let mut out: Vec<String> = ["gateway", "broker", "storage", "upstream", "api"]
+        .into_iter()
+        .filter(|key| running.get(*key) != new.get(*key))
+        .map(|key| format!("[{key}]"))
+        .collect();
+    let serial = |t: &toml::Table| -> BTreeMap<String, toml::Value> {
+        device_entries(t)
+            .into_iter()
+            .filter(|(_, v)| v.get("serial").is_some())
+            .collect()
+    };
+    let (a, b) = (serial(running), serial(new));
+    let ids: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for id in ids {
+        if a.get(id) != b.get(id) {
+            out.push(format!("serial device {id}"));
+        }
+    }
+    out
+}
+
+/// Device ids added, removed and changed (profile, password, anything) between two
+/// config files.
+pub fn device_changes(
+    old: &toml::Table,
+    new: &toml::Table,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let (a, b) = (device_entries(old), device_entries(new));
+    let added = b.keys().filter(|k| !a.contains_key(*k)).cloned().collect();
+    let removed = a.keys().filter(|k| !b.contains_key(*k)).cloned().collect();
+    let changed = b
+        .iter()
+        .filter(|(k, v)| a.get(*k).is_some_and(|old| old != *v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    (added, removed, changed)
+}
+
+fn device_entries(t: &toml::Table) -> BTreeMap<String, toml::Value> {
+    t.get("devices")
+        .and_then(|d| d.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|d| Some((d.get("id")?.as_str()?.to_owned(), d.clone())))
+        .collect()
 }
 
 /// A config file with its paths resolved and the profiles its devices use.

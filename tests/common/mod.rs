@@ -36,6 +36,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+#[derive(Clone)]
 pub struct Device {
     pub id: String,
     pub profile: String,

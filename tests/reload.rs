@@ -1,0 +1,125 @@
+//! `systemctl reload` (SIGHUP): device changes take effect without touching other
+//! connections or the buffer; an invalid config is refused and the running one stays;
+//! changes that need a restart are named.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rumqttc::QoS;
+
+async fn send(c: &mut Client, id: &str, from: usize, n: usize) {
+    for i in from..from + n {
+        c.client
+            .publish(
+                format!("devices/{id}/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"n":{i},"device":"{id}"}}"#),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(c.pubacks(n, Duration::from_secs(10)).await, n, "{id}");
+}
+
+async fn refused(port: u16, id: &str, password: &str) -> bool {
+    let mut c = spawn_client(options(port, id, password));
+    !matches!(c.connack().await, Ok(rumqttc::ConnectReturnCode::Success))
+}
+
+fn hangup(gw: &Gateway) {
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &gw.pid().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn wait_log(gw: &Gateway, needle: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.log().matches(needle).count() < times {
+        assert!(Instant::now() < deadline, "no {needle:?}:\n{}", gw.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
+    let a = device("kiosk-a", "test-sensor");
+    let b = device("kiosk-b", "test-sensor");
+    let c = device("kiosk-c", "test-sensor");
+    let d = device("kiosk-d", "test-sensor");
+    let branch = Branch::new(&[a.clone(), b.clone(), c.clone()]);
+    let mut gw = branch.start();
+    let mut ca = connect(branch.port, &a.id, &a.password).await;
+    send(&mut ca, &a.id, 0, 5).await;
+    assert!(refused(branch.port, &d.id, &d.password).await);
+
+    // B gets a new password, C goes, D comes; the log level changes too (restart needed).
+    let b2 = Device {
+        password: "kiosk-b-new-secret".into(),
+        ..b.clone()
+    };
+    branch.write_config(&[a.clone(), b2.clone(), d.clone()], "");
+    let text = std::fs::read_to_string(branch.config())
+        .unwrap()
+        .replace("log_level = \"info\"", "log_level = \"debug\"");
+    std::fs::write(branch.config(), text).unwrap();
+    hangup(&gw);
+    wait_log(&gw, "configuration reloaded", 1);
+    let log = gw.log();
+    assert!(
+        log.contains(r#"added=["kiosk-d"] removed=["kiosk-c"] changed=["kiosk-b"]"#),
+        "{log}"
+    );
+    assert!(log.contains("changes=[gateway]"), "{log}");
+
+    let mut cd = connect(branch.port, &d.id, &d.password).await;
+    send(&mut cd, &d.id, 0, 3).await;
+    assert!(refused(branch.port, &c.id, &c.password).await, "removed");
+    assert!(
+        refused(branch.port, &b.id, &b.password).await,
+        "old password"
+    );
+    let _cb = connect(branch.port, &b2.id, &b2.password).await;
+    // A's connection was never touched: the same client goes on publishing.
+    send(&mut ca, &a.id, 5, 5).await;
+    assert_eq!(
+        branch.wait_count(
+            "SELECT COUNT(*) FROM messages WHERE kind = 'telemetry'",
+            13,
+            Duration::from_secs(10)
+        ),
+        13
+    );
+    assert_eq!(
+        branch.count("SELECT COUNT(*) FROM devices WHERE configured = 1 AND id IN ('kiosk-a', 'kiosk-b', 'kiosk-d')"),
+        3
+    );
+    assert_eq!(
+        branch.count("SELECT configured FROM devices WHERE id = 'kiosk-c'"),
+        0
+    );
+
+    // An invalid file is refused; the running config (with D) stays.
+    std::fs::write(branch.config(), "[gateway\nbranch_id = ").unwrap();
+    hangup(&gw);
+    wait_log(&gw, "reload refused", 1);
+    assert!(gw.is_running());
+    send(&mut ca, &a.id, 10, 2).await;
+    let _cd2 = connect(branch.port, &d.id, &d.password).await;
+    assert!(refused(branch.port, &c.id, &c.password).await);
+    assert_eq!(
+        branch.wait_count(
+            "SELECT COUNT(*) FROM messages WHERE kind = 'telemetry'",
+            15,
+            Duration::from_secs(10)
+        ),
+        15
+    );
+    drop((ca, cd));
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+}
