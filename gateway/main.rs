@@ -246,12 +246,14 @@ fn check_config(path: &Path) -> ExitCode {
             let plural =
                 |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
             let names: Vec<&str> = loaded.profiles.keys().map(String::as_str).collect();
+            let profiles = match names.is_empty() {
+                true => plural(0, "profile"),
+                false => format!("{}: {}", plural(names.len(), "profile"), names.join(", ")),
+            };
             println!(
-                "{}: ok ({}, {}: {})",
+                "{}: ok ({}, {profiles})",
                 path.display(),
                 plural(loaded.config.devices.len(), "device"),
-                plural(loaded.profiles.len(), "profile"),
-                names.join(", ")
             );
             ExitCode::SUCCESS
         }
