@@ -257,7 +257,7 @@ async fn measure(
         per_k(cpu_ms(me), cpu_before.2),
     );
     println!(
-        "[{label}] steady: {}/{total} arrived, {throughput:.0} msg/s end to end (all acknowledged to devices after {accepted_s:.2} s); CPU ms per 1,000 messages: branch side {:.0}, central {:.0}, load generator and consumer {:.0}",
+        "[{label}] steady: {}/{total} arrived, {throughput:.0} msg/s end to end (all acknowledged to devices after {accepted_s:.2} s); CPU ms per 1,000 messages: branch side {:.1}, central {:.1}, load generator and consumer {:.1}",
         count(seen, &run).0, cpu_per_k.0, cpu_per_k.1, cpu_per_k.2
     );
     // (2) latency at a fixed rate
@@ -469,7 +469,7 @@ async fn main() {
         gw_report.throughput / br_report.throughput
     );
     println!(
-        "| CPU ms per 1,000 messages, branch side (steady) | {:.0} | {:.0} | |",
+        "| CPU ms per 1,000 messages, branch side (steady) | {:.1} | {:.1} | |",
         gw_report.cpu_per_k.0, br_report.cpu_per_k.0
     );
     println!(
