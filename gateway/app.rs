@@ -53,6 +53,8 @@ pub async fn run(
     figures: Arc<Figures>,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), AppError> {
+    // First of all: SIGHUP's default action would end the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let cfg = &loaded.config;
     let devices = SharedDevices::new(loaded.device_table());
     let configured: Vec<(DeviceId, String)> = cfg
@@ -196,7 +198,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let status = status_line(
-        cfg.devices.len(),
+        devices.clone(),
         figures.clone(),
         buffer_stats.clone(),
         cfg.upstream.is_some(),
@@ -208,8 +210,6 @@ pub async fn run(
         status.clone(),
         shutdown.clone(),
     ));
-    // Registered before READY: SIGHUP's default action would end the process.
-    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tasks.spawn(reload_on_sighup(
         hangup,
         loaded.path.clone(),
@@ -617,7 +617,7 @@ async fn reload_on_sighup(
 
 /// The one-line health for `systemctl status` (sd_notify `STATUS=`).
 fn status_line(
-    configured: usize,
+    devices: SharedDevices,
     figures: Arc<Figures>,
     buffer: Arc<crate::buffer::BufferStats>,
     has_upstream: bool,
@@ -645,7 +645,7 @@ fn status_line(
         format!(
             "{}/{} devices online, {}, {}",
             figures.devices_online.load(Ordering::Relaxed),
-            configured,
+            devices.load().devices.len(),
             upstream,
             storage
         )

@@ -82,10 +82,12 @@ pub fn notify_ready(status: &str) {
 }
 
 pub fn notify_reloading() {
-    notify(&[
-        NotifyState::Reloading,
-        NotifyState::Status("reloading configuration"),
-    ]);
+    let status = NotifyState::Status("reloading configuration");
+    // systemd 253+ wants the monotonic time of the reload with RELOADING=1.
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now, status]),
+        Err(_) => notify(&[NotifyState::Reloading, status]),
+    }
 }
 
 pub fn notify_stopping() {
@@ -114,7 +116,8 @@ pub async fn supervise(
             "systemd watchdog enabled"
         );
     }
-    let mut tick = tokio::time::interval(every);
+    // The first check one interval after start: READY=1 comes first.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_wedged = false;
     loop {

@@ -243,12 +243,17 @@ impl Forwarder {
     /// A fresh connection: rumqttc's event loop (connect, TLS, packet ids, codec) and the
     /// channel the forwarder queues requests on. The channel holds a whole window, so
     /// `try_send` never finds it full.
-    fn client(&self, started_ms: i64) -> (Requests, EventLoop, mpsc::Receiver<Request>) {
+    fn client(&self, started_ms: i64) -> (Requests, EventLoop, Incoming) {
         let (tx, rx) = mpsc::channel(self.settings.max_inflight as usize + 8);
+        let stop = Stop::default();
+        let requests = Requests {
+            queue: tx,
+            stop: stop.clone(),
+        };
         (
-            Requests(tx),
+            requests,
             EventLoop::new(self.options(started_ms), 8),
-            rx,
+            Incoming { queue: rx, stop },
         )
     }
 
@@ -528,13 +533,10 @@ impl Forwarder {
         self.flush_acks(&mut acks).await;
         // A clean DISCONNECT (the driver sends it) so the broker does not publish the will;
         // the retained status then says so explicitly.
-        let _ = client.try_publish(
+        client.close(
             self.status_topic(),
-            QoS::AtMostOnce,
-            true,
             self.status_payload("offline", started_ms),
         );
-        let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_millis(200), async {
             while events.recv().await.is_some() {}
         })
@@ -578,8 +580,20 @@ impl Forwarder {
     }
 }
 
-/// The forwarder's side of one connection's request queue.
-struct Requests(mpsc::Sender<Request>);
+/// The forwarder's side of one connection: its request queue, and a way to say goodbye
+/// that does not wait behind a full in-flight window.
+struct Requests {
+    queue: mpsc::Sender<Request>,
+    stop: Stop,
+}
+
+/// A last QoS 0 publish (the retained "offline" status), then DISCONNECT, sent by the
+/// connection's task ahead of anything still queued.
+#[derive(Clone, Default)]
+struct Stop {
+    now: CancellationToken,
+    farewell: Arc<std::sync::Mutex<Option<Publish>>>,
+}
 
 impl Requests {
     fn try_publish(
@@ -591,14 +605,24 @@ impl Requests {
     ) -> Result<(), ()> {
         let mut p = Publish::new(topic, qos, payload);
         p.retain = retain;
-        self.0.try_send(Request::Publish(p)).map_err(|_| ())
+        self.queue.try_send(Request::Publish(p)).map_err(|_| ())
     }
 
-    fn try_disconnect(&self) -> Result<(), ()> {
-        self.0
-            .try_send(Request::Disconnect(rumqttc::Disconnect))
-            .map_err(|_| ())
+    /// Publish `payload` on `topic` retained at QoS 0, then disconnect cleanly.
+    fn close(&self, topic: String, payload: String) {
+        let mut p = Publish::new(topic, QoS::AtMostOnce, payload);
+        p.retain = true;
+        if let Ok(mut f) = self.stop.farewell.lock() {
+            *f = Some(p);
+        }
+        self.stop.now.cancel();
     }
+}
+
+/// The connection task's side of [`Requests`].
+struct Incoming {
+    queue: mpsc::Receiver<Request>,
+    stop: Stop,
 }
 
 /// Flush the socket within the connection timeout. (A macro: rumqttc does not export the
@@ -620,7 +644,7 @@ macro_rules! flush {
 /// the first error: the forwarder starts a fresh client after a backoff.
 async fn drive(
     mut eventloop: EventLoop,
-    mut requests: mpsc::Receiver<Request>,
+    incoming: Incoming,
     generation: u64,
     events: mpsc::Sender<(u64, Result<Event, ConnectionError>)>,
     delay: Duration,
@@ -643,14 +667,24 @@ async fn drive(
     let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
     let keep_alive = eventloop.mqtt_options.keep_alive();
     let max_inflight = eventloop.mqtt_options.inflight();
+    let Incoming {
+        queue: mut requests,
+        stop,
+    } = incoming;
     let EventLoop { state, network, .. } = &mut eventloop;
     let Some(network) = network.as_mut() else {
+        let _ = events
+            .send((generation, Err(ConnectionError::RequestsDone)))
+            .await;
         return;
     };
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + keep_alive,
         keep_alive.max(Duration::from_secs(1)),
     );
+    // A tick missed while this task waited must not fire twice (a second ping before the
+    // first PINGRESP is a rumqttc error).
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch: Vec<Request> = Vec::with_capacity(256);
     loop {
         let room = if state.collision.is_some() {
@@ -658,6 +692,9 @@ async fn drive(
         } else {
             max_inflight.saturating_sub(state.inflight()).min(256) as usize
         };
+        // Every branch leaves the write buffer flushed, so a `readb` cancelled by another
+        // branch loses nothing. Writes and flush together are bounded by the connection
+        // timeout: a stalled socket ends the connection, not the task.
         let result: Result<bool, ConnectionError> = tokio::select! {
             r = network.readb(state) => match r {
                 Ok(()) => flush!(network, timeout).map(|()| true),
@@ -667,31 +704,43 @@ async fn drive(
                 if n == 0 {
                     return; // the forwarder dropped this connection
                 }
-                let mut r = Ok(true);
-                for request in batch.drain(..) {
-                    let last = matches!(request, Request::Disconnect(_));
-                    match state.handle_outgoing_packet(request) {
-                        Ok(Some(packet)) => {
-                            if let Err(e) = network.write(packet).await {
-                                r = Err(e.into());
-                                break;
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            r = Err(e.into());
-                            break;
+                let send = async {
+                    for request in batch.drain(..) {
+                        let publish = matches!(request, Request::Publish(_));
+                        match state.handle_outgoing_packet(request)? {
+                            Some(packet) => network.write(packet).await?,
+                            // A packet-id collision (the broker acknowledged out of order):
+                            // rumqttc parked the publish without an `Outgoing::Publish`, so
+                            // the rows queued after it would be mapped to the wrong ids.
+                            // Reconnect; the forwarder re-sends from the outbox.
+                            None if publish => return Err(rumqttc::StateError::CollisionTimeout),
+                            None => {}
                         }
                     }
-                    if last {
-                        r = Ok(false);
-                        break;
+                    network.flush().await
+                };
+                match tokio::time::timeout(timeout, send).await {
+                    Ok(r) => r.map(|()| true).map_err(ConnectionError::from),
+                    Err(_) => Err(ConnectionError::FlushTimeout),
+                }
+            },
+            _ = stop.now.cancelled() => {
+                let farewell = stop.farewell.lock().ok().and_then(|mut f| f.take());
+                let send = async {
+                    if let Some(p) = farewell {
+                        if let Some(packet) = state.handle_outgoing_packet(Request::Publish(p))? {
+                            network.write(packet).await?;
+                        }
                     }
-                }
-                match r {
-                    Ok(more) => flush!(network, timeout).map(|()| more),
-                    Err(e) => Err(e),
-                }
+                    if let Some(packet) =
+                        state.handle_outgoing_packet(Request::Disconnect(rumqttc::Disconnect))?
+                    {
+                        network.write(packet).await?;
+                    }
+                    network.flush().await
+                };
+                let _ = tokio::time::timeout(timeout, send).await;
+                Ok(false)
             },
             _ = ping.tick(), if !keep_alive.is_zero() => {
                 match state.handle_outgoing_packet(Request::PingReq(rumqttc::PingReq)) {

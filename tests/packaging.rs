@@ -101,8 +101,12 @@ fn unit_declares_what_the_daemon_and_the_package_rely_on() {
         ("TimeoutStopSec", vec!["30"]),
         (
             "ExecStartPre",
-            vec![&*format!("{PACKAGED_BIN} check-config {config}")],
+            vec![
+                "+-/sbin/modprobe -qa usbserial cdc_acm",
+                &*format!("{PACKAGED_BIN} check-config {config}"),
+            ],
         ),
+        ("TimeoutStartSec", vec!["15min"]),
         ("ExecStart", vec![&*format!("{PACKAGED_BIN} run {config}")]),
         ("ExecReload", vec!["/bin/kill -HUP $MAINPID"]),
         ("User", vec!["branch-gateway"]),

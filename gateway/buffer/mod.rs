@@ -206,64 +206,28 @@ impl Buffer {
                 source,
             })?;
         }
-        let (mut conn, moved_aside) = match open_checked(path, &options) {
-            Ok(conn) => (conn, None),
+        // A replacement built for a corrupt database but not yet renamed into place.
+        let fresh = sibling(path, ".new");
+        if !path.exists() && fresh.exists() {
+            std::fs::rename(&fresh, path).map_err(|source| BufferError::Dir {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let mut conn = match open_checked(path, &options) {
+            Ok(conn) => conn,
             Err(OpenFailure::Corrupt(why)) => {
-                let aside = move_aside(path).map_err(|source| BufferError::Dir {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                tracing::error!(
-                    path = %path.display(),
-                    moved_to = %aside.display(),
-                    problem = %why,
-                    "BUFFER DATABASE CORRUPT: moved aside (kept for inspection, never deleted); starting with a fresh one"
-                );
-                let conn = open_checked(path, &options).map_err(|e| match e {
+                replace_corrupt(path, &fresh, &options, &why)?;
+                open_checked(path, &options).map_err(|e| match e {
                     OpenFailure::Corrupt(why) => BufferError::Sqlite {
                         path: path.to_path_buf(),
                         source: rusqlite::Error::InvalidParameterName(why),
                     },
                     OpenFailure::Other(e) => e,
-                })?;
-                (conn, Some((aside, why)))
+                })?
             }
             Err(OpenFailure::Other(e)) => return Err(e),
         };
-        if let Some((aside, why)) = &moved_aside {
-            conn.execute(
-                "INSERT INTO incidents (at_ms, kind, detail) VALUES (?1, 'database-moved-aside', ?2)",
-                params![
-                    crate::model::now_ms(),
-                    format!("corrupt database moved to {} ({why})", aside.display())
-                ],
-            )
-            .map_err(sql_err)?;
-            // `seq` must never repeat (central drops repeats as duplicates): continue above
-            // the old database's last one when it can still be read, and in any case above
-            // Unix milliseconds x 1000, which no past `seq` can have reached.
-            let old_last: i64 = open_read_only(aside)
-                .ok()
-                .and_then(|c| {
-                    c.query_row(
-                        "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .ok()
-                })
-                .unwrap_or(0);
-            let start = old_last.max(crate::model::now_ms().saturating_mul(1000));
-            conn.execute(
-                "INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?1)",
-                params![start],
-            )
-            .map_err(sql_err)?;
-            tracing::warn!(
-                next_seq = start + 1,
-                "seq continues above every earlier one; central sees a gap"
-            );
-        }
         let last_seq: i64 = conn
             .query_row(
                 "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)",
@@ -376,18 +340,96 @@ fn open_checked(path: &Path, options: &BufferOptions) -> Result<Connection, Open
     }
 }
 
-/// Rename the database and its WAL and shared-memory files to `NAME.corrupt-TIMESTAMP*`.
-fn move_aside(path: &Path) -> std::io::Result<PathBuf> {
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", path.display()))
+}
+
+/// Replace a corrupt database, never deleting it: build a fresh one beside it (schema,
+/// the `seq` floor and the incident, committed together), move the corrupt files aside,
+/// then rename the fresh one into place. A crash at any step leaves either the corrupt
+/// file (found again at the next start) or the finished replacement.
+fn replace_corrupt(
+    path: &Path,
+    fresh: &Path,
+    options: &BufferOptions,
+    why: &str,
+) -> Result<(), BufferError> {
+    let io_err = |source| BufferError::Dir {
+        path: path.to_path_buf(),
+        source,
+    };
+    let sql_err = |source| BufferError::Sqlite {
+        path: fresh.to_path_buf(),
+        source,
+    };
+    // `seq` must never repeat (central drops repeats as duplicates): continue above the
+    // old database's last one when it can still be read, and in any case above Unix
+    // milliseconds x 1000, which no earlier `seq` can have reached.
+    let old_last: i64 = open_read_only(path)
+        .ok()
+        .and_then(|c| {
+            c.query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'",
+                [],
+                |r| r.get(0),
+            )
+            .ok()
+        })
+        .unwrap_or(0);
+    let start = old_last.max(crate::model::now_ms().saturating_mul(1000));
     let stamp = crate::model::format_ms(crate::model::now_ms()).replace(':', "");
-    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
-    std::fs::rename(path, &aside)?;
-    for suffix in ["-wal", "-shm"] {
-        let from = PathBuf::from(format!("{}{suffix}", path.display()));
+    let aside = sibling(path, &format!(".corrupt-{stamp}"));
+    for leftover in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(sibling(fresh, leftover));
+    }
+    {
+        let mut conn = match open_checked(fresh, options) {
+            Ok(c) => c,
+            Err(OpenFailure::Other(e)) => return Err(e),
+            Err(OpenFailure::Corrupt(w)) => {
+                return Err(sql_err(rusqlite::Error::InvalidParameterName(w)))
+            }
+        };
+        let tx = conn.transaction().map_err(sql_err)?;
+        tx.execute(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?1)",
+            params![start],
+        )
+        .map_err(sql_err)?;
+        tx.execute(
+            "INSERT INTO incidents (at_ms, kind, detail) VALUES (?1, 'database-moved-aside', ?2)",
+            params![
+                crate::model::now_ms(),
+                format!("corrupt database moved to {} ({why})", aside.display())
+            ],
+        )
+        .map_err(sql_err)?;
+        tx.commit().map_err(sql_err)?;
+        // Everything into the main file before it is renamed (a WAL keeps its old name).
+        conn.query_row("PRAGMA journal_mode=DELETE", [], |_| Ok(()))
+            .map_err(sql_err)?;
+        conn.close().map_err(|(_, e)| sql_err(e))?;
+    }
+    // The WAL and shared memory first: a WAL left beside the new file would be replayed
+    // into it.
+    for suffix in ["-wal", "-shm", "-journal", ""] {
+        let from = sibling(path, suffix);
         if from.exists() {
-            std::fs::rename(&from, format!("{}{suffix}", aside.display()))?;
+            std::fs::rename(&from, sibling(&aside, suffix)).map_err(io_err)?;
         }
     }
-    Ok(aside)
+    std::fs::rename(fresh, path).map_err(io_err)?;
+    tracing::error!(
+        path = %path.display(),
+        moved_to = %aside.display(),
+        problem = %why,
+        "BUFFER DATABASE CORRUPT: moved aside (kept for inspection, never deleted); started a fresh one"
+    );
+    tracing::warn!(
+        next_seq = start + 1,
+        "seq continues above every earlier one; central sees a gap"
+    );
+    Ok(())
 }
 
 /// Recent incidents (e.g. a corrupt database moved aside): (at_ms, kind, detail), newest first.
@@ -474,7 +516,8 @@ impl Writer {
         let now = crate::model::now_ms();
         let pruned = self.prune_delivered(now - self.keep_delivered_ms)?;
         self.conn.execute(
-            "DELETE FROM deliveries WHERE bucket_ms < ?1",
+            "DELETE FROM deliveries WHERE bucket_ms < ?1
+               AND bucket_ms < (SELECT MAX(bucket_ms) FROM deliveries)",
             params![now - DELIVERIES_KEPT_MS],
         )?;
         if pruned > 0 {
@@ -496,6 +539,8 @@ impl Writer {
         let mut dropped: HashMap<(String, String), i64> = HashMap::new();
         for step in ["delivered", "telemetry", "events", "status"] {
             loop {
+                // Long work, but progress: the watchdog must not take it for a hang.
+                self.beat();
                 if self.logical_size()? <= target {
                     break;
                 }
@@ -549,6 +594,7 @@ impl Writer {
     /// received after the cutoff; the next walk starts again from the oldest row (older
     /// rows still undelivered now may be delivered by then).
     fn prune_delivered(&mut self, cutoff: i64) -> rusqlite::Result<usize> {
+        self.beat();
         let from = self.prune_cursor;
         let first: Option<i64> = self
             .conn
