@@ -212,6 +212,7 @@ pub async fn run(
     ));
     tasks.spawn(reload_on_sighup(
         hangup,
+        broker.shared().clone(),
         loaded.path.clone(),
         devices.clone(),
         buffer.sender(),
@@ -549,6 +550,7 @@ async fn record_broker_events(
 /// config stays; changes only a restart applies are named in the log.
 async fn reload_on_sighup(
     hangup: std::io::Result<tokio::signal::unix::Signal>,
+    broker: Arc<crate::broker::Shared>,
     path: std::path::PathBuf,
     devices: SharedDevices,
     writer: mpsc::Sender<Write>,
@@ -581,6 +583,9 @@ async fn reload_on_sighup(
             Ok(Ok((loaded, raw))) => {
                 let (added, removed, changed) = crate::config::device_changes(&applied, &raw);
                 devices.store(loaded.device_table());
+                // Open connections of removed or changed devices log in again (or not).
+                let revoked: Vec<DeviceId> = removed.iter().chain(&changed).cloned().collect();
+                broker.revoke(&revoked);
                 let list = loaded
                     .config
                     .devices

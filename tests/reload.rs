@@ -55,6 +55,9 @@ async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
     let mut gw = branch.start();
     let mut ca = connect(branch.port, &a.id, &a.password).await;
     send(&mut ca, &a.id, 0, 5).await;
+    // B (password about to change) and C (about to be removed) are connected.
+    let mut cb_old = connect(branch.port, &b.id, &b.password).await;
+    let mut cc = connect(branch.port, &c.id, &c.password).await;
     assert!(refused(branch.port, &d.id, &d.password).await);
 
     // B gets a new password, C goes, D comes; the log level changes too (restart needed).
@@ -76,6 +79,41 @@ async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
     );
     assert!(log.contains("changes=[gateway]"), "{log}");
 
+    // B's and C's open connections are closed at their next packet: nothing of theirs is
+    // acknowledged or stored any more.
+    for (client, id) in [(&mut cb_old, &b.id), (&mut cc, &c.id)] {
+        client
+            .client
+            .publish(
+                format!("devices/{id}/telemetry"),
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"n":99,"device":"{id}"}}"#),
+            )
+            .await
+            .unwrap();
+        let mut closed = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, client.events.recv()).await {
+            match ev {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    panic!("{id}: acknowledged after its revocation")
+                }
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+                Ok(_) => {}
+            }
+        }
+        assert!(closed, "{id} still connected");
+    }
+    assert!(
+        gw.log()
+            .contains("device removed or changed by a reload: connection closed"),
+        "{}",
+        gw.log()
+    );
     let mut cd = connect(branch.port, &d.id, &d.password).await;
     send(&mut cd, &d.id, 0, 3).await;
     assert!(refused(branch.port, &c.id, &c.password).await, "removed");
@@ -119,7 +157,7 @@ async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
         ),
         15
     );
-    drop((ca, cd));
+    drop((ca, cd, cb_old, cc));
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }

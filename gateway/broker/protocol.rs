@@ -176,6 +176,11 @@ pub struct Shared {
     /// Keyed by device, holding (configured Argon2 hash, secret): a reload that changes the
     /// hash makes the entry stale.
     verified: Mutex<HashMap<DeviceId, (String, String)>>,
+    /// Bumped by every reload that revokes devices; a connection compares it with what it
+    /// last saw, so the common case costs one atomic load per packet.
+    revocations: AtomicU64,
+    /// Device -> the revocation (value of `revocations`) that removed or changed it.
+    revoked_at: Mutex<HashMap<DeviceId, u64>>,
     log: Mutex<BurstLimiter<(Option<DeviceId>, Denial)>>,
 }
 
@@ -193,8 +198,39 @@ impl Shared {
             stats: BrokerStats::default(),
             closing: AtomicBool::new(false),
             verified: Mutex::new(HashMap::new()),
+            revocations: AtomicU64::new(0),
+            revoked_at: Mutex::new(HashMap::new()),
             log: Mutex::new(BurstLimiter::new(10_000, 4096)),
         }
+    }
+
+    /// A reload removed these devices or changed their settings: their open connections
+    /// are closed at their next packet (a PINGREQ at the latest) and must log in again
+    /// against the new table.
+    pub fn revoke(&self, devices: &[DeviceId]) {
+        if devices.is_empty() {
+            return;
+        }
+        let generation = self.revocations.load(Ordering::SeqCst) + 1;
+        if let Ok(mut map) = self.revoked_at.lock() {
+            for d in devices {
+                map.insert(d.clone(), generation);
+            }
+            if let Ok(mut v) = self.verified.lock() {
+                for d in devices {
+                    v.remove(d);
+                }
+            }
+        }
+        self.revocations.store(generation, Ordering::SeqCst);
+    }
+
+    /// Whether a connection authenticated at revocation `since` has been revoked.
+    fn revoked_since(&self, device: &str, since: u64) -> bool {
+        self.revoked_at
+            .lock()
+            .map(|m| m.get(device).is_some_and(|&g| g > since))
+            .unwrap_or(false)
     }
 
     fn emit(&self, event: BrokerEvent) {
@@ -281,6 +317,9 @@ pub struct DeviceProtocol {
     shared: Arc<Shared>,
     codec: Option<Codec>,
     device: Option<DeviceId>,
+    /// The revocation count when this connection logged in, and the last one checked.
+    logged_in_at: u64,
+    checked: u64,
     refused: Option<Denial>,
     /// MQTT 5 topic aliases this connection set, with their topic when it is allowed.
     aliases: HashMap<u16, Option<Bytes>>,
@@ -303,6 +342,8 @@ impl DeviceProtocol {
             shared,
             codec: None,
             device: None,
+            logged_in_at: 0,
+            checked: 0,
             refused: None,
             aliases: HashMap::new(),
             out: Mutex::new(Outgoing::default()),
@@ -340,6 +381,9 @@ impl DeviceProtocol {
                 .zero_keepalive
                 .fetch_add(1, Ordering::Relaxed);
         }
+        // Read before authenticating: a reload in between then counts as after the login.
+        let revocations = self.shared.revocations.load(Ordering::SeqCst);
+        (self.logged_in_at, self.checked) = (revocations, revocations);
         let result = match &login {
             None => Err((None, Denial::NoCredentials)),
             Some(l) => match self.shared.authenticate(&l.username, &l.password) {
@@ -609,6 +653,19 @@ impl protocol::Protocol for DeviceProtocol {
                 return Err(e);
             }
         };
+        if let Some(device) = &self.device {
+            let now = self.shared.revocations.load(Ordering::Relaxed);
+            if now != self.checked {
+                if self.shared.revoked_since(device, self.logged_in_at) {
+                    tracing::info!(
+                        device = %device,
+                        "device removed or changed by a reload: connection closed"
+                    );
+                    return Err(protocol::Error::IncorrectPacketFormat);
+                }
+                self.checked = now;
+            }
+        }
         let authenticated = self.device.is_some() || self.refused.is_some();
         match &packet {
             // A second CONNECT, or anything but CONNECT before it, is a protocol error.
