@@ -432,6 +432,49 @@ fn replace_corrupt(
     Ok(())
 }
 
+/// Delete the messages delivered before `cutoff`, walking `seq` order from `cursor`, at
+/// most `scan` rows per call. A message is received before it is delivered and `seq`
+/// follows reception, so the walk ends at the first row received after the cutoff; the
+/// next walk then starts again from the oldest row (rows undelivered when an earlier walk
+/// passed them may have been delivered since).
+fn prune_delivered(
+    conn: &Connection,
+    cursor: &mut i64,
+    cutoff: i64,
+    scan: i64,
+) -> rusqlite::Result<usize> {
+    let from = *cursor;
+    let first: Option<i64> = conn
+        .query_row(
+            "SELECT received_ms FROM messages WHERE seq > ?1 ORDER BY seq LIMIT 1",
+            params![from],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if first.is_none_or(|received| received >= cutoff) {
+        *cursor = 0;
+        return Ok(0);
+    }
+    let end: Option<(i64, i64)> = conn
+        .query_row(
+            "SELECT seq, received_ms FROM messages WHERE seq > ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
+            params![from, scan - 1],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let upto = end.map(|(seq, _)| seq).unwrap_or(i64::MAX);
+    let pruned = conn.execute(
+        "DELETE FROM messages WHERE seq > ?1 AND seq <= ?2
+           AND delivered_ms IS NOT NULL AND delivered_ms < ?3",
+        params![from, upto, cutoff],
+    )?;
+    *cursor = match end {
+        Some((seq, received)) if received < cutoff => seq,
+        _ => 0,
+    };
+    Ok(pruned)
+}
+
 /// Recent incidents (e.g. a corrupt database moved aside): (at_ms, kind, detail), newest first.
 pub fn incidents(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<(i64, String, String)>> {
     let mut st =
@@ -588,45 +631,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Delete delivered messages delivered before `cutoff`, walking `seq` order from
-    /// `prune_cursor`, at most [`PRUNE_SCAN`] rows per call. A message is received before
-    /// it is delivered and `seq` follows reception, so the walk ends at the first row
-    /// received after the cutoff; the next walk starts again from the oldest row (older
-    /// rows still undelivered now may be delivered by then).
+    /// Retention (see [`prune_delivered`]), one walk step per maintenance pass.
     fn prune_delivered(&mut self, cutoff: i64) -> rusqlite::Result<usize> {
         self.beat();
-        let from = self.prune_cursor;
-        let first: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT received_ms FROM messages WHERE seq > ?1 ORDER BY seq LIMIT 1",
-                params![from],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if first.is_none_or(|received| received >= cutoff) {
-            self.prune_cursor = 0;
-            return Ok(0);
-        }
-        let end: Option<(i64, i64)> = self
-            .conn
-            .query_row(
-                "SELECT seq, received_ms FROM messages WHERE seq > ?1 ORDER BY seq LIMIT 1 OFFSET ?2",
-                params![from, PRUNE_SCAN - 1],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let upto = end.map(|(seq, _)| seq).unwrap_or(i64::MAX);
-        let pruned = self.conn.execute(
-            "DELETE FROM messages WHERE seq > ?1 AND seq <= ?2
-               AND delivered_ms IS NOT NULL AND delivered_ms < ?3",
-            params![from, upto, cutoff],
-        )?;
-        self.prune_cursor = match end {
-            Some((seq, received)) if received < cutoff => seq,
-            _ => 0,
-        };
-        Ok(pruned)
+        prune_delivered(&self.conn, &mut self.prune_cursor, cutoff, PRUNE_SCAN)
     }
 
     /// Pages in use (the file shrinks only after `shrink`).
@@ -1463,9 +1471,30 @@ mod tests {
         drop(tx);
         buffer.close().unwrap();
         assert_eq!(seqs_left(&path), vec![6, 7, 8, 10, 11, 12, 13, 14, 15]);
+        // The walk itself, three rows at a time: 8 and 10 are undelivered, 6 and 7 were
+        // delivered a day ago (kept); mark 8 and 10 delivered long ago and walk again.
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute(
+                "UPDATE messages SET delivered_ms = ?1 WHERE seq IN (8, 10)",
+                params![now - 9 * DAY],
+            )
+            .unwrap();
+            let cutoff = now - 7 * DAY;
+            let mut cursor = 0;
+            assert_eq!(prune_delivered(&conn, &mut cursor, cutoff, 3).unwrap(), 1);
+            assert_eq!(cursor, 8, "the first window is 6, 7, 8");
+            assert_eq!(prune_delivered(&conn, &mut cursor, cutoff, 3).unwrap(), 1);
+            assert_eq!(
+                cursor, 0,
+                "10, 11, 12: reached rows received after the cutoff"
+            );
+            assert_eq!(prune_delivered(&conn, &mut cursor, cutoff, 3).unwrap(), 0);
+        }
+        assert_eq!(seqs_left(&path), vec![6, 7, 11, 12, 13, 14, 15]);
         let report = buffer_report(&open_read_only(&path).unwrap(), now).unwrap();
-        assert_eq!(report.backlog, 5, "8, 10 and 13..=15 undelivered");
-        assert_eq!(report.oldest_undelivered_ms, Some(now - 10 * DAY));
+        assert_eq!(report.backlog, 3, "13..=15 undelivered");
+        assert_eq!(report.oldest_undelivered_ms, Some(now));
         assert_eq!(report.last_delivered_ms, Some(now));
         let _ = std::fs::remove_dir_all(&dir);
     }
