@@ -30,6 +30,8 @@ pub enum AppError {
     Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Tls(#[from] crate::upstream::TlsError),
+    #[error("{lost} accepted messages could not be committed before the stop (see the buffer errors above)")]
+    LostAtStop { lost: u64 },
     #[error("api.listen {listen}: {source}")]
     Api {
         listen: std::net::SocketAddr,
@@ -234,19 +236,24 @@ pub async fn run(
 
     shutdown.cancelled().await;
     crate::service::notify_stopping();
+    buffer_stats.stopping.store(true, Ordering::Relaxed);
     tracing::info!("shutting down: closing device connections, draining intake");
     broker.close_connections();
-    let _ = wills_done.await;
+    let _ = stage("last wills", wills_done).await;
     // Serial readers stop on `shutdown`; what they decoded is queued before intake closes.
-    let _ = serial_done.await;
+    let _ = stage("serial readers", serial_done).await;
     sink.close();
     drop(broker);
-    let _ = presence.await;
+    let _ = stage("presence events", presence).await;
     if let Some(f) = forwarder {
-        let _ = f.await;
+        let _ = stage("forwarder", f).await;
     }
-    let closed = tokio::task::spawn_blocking(move || buffer.close()).await;
-    tasks.wait().await;
+    let closed = stage(
+        "buffer writer",
+        tokio::task::spawn_blocking(move || buffer.close()),
+    )
+    .await;
+    stage("background tasks", tasks.wait()).await;
     match closed {
         Ok(Ok(())) => tracing::info!(
             committed = buffer_stats.messages_committed.load(Ordering::Relaxed),
@@ -256,7 +263,35 @@ pub async fn run(
         Ok(Err(e)) => tracing::error!(error = %e, "buffer did not close cleanly"),
         Err(e) => tracing::error!(error = %e, "buffer close task failed"),
     }
-    Ok(())
+    match buffer_stats.lost_at_stop.load(Ordering::Relaxed) {
+        0 => Ok(()),
+        lost => Err(AppError::LostAtStop { lost }),
+    }
+}
+
+/// Await one step of the shutdown; while it takes long, say which one every few seconds,
+/// so a stop that systemd ends with SIGKILL leaves a log line naming what hung.
+async fn stage<T>(name: &'static str, step: impl std::future::Future<Output = T>) -> T {
+    const REPORT_EVERY: Duration = Duration::from_secs(3);
+    let started = tokio::time::Instant::now();
+    tokio::pin!(step);
+    loop {
+        match tokio::time::timeout(REPORT_EVERY, &mut step).await {
+            Ok(done) => {
+                tracing::debug!(
+                    stage = name,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "shutdown step done"
+                );
+                return done;
+            }
+            Err(_) => tracing::warn!(
+                stage = name,
+                waited_s = started.elapsed().as_secs(),
+                "shutdown still waiting"
+            ),
+        }
+    }
 }
 
 /// Start one reader per serial device and the task that turns their events into intake

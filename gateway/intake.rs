@@ -7,7 +7,7 @@
 //! once per burst. When the writer's queue is full, the calling connection waits: the
 //! device's acknowledgements are held back, nothing is dropped.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::mpsc;
@@ -115,6 +115,9 @@ pub struct IntakeSink {
     stats: Arc<IntakeStats>,
     log: Mutex<BurstLimiter<(DeviceId, RejectReason)>>,
     last_wait_log_ms: AtomicI64,
+    /// Set first by [`IntakeSink::close`]: connections waiting for room give up, so
+    /// closing never waits on a writer that cannot commit.
+    closing: AtomicBool,
 }
 
 impl IntakeSink {
@@ -131,18 +134,21 @@ impl IntakeSink {
             stats,
             log: Mutex::new(BurstLimiter::new(10_000, 4096)),
             last_wait_log_ms: AtomicI64::new(i64::MIN / 2),
+            closing: AtomicBool::new(false),
         }
     }
 
     /// Stop queueing (messages arriving later are not stored) and release the writer.
     pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         if let Ok(mut w) = self.writer.write() {
             *w = None;
         }
     }
 
-    /// Validate one message and queue it for the writer.
-    pub fn submit(&self, topic: &[u8], payload: &[u8]) {
+    /// Validate one message and queue it for the writer. False when it was not queued
+    /// because intake is closed (stopping): it must not be acknowledged.
+    pub fn submit(&self, topic: &[u8], payload: &[u8]) -> bool {
         let table = self.devices.load();
         let now = now_ms();
         let write = match classify(&table, topic, payload, now) {
@@ -157,10 +163,10 @@ impl IntakeSink {
             }
             Outcome::Ignored => {
                 self.stats.unknown_device.fetch_add(1, Ordering::Relaxed);
-                return;
+                return true;
             }
         };
-        self.send(write);
+        self.send(write)
     }
 
     fn log_rejection(&self, r: &Rejected, now: i64) {
@@ -180,13 +186,15 @@ impl IntakeSink {
 
     /// Queue for the writer; when the queue is full, wait for room without stalling the
     /// async runtime's other tasks (`block_in_place` hands them to another thread).
-    fn send(&self, w: Write) {
+    fn send(&self, w: Write) -> bool {
         let Ok(guard) = self.writer.read() else {
-            return;
+            return false;
         };
-        let Some(writer) = guard.as_ref() else { return };
+        let Some(writer) = guard.as_ref() else {
+            return false;
+        };
         match writer.try_send(w) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(w)) => {
                 let waits = self.stats.writer_waits.fetch_add(1, Ordering::Relaxed);
                 let now = now_ms();
@@ -207,10 +215,15 @@ impl IntakeSink {
                     // queue without ever registering as a per-message waiter.
                     let mut w = w;
                     loop {
-                        self.buffer.room.wait_for_room(writer);
+                        let closing = || self.closing.load(Ordering::Relaxed);
+                        self.buffer.room.wait_for_room(writer, closing);
+                        if closing() {
+                            return false;
+                        }
                         match writer.try_send(w) {
                             Err(mpsc::error::TrySendError::Full(back)) => w = back,
-                            _ => return,
+                            Ok(()) => return true,
+                            Err(mpsc::error::TrySendError::Closed(_)) => return false,
                         }
                     }
                 };
@@ -225,18 +238,19 @@ impl IntakeSink {
                         tracing::error!(
                             "writer queue full on a current-thread runtime: message dropped"
                         );
+                        false
                     }
                     Err(_) => blocking(),
                 }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 }
 
 impl PublishSink for IntakeSink {
-    fn capture(&self, topic: &[u8], payload: &[u8]) {
-        self.submit(topic, payload);
+    fn capture(&self, topic: &[u8], payload: &[u8]) -> bool {
+        self.submit(topic, payload)
     }
 }
 

@@ -139,11 +139,17 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let loaded = load(&config)?;
             init_logging(&loaded.config.gateway.log_level);
-            runtime_for(loaded.config.broker.max_connections)?.block_on(async {
+            let runtime = runtime_for(loaded.config.broker.max_connections)?;
+            let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 spawn_signal_handler(shutdown.clone());
                 app::run(loaded, shutdown, Default::default(), |_| {}).await
-            })?;
+            });
+            // Everything accepted is committed by now. Dropping a runtime waits without
+            // limit for blocking work still running (a reader query, a held connection);
+            // it must not keep a stopping service alive.
+            runtime.shutdown_timeout(Duration::from_secs(2));
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Simulate {

@@ -288,7 +288,9 @@ pub struct Presence {
 /// acknowledged to the device. An implementation may block (inside `block_in_place`) when
 /// its queue is full: that holds the device's connection, which is the backpressure.
 pub trait PublishSink: Send + Sync {
-    fn capture(&self, topic: &[u8], payload: &[u8]);
+    /// False when the message was not taken (the gateway is stopping): the caller must
+    /// not acknowledge it.
+    fn capture(&self, topic: &[u8], payload: &[u8]) -> bool;
 }
 
 /// Milliseconds since the Unix epoch from the system clock.

@@ -429,9 +429,10 @@ impl DeviceProtocol {
         }
     }
 
-    fn on_publish(&mut self, packet: Packet) -> Packet {
+    /// An error closes the connection without acknowledging the publish.
+    fn on_publish(&mut self, packet: Packet) -> Result<Packet, protocol::Error> {
         let Packet::Publish(mut publish, props) = packet else {
-            return packet;
+            return Ok(packet);
         };
         let device = self.device.clone().unwrap_or_default();
         let alias = props.as_ref().and_then(|p| p.topic_alias);
@@ -453,7 +454,10 @@ impl DeviceProtocol {
             Some(topic) => {
                 // The message is handed to intake here, before rumqttd acknowledges it;
                 // the router then only sees a topic nobody subscribes to and drops it.
-                self.shared.sink.capture(&topic, &publish.payload);
+                if !self.shared.sink.capture(&topic, &publish.payload) {
+                    // Intake closed while this connection waited for room: stopping.
+                    return Err(protocol::Error::IncorrectPacketFormat);
+                }
                 publish.topic = CAPTURED_TOPIC.into();
                 publish.retain = false;
             }
@@ -474,7 +478,7 @@ impl DeviceProtocol {
                 }
             }
         }
-        Packet::Publish(publish, props)
+        Ok(Packet::Publish(publish, props))
     }
 
     fn on_subscribe(&mut self, packet: Packet) -> Packet {
@@ -673,7 +677,7 @@ impl protocol::Protocol for DeviceProtocol {
             Packet::Connect(..) => return Ok(self.on_connect(packet)),
             _ if self.device.is_none() => {}
             Packet::Publish(_, Some(props)) if props.topic_alias == Some(0) => {}
-            Packet::Publish(..) => return Ok(self.on_publish(packet)),
+            Packet::Publish(..) => return self.on_publish(packet),
             Packet::Subscribe(..) => return Ok(self.on_subscribe(packet)),
             _ => return Ok(packet),
         }

@@ -47,6 +47,9 @@ pub const MAX_BATCH: usize = 2048;
 
 /// Committed batches waiting for the forwarder (each at most [`MAX_BATCH`] rows).
 pub const LIVE_BATCHES: usize = 4;
+/// How long a stopping gateway keeps retrying failed commits (systemd's default stop
+/// timeout is 90 s).
+const STOP_RETRY_FOR: Duration = Duration::from_secs(20);
 
 /// Rows just committed, in `seq` order. `after` is the newest `seq` committed before them:
 /// a forwarder whose cursor is behind `after` missed a batch and reads the database.
@@ -141,6 +144,10 @@ pub struct BufferStats {
     /// When the writer last took a batch or finished a commit attempt (failed ones too: a
     /// writer retrying on a full disk is alive, one blocked for good is not).
     pub heartbeat_ms: AtomicI64,
+    /// Set when the gateway starts to stop: failing commits are retried only so long.
+    pub stopping: std::sync::atomic::AtomicBool,
+    /// Accepted messages given up because commits still failed while the gateway stopped.
+    pub lost_at_stop: AtomicU64,
 }
 
 /// Intake waits here while the writer queue is full, until half of it is free again.
@@ -155,12 +162,12 @@ pub struct Room {
 }
 
 impl Room {
-    /// Block the calling thread until `queue` is at least half empty (or closed). A missed
-    /// wake-up costs at most one 20 ms re-check.
-    pub fn wait_for_room<T>(&self, queue: &mpsc::Sender<T>) {
+    /// Block the calling thread until `queue` is at least half empty (or closed), or
+    /// `give_up` says to stop waiting. A missed wake-up costs at most one 20 ms re-check.
+    pub fn wait_for_room<T>(&self, queue: &mpsc::Sender<T>, give_up: impl Fn() -> bool) {
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        while !queue.is_closed() && queue.capacity() < queue.max_capacity() / 2 {
+        while !queue.is_closed() && queue.capacity() < queue.max_capacity() / 2 && !give_up() {
             guard = self
                 .freed
                 .wait_timeout(guard, Duration::from_millis(20))
@@ -266,6 +273,7 @@ impl Buffer {
             max_bytes: options.max_bytes,
             keep_delivered_ms: options.keep_delivered.as_millis() as i64,
             maintain_due: false,
+            given_up_at_stop: false,
             prune_cursor: 0,
             wedge_file: std::env::var_os("BRANCH_GATEWAY_TEST_WEDGE_FILE").map(PathBuf::from),
             synchronous: options.synchronous,
@@ -493,6 +501,8 @@ struct Writer {
     max_bytes: u64,
     keep_delivered_ms: i64,
     maintain_due: bool,
+    /// Commits failed past [`STOP_RETRY_FOR`] during the stop: later batches get one try.
+    given_up_at_stop: bool,
     /// Where the next retention walk starts (see `prune_delivered`).
     prune_cursor: i64,
     /// See [`Writer::wedged_for_test`].
@@ -773,8 +783,12 @@ impl Writer {
 
     /// Commit the batch; on failure (e.g. disk full) keep it and retry with backoff, so
     /// nothing already accepted is dropped. Meanwhile the queue in front fills up.
+    /// Once the gateway is stopping ([`BufferStats::stopping`]), it retries for
+    /// [`STOP_RETRY_FOR`] and then gives the batch up, counted and logged: a stop must end
+    /// before systemd's SIGKILL, which would lose the same messages without a word.
     fn commit_with_retry(&mut self, batch: &mut Vec<Write>) {
         let mut delay = Duration::from_millis(100);
+        let mut stopping_since: Option<Instant> = None;
         loop {
             let started = Instant::now();
             self.relax_sync(batch);
@@ -803,6 +817,25 @@ impl Writer {
                         retry_in_ms = delay.as_millis() as u64,
                         "cannot commit to the buffer; intake is held until it succeeds"
                     );
+                    if self.stats.stopping.load(Ordering::Relaxed) {
+                        let since = *stopping_since.get_or_insert_with(Instant::now);
+                        if self.given_up_at_stop || since.elapsed() >= STOP_RETRY_FOR {
+                            self.given_up_at_stop = true;
+                            let lost = batch
+                                .iter()
+                                .filter(|w| matches!(w, Write::Accepted(_)))
+                                .count() as u64;
+                            self.stats.lost_at_stop.fetch_add(lost, Ordering::Relaxed);
+                            tracing::error!(
+                                path = %self.path.display(),
+                                lost,
+                                "stopping without committing accepted messages: the buffer still cannot be written"
+                            );
+                            batch.clear();
+                            return;
+                        }
+                        delay = delay.min(Duration::from_secs(1));
+                    }
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(10));
                 }

@@ -246,9 +246,14 @@ impl Gateway {
     }
 
     /// SIGTERM, then wait (at most 15 s) for the exit status.
-    pub fn terminate(mut self) -> (ExitStatus, String) {
+    pub fn terminate(self) -> (ExitStatus, String) {
+        self.terminate_within(Duration::from_secs(15))
+    }
+
+    /// SIGTERM, then wait at most `limit` for the exit status.
+    pub fn terminate_within(mut self, limit: Duration) -> (ExitStatus, String) {
         self.signal("-TERM");
-        let status = self.wait(Duration::from_secs(15));
+        let status = self.wait(limit);
         (status, self.log())
     }
 
@@ -263,16 +268,22 @@ impl Gateway {
     }
 
     fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let child = self.child.as_mut().unwrap();
         let deadline = Instant::now() + limit;
         loop {
+            let child = self.child.as_mut().unwrap();
             if let Some(s) = child.try_wait().unwrap() {
                 self.child = None;
                 return s;
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("gateway did not exit within {limit:?}");
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "gateway did not exit within {limit:?}; its log ends:\n{}",
+                    tail.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
