@@ -460,6 +460,9 @@ impl DeviceProtocol {
                 }
                 publish.topic = CAPTURED_TOPIC.into();
                 publish.retain = false;
+                // Only the acknowledgement is left to rumqttd: without the payload the
+                // router holds no reference into this connection's read buffer.
+                publish.payload = Bytes::new();
             }
             None => {
                 let shown = String::from_utf8_lossy(&publish.topic);

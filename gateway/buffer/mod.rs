@@ -281,6 +281,7 @@ impl Buffer {
             live: options.live,
             rollup_tz: options.rollup_tz,
             rollup_version: 0,
+            known_distinct: KnownDistinct::default(),
             last_handed: last_seq,
             seqs: Vec::new(),
         };
@@ -514,6 +515,9 @@ struct Writer {
     rollup_tz: jiff::tz::TimeZone,
     /// Newest version given to a changed rollup row (the pull API's cursor).
     rollup_version: i64,
+    /// Distinct values known to be stored (committed) per rollup key, so a value seen
+    /// again costs a hash lookup instead of an `INSERT OR IGNORE`.
+    known_distinct: KnownDistinct,
     /// Newest `seq` handed (or offered) to the forwarder.
     last_handed: i64,
     /// `seq`s of the messages in the batch being committed, in order.
@@ -808,6 +812,7 @@ impl Writer {
                     return;
                 }
                 Err(e) => {
+                    self.known_distinct.rolled_back();
                     self.stats.commit_errors.fetch_add(1, Ordering::Relaxed);
                     self.stats.last_commit_failed.store(true, Ordering::Relaxed);
                     tracing::error!(
@@ -1043,7 +1048,12 @@ impl Writer {
         }
         apply_devices(&tx, &devices)?;
         if !rollups.is_empty() {
-            apply_rollups(&tx, &rollups.expand(&tz), &mut self.rollup_version)?;
+            apply_rollups(
+                &tx,
+                &rollups.expand(&tz),
+                &mut self.rollup_version,
+                &mut self.known_distinct,
+            )?;
         }
         if rejected > 0 {
             // Keep the newest `rejected_keep` (a range delete on the primary key: cheap).
@@ -1053,6 +1063,7 @@ impl Writer {
             )?;
         }
         tx.commit()?;
+        self.known_distinct.committed();
         self.stats
             .messages_committed
             .fetch_add(messages, Ordering::Relaxed);
@@ -1105,6 +1116,7 @@ fn apply_rollups(
     tx: &rusqlite::Transaction<'_>,
     pending: &HashMap<crate::summary::Key, crate::summary::Agg>,
     version: &mut i64,
+    known: &mut KnownDistinct,
 ) -> rusqlite::Result<()> {
     use crate::model::RollupOp;
     let mut distinct = tx.prepare_cached(
@@ -1129,6 +1141,9 @@ fn apply_rollups(
             RollupOp::Distinct => {
                 let mut new = 0;
                 for v in &a.distinct {
+                    if known.contains(k, v) {
+                        continue;
+                    }
                     new += distinct.execute(params![
                         k.scope,
                         k.period.as_str(),
@@ -1136,6 +1151,7 @@ fn apply_rollups(
                         k.metric,
                         v
                     ])?;
+                    known.stage(k, v);
                 }
                 new as f64
             }
@@ -1156,6 +1172,47 @@ fn apply_rollups(
         ])?;
     }
     Ok(())
+}
+
+/// Distinct values the writer knows are in `rollup_distinct` (nothing deletes from it).
+/// Values become known only once their transaction committed (a failed one is rolled
+/// back). Bounded: past [`KnownDistinct::MAX_VALUES`] it starts over empty, which only
+/// costs the statements it saves.
+#[derive(Default)]
+struct KnownDistinct {
+    known: HashMap<crate::summary::Key, std::collections::HashSet<String>>,
+    values: usize,
+    staged: Vec<(crate::summary::Key, String)>,
+}
+
+impl KnownDistinct {
+    const MAX_VALUES: usize = 20_000;
+
+    fn contains(&self, key: &crate::summary::Key, value: &str) -> bool {
+        self.known.get(key).is_some_and(|s| s.contains(value))
+    }
+
+    fn stage(&mut self, key: &crate::summary::Key, value: &str) {
+        self.staged.push((key.clone(), value.to_owned()));
+    }
+
+    /// The transaction that inserted the staged values committed.
+    fn committed(&mut self) {
+        if self.values + self.staged.len() > Self::MAX_VALUES {
+            self.known.clear();
+            self.values = 0;
+        }
+        for (key, value) in self.staged.drain(..) {
+            if self.known.entry(key).or_default().insert(value) {
+                self.values += 1;
+            }
+        }
+    }
+
+    /// The transaction failed: what it inserted is gone.
+    fn rolled_back(&mut self) {
+        self.staged.clear();
+    }
 }
 
 fn apply_devices(
@@ -1529,6 +1586,85 @@ mod tests {
         assert_eq!(report.backlog, 3, "13..=15 undelivered");
         assert_eq!(report.oldest_undelivered_ms, Some(now));
         assert_eq!(report.last_delivered_ms, Some(now));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A distinct value is counted once per bucket however the batches fall, whether the
+    /// writer remembers it (same run) or has to ask SQLite (after a reopen).
+    #[test]
+    fn distinct_values_count_once_across_batches_and_restarts() {
+        let dir = std::env::temp_dir().join(format!("bgw-distinct-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("buffer.sqlite");
+        let open = || {
+            let options = BufferOptions {
+                synchronous: Synchronous::Normal,
+                rejected_keep: 100,
+                queue_capacity: 64,
+                max_bytes: 1 << 30,
+                keep_delivered: Duration::from_millis(7 * DAY as u64),
+                live: None,
+                rollup_tz: jiff::tz::TimeZone::UTC,
+            };
+            Buffer::open(&path, options, &[("gate-1".into(), "gate-counter".into())]).unwrap()
+        };
+        let hour = 1_795_575_600_000i64; // 2026-11-25T01:00Z
+        let metric: std::sync::Arc<str> = "patrons".into();
+        let patron = |value: &str| {
+            let Write::Accepted(mut m) = message(hour + 60_000) else {
+                unreachable!()
+            };
+            m.contributions = vec![crate::model::Contribution {
+                metric: metric.clone(),
+                op: crate::model::RollupOp::Distinct,
+                at_ms: hour + 60_000,
+                value: crate::model::Sample::Text(value.to_owned()),
+            }];
+            Write::Accepted(m)
+        };
+        // One transaction per group: wait for each to commit before sending the next.
+        let send_batches = |buffer: &Buffer, groups: &[&[&str]]| {
+            let tx = buffer.sender();
+            for group in groups {
+                let before = buffer.stats.messages_committed.load(Ordering::Relaxed);
+                for v in *group {
+                    tx.blocking_send(patron(v)).unwrap();
+                }
+                let want = before + group.len() as u64;
+                while buffer.stats.messages_committed.load(Ordering::Relaxed) < want {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        };
+        let buffer = open();
+        send_batches(&buffer, &[&["a", "b"], &["b", "c", "a"], &["c"]]);
+        buffer.close().unwrap();
+        let buffer = open();
+        send_batches(&buffer, &[&["a", "d"], &["d"]]);
+        buffer.close().unwrap();
+
+        let conn = open_read_only(&path).unwrap();
+        let mut st = conn
+            .prepare(
+                "SELECT scope, period, value, samples FROM rollups
+                 WHERE metric = 'patrons' ORDER BY scope, period",
+            )
+            .unwrap();
+        let rows: Vec<(String, String, f64, i64)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let expected: Vec<(String, String, f64, i64)> = [
+            ("", "day"),
+            ("", "hour"),
+            ("gate-1", "day"),
+            ("gate-1", "hour"),
+        ]
+        .iter()
+        .map(|(s, p)| (s.to_string(), p.to_string(), 4.0, 9))
+        .collect();
+        assert_eq!(rows, expected, "a, b, c, d: four patrons in nine sessions");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
