@@ -257,6 +257,7 @@ pub async fn run(
     match closed {
         Ok(Ok(())) => tracing::info!(
             committed = buffer_stats.messages_committed.load(Ordering::Relaxed),
+            transactions = buffer_stats.transactions.load(Ordering::Relaxed),
             last_seq = buffer_stats.last_seq.load(Ordering::Relaxed),
             "buffer flushed; stopped"
         ),

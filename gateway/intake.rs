@@ -60,7 +60,7 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
     let result = match Kind::parse(kind_name) {
         Some(kind) => entry
             .profile
-            .validate_with(kind, payload, table.privacy_key.as_deref())
+            .validate_parsed(kind, payload, table.privacy_key.as_deref())
             .map(|payload| (kind, payload)),
         None => Err(Rejection::new(
             RejectReason::UnknownKind,
@@ -71,18 +71,18 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
         )),
     };
     match result {
-        Ok((kind, payload)) => Outcome::Accepted(Accepted {
+        Ok((kind, valid)) => Outcome::Accepted(Accepted {
             device: device.to_owned(),
             profile: entry.profile.name.clone(),
             kind,
             received_ms,
-            contributions: crate::summary::contributions(
+            contributions: crate::summary::contributions_of(
                 &entry.profile,
                 kind,
-                &payload,
+                valid.fields.as_ref(),
                 received_ms,
             ),
-            payload,
+            payload: valid.payload,
         }),
         Err(rejection) => Outcome::Rejected(Rejected {
             device: device.to_owned(),

@@ -11,7 +11,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, LazyLock};
 
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::profile::{Profile, RollupKind};
@@ -58,29 +57,29 @@ pub fn contributions(
     payload: &str,
     received_ms: i64,
 ) -> Vec<Contribution> {
+    let fields: Option<serde_json::Map<String, Value>> = serde_json::from_str(payload).ok();
+    contributions_of(profile, kind, fields.as_ref(), received_ms)
+}
+
+/// [`contributions`] from the payload's top-level fields, already parsed by validation.
+pub fn contributions_of(
+    profile: &Profile,
+    kind: Kind,
+    fields: Option<&serde_json::Map<String, Value>>,
+    received_ms: i64,
+) -> Vec<Contribution> {
     let mut out = Vec::new();
     let wanted = |k: RollupKind| match k {
         RollupKind::Telemetry => kind == Kind::Telemetry,
         RollupKind::Events => kind == Kind::Events,
     };
-    // Only the top-level fields' raw text: values are parsed when a rollup reads them.
-    let fields: Option<HashMap<&str, &RawValue>> = if profile.rollups.iter().any(|r| wanted(r.kind))
-    {
-        serde_json::from_str(payload).ok()
-    } else {
-        None
-    };
-    let get = |name: &str| -> Option<Value> {
-        fields
-            .as_ref()
-            .and_then(|f| f.get(name))
-            .and_then(|raw| serde_json::from_str(raw.get()).ok())
-    };
+    let fields = fields.filter(|_| profile.rollups.iter().any(|r| wanted(r.kind)));
+    let get = |name: &str| -> Option<&Value> { fields.and_then(|f| f.get(name)) };
     let at_ms = profile
         .time_field
         .as_deref()
-        .and_then(&get)
-        .and_then(|v| event_time(&v, received_ms))
+        .and_then(get)
+        .and_then(|v| event_time(v, received_ms))
         .unwrap_or(received_ms);
     out.push(count(&MESSAGES, at_ms));
     if fields.is_none() {
@@ -92,27 +91,24 @@ pub fn contributions(
         Kind::Status | Kind::Summary => None,
     }
     .and_then(|k| k.type_field.as_deref());
-    let event_type = type_field.and_then(&get);
+    let event_type = type_field.and_then(get);
     for r in profile.rollups.iter().filter(|r| wanted(r.kind)) {
         if let Some(t) = &r.event_type {
-            if event_type.as_ref().and_then(Value::as_str) != Some(t.as_str()) {
+            if event_type.and_then(Value::as_str) != Some(t.as_str()) {
                 continue;
             }
         }
-        if r.filter
-            .iter()
-            .any(|(k, want)| get(k).as_ref() != Some(want))
-        {
+        if r.filter.iter().any(|(k, want)| get(k) != Some(want)) {
             continue;
         }
         let value = match (r.op, &r.field) {
             (RollupOp::Count, _) => Sample::Num(1.0),
             (RollupOp::Distinct, Some(f)) => match get(f) {
-                Some(Value::String(s)) => Sample::Text(s),
+                Some(Value::String(s)) => Sample::Text(s.clone()),
                 Some(Value::Number(n)) => Sample::Text(n.to_string()),
                 _ => continue,
             },
-            (_, Some(f)) => match get(f).as_ref().and_then(Value::as_f64) {
+            (_, Some(f)) => match get(f).and_then(Value::as_f64) {
                 Some(x) => Sample::Num(x * r.scale.unwrap_or(1.0)),
                 None => continue,
             },

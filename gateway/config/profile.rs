@@ -373,8 +373,22 @@ impl Profile {
         payload: &[u8],
         key: Option<&PrivacyKey>,
     ) -> Result<String, Rejection> {
+        self.validate_parsed(kind, payload, key).map(|v| v.payload)
+    }
+
+    /// [`Profile::validate_with`], also handing back the parsed object (as stored), so
+    /// intake reads rollup fields without parsing the payload again.
+    pub fn validate_parsed(
+        &self,
+        kind: Kind,
+        payload: &[u8],
+        key: Option<&PrivacyKey>,
+    ) -> Result<Validated, Rejection> {
         if kind == Kind::Status {
-            return validate_status(payload);
+            return validate_status(payload).map(|payload| Validated {
+                payload,
+                fields: None,
+            });
         }
         let Some(spec) = self.kind(kind) else {
             return Err(Rejection::new(
@@ -449,7 +463,7 @@ impl KindSpec {
         }
     }
 
-    fn validate(&self, payload: &[u8], key: Option<&PrivacyKey>) -> Result<String, Rejection> {
+    fn validate(&self, payload: &[u8], key: Option<&PrivacyKey>) -> Result<Validated, Rejection> {
         if payload.len() > self.max_bytes {
             return Err(Rejection::new(
                 RejectReason::TooLarge,
@@ -553,13 +567,26 @@ impl KindSpec {
                 }
             }
         }
-        if dropped {
-            Ok(Value::Object(obj).to_string())
+        let payload = if dropped {
+            // Serializing a map of JSON values cannot fail.
+            serde_json::to_string(&obj).unwrap_or_default()
         } else {
             // Store the payload exactly as the device sent it (it is valid UTF-8 JSON).
-            Ok(String::from_utf8_lossy(payload).into_owned())
-        }
+            String::from_utf8_lossy(payload).into_owned()
+        };
+        Ok(Validated {
+            payload,
+            fields: Some(obj),
+        })
     }
+}
+
+/// An accepted payload: the text to store and, for JSON kinds, its top-level fields
+/// (after the privacy rules, equal to the stored text).
+#[derive(Debug)]
+pub struct Validated {
+    pub payload: String,
+    pub fields: Option<serde_json::Map<String, Value>>,
 }
 
 impl FieldSpec {
