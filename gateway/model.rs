@@ -421,10 +421,94 @@ impl RollupOp {
     }
 }
 
+/// A summary metric's name, interned for the life of the process: contributions copy a
+/// pointer (no reference count touched on two threads per message), and equal names share
+/// one address, which is what equality and hashing compare.
+#[derive(Clone, Copy)]
+pub struct Metric(&'static str);
+
+impl Metric {
+    pub fn new(name: &str) -> Metric {
+        use std::collections::HashSet;
+        use std::sync::{LazyLock, Mutex};
+        // Bounded by the distinct names profiles ever declare (reloads reuse them).
+        static NAMES: LazyLock<Mutex<HashSet<&'static str>>> = LazyLock::new(Default::default);
+        let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&known) = names.get(name) {
+            return Metric(known);
+        }
+        let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        names.insert(leaked);
+        Metric(leaked)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl PartialEq for Metric {
+    fn eq(&self, other: &Metric) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for Metric {}
+
+impl std::hash::Hash for Metric {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.0.as_ptr() as usize).hash(state);
+    }
+}
+
+impl PartialOrd for Metric {
+    fn partial_cmp(&self, other: &Metric) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Metric {
+    fn cmp(&self, other: &Metric) -> std::cmp::Ordering {
+        self.0.cmp(other.0)
+    }
+}
+
+impl std::ops::Deref for Metric {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.0, f)
+    }
+}
+
+impl std::fmt::Display for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Metric {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Metric, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok(Metric::new(&name))
+    }
+}
+
+impl From<&str> for Metric {
+    fn from(name: &str) -> Metric {
+        Metric::new(name)
+    }
+}
+
 /// What one message adds to one summary metric.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Contribution {
-    pub metric: std::sync::Arc<str>,
+    pub metric: Metric,
     pub op: RollupOp,
     /// When it happened (Unix ms): the hour and day are chosen from this.
     pub at_ms: i64,

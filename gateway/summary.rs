@@ -9,19 +9,19 @@
 //! time; late messages therefore reopen past buckets, which the pull API's cursor shows.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use serde_json::Value;
 
 use crate::config::profile::{Profile, RollupKind};
-use crate::model::Kind;
 pub use crate::model::{Contribution, RollupOp, Sample};
+use crate::model::{Kind, Metric};
 
 /// The built-in metrics' names, allocated once.
-pub static MESSAGES: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("messages"));
-pub static REJECTED: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("rejected"));
-pub static OFFLINE_EPISODES: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("offline_episodes"));
-pub static ONLINE_MINUTES: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("online_minutes"));
+pub static MESSAGES: LazyLock<Metric> = LazyLock::new(|| Metric::new("messages"));
+pub static REJECTED: LazyLock<Metric> = LazyLock::new(|| Metric::new("rejected"));
+pub static OFFLINE_EPISODES: LazyLock<Metric> = LazyLock::new(|| Metric::new("offline_episodes"));
+pub static ONLINE_MINUTES: LazyLock<Metric> = LazyLock::new(|| Metric::new("online_minutes"));
 
 const MAX_PAST_MS: i64 = 30 * 86_400_000;
 const MAX_FUTURE_MS: i64 = 3_600_000;
@@ -115,7 +115,7 @@ pub fn contributions_of(
             (_, None) => continue,
         };
         out.push(Contribution {
-            metric: r.metric.clone(),
+            metric: r.metric,
             op: r.op,
             at_ms,
             value,
@@ -134,9 +134,9 @@ pub fn json_number(v: f64) -> Value {
 }
 
 /// A plain count of one at `at_ms` (built-in metrics).
-pub fn count(metric: &Arc<str>, at_ms: i64) -> Contribution {
+pub fn count(metric: &Metric, at_ms: i64) -> Contribution {
     Contribution {
-        metric: metric.clone(),
+        metric: *metric,
         op: RollupOp::Count,
         at_ms,
         value: Sample::Num(1.0),
@@ -158,7 +158,7 @@ pub fn online_minutes(
         let (start, _) = bucket(tz, from, Period::Hour);
         let end = (start + 3_600_000).min(until);
         out.push(Contribution {
-            metric: ONLINE_MINUTES.clone(),
+            metric: *ONLINE_MINUTES,
             op: RollupOp::Sum,
             at_ms: from,
             value: Sample::Num((end - from) as f64 / 60_000.0),
@@ -210,7 +210,7 @@ pub struct Key {
     pub scope: String,
     pub period: Period,
     pub bucket_ms: i64,
-    pub metric: Arc<str>,
+    pub metric: Metric,
 }
 
 /// Combined contributions to one key.
@@ -282,10 +282,9 @@ impl Agg {
 /// the four keys each one feeds: device and branch, hour and day.
 #[derive(Debug, Default)]
 pub struct Pending<'a> {
-    /// Keyed by (device, the metric name's address, hour): a hit costs a fast hash and no
-    /// reference count (contributions of one profile rule share one `Arc`); entries with
-    /// equal names from different `Arc`s are merged by `expand`.
-    hours: foldhash::HashMap<(&'a str, usize, i64), (Arc<str>, Agg)>,
+    /// Keyed by (device, hour); a message's contributions (one device, nearly always one
+    /// hour) cost one hash lookup, then a scan of a few metrics compared by address.
+    hours: foldhash::HashMap<(&'a str, i64), Vec<(Metric, Agg)>>,
     /// The last hour found: [start, end) in Unix ms.
     hour: Option<(i64, i64)>,
 }
@@ -296,27 +295,46 @@ impl<'a> Pending<'a> {
     }
 
     pub fn add(&mut self, tz: &jiff::tz::TimeZone, device: &'a str, c: &Contribution) {
-        let hour = match self.hour {
-            Some((start, end)) if (start..end).contains(&c.at_ms) => start,
-            _ => {
-                let (start, _) = bucket(tz, c.at_ms, Period::Hour);
-                self.hour = Some((start, start + 3_600_000));
-                start
+        self.add_all(tz, device, std::slice::from_ref(c));
+    }
+
+    /// Add one message's contributions.
+    pub fn add_all(&mut self, tz: &jiff::tz::TimeZone, device: &'a str, cs: &[Contribution]) {
+        let mut rest = cs;
+        while let Some(first) = rest.first() {
+            let (start, end) = match self.hour {
+                Some((start, end)) if (start..end).contains(&first.at_ms) => (start, end),
+                _ => {
+                    let (start, _) = bucket(tz, first.at_ms, Period::Hour);
+                    self.hour = Some((start, start + 3_600_000));
+                    (start, start + 3_600_000)
+                }
+            };
+            // The run of contributions in this hour (usually all of them).
+            let run = rest
+                .iter()
+                .position(|c| !(start..end).contains(&c.at_ms))
+                .unwrap_or(rest.len());
+            let metrics = self.hours.entry((device, start)).or_default();
+            for c in &rest[..run] {
+                match metrics.iter_mut().find(|(m, _)| *m == c.metric) {
+                    Some((_, agg)) => agg.add(c),
+                    None => {
+                        let mut agg = Agg::new(c.op);
+                        agg.add(c);
+                        metrics.push((c.metric, agg));
+                    }
+                }
             }
-        };
-        let address = Arc::as_ptr(&c.metric) as *const u8 as usize;
-        self.hours
-            .entry((device, address, hour))
-            .or_insert_with(|| (c.metric.clone(), Agg::new(c.op)))
-            .1
-            .add(c);
+            rest = &rest[run..];
+        }
     }
 
     /// Every (scope, period, bucket, metric) this batch changes, with its combined value.
     pub fn expand(self, tz: &jiff::tz::TimeZone) -> HashMap<Key, Agg> {
         let mut labels: HashMap<i64, (String, i64, String)> = HashMap::new();
         let mut out: HashMap<Key, Agg> = HashMap::new();
-        for ((device, _, hour), (metric, agg)) in self.hours {
+        for ((device, hour), metrics) in self.hours {
             let (hour_label, day_ms, day_label) = labels
                 .entry(hour)
                 .or_insert_with(|| {
@@ -330,17 +348,19 @@ impl<'a> Pending<'a> {
                 (Period::Day, day_ms, day_label),
             ] {
                 for scope in [device, ""] {
-                    let key = Key {
-                        scope: scope.to_owned(),
-                        period,
-                        bucket_ms,
-                        metric: metric.clone(),
-                    };
-                    let e = out.entry(key).or_insert_with(|| Agg {
-                        label: label.clone(),
-                        ..Agg::new(agg.op)
-                    });
-                    e.merge(&agg);
+                    for (metric, agg) in &metrics {
+                        let key = Key {
+                            scope: scope.to_owned(),
+                            period,
+                            bucket_ms,
+                            metric: *metric,
+                        };
+                        let e = out.entry(key).or_insert_with(|| Agg {
+                            label: label.clone(),
+                            ..Agg::new(agg.op)
+                        });
+                        e.merge(agg);
+                    }
                 }
             }
         }

@@ -942,9 +942,7 @@ impl Writer {
                         last_seq = tx.last_insert_rowid();
                         self.seqs.push(last_seq);
                         messages += 1;
-                        for c in &m.contributions {
-                            rollups.add(&tz, &m.device, c);
-                        }
+                        rollups.add_all(&tz, &m.device, &m.contributions);
                         if m.kind == crate::model::Kind::Summary {
                             continue; // the gateway's own: no device to update
                         }
@@ -1112,6 +1110,7 @@ fn bump_by(d: &mut DeviceDelta, counter: &'static str, n: i64, at_ms: i64) {
 
 /// Fold a batch's rollup aggregates into `rollups` (one upsert per key); every changed row
 /// gets a new `version`, so the pull API's cursor sees re-opened past buckets too.
+
 fn apply_rollups(
     tx: &rusqlite::Transaction<'_>,
     pending: &HashMap<crate::summary::Key, crate::summary::Agg>,
@@ -1148,7 +1147,7 @@ fn apply_rollups(
                         k.scope,
                         k.period.as_str(),
                         k.bucket_ms,
-                        k.metric,
+                        k.metric.as_str(),
                         v
                     ])?;
                     known.stage(k, v);
@@ -1162,7 +1161,7 @@ fn apply_rollups(
             k.scope,
             k.period.as_str(),
             k.bucket_ms,
-            k.metric,
+            k.metric.as_str(),
             a.label,
             a.op.as_str(),
             value,
@@ -1609,13 +1608,13 @@ mod tests {
             Buffer::open(&path, options, &[("gate-1".into(), "gate-counter".into())]).unwrap()
         };
         let hour = 1_795_575_600_000i64; // 2026-11-25T01:00Z
-        let metric: std::sync::Arc<str> = "patrons".into();
+        let metric = crate::model::Metric::new("patrons");
         let patron = |value: &str| {
             let Write::Accepted(mut m) = message(hour + 60_000) else {
                 unreachable!()
             };
             m.contributions = vec![crate::model::Contribution {
-                metric: metric.clone(),
+                metric,
                 op: crate::model::RollupOp::Distinct,
                 at_ms: hour + 60_000,
                 value: crate::model::Sample::Text(value.to_owned()),

@@ -42,7 +42,7 @@ pub struct Profile {
 #[serde(deny_unknown_fields)]
 pub struct RollupSpec {
     /// The metric's name in summaries (shared across profiles: loans from every kiosk add up).
-    pub metric: std::sync::Arc<str>,
+    pub metric: crate::model::Metric,
     pub kind: RollupKind,
     /// Only messages of this event type (the kind's `type_field` value).
     #[serde(default, rename = "type")]
