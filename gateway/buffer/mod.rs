@@ -717,6 +717,72 @@ impl Writer {
     }
 }
 
+/// Copies committed WAL frames into the database file on a thread of its own (a PASSIVE
+/// checkpoint every [`Checkpointer::EVERY`]), so commits are not held up by it: SQLite's
+/// automatic checkpoint runs inside the committing transaction and, with a WAL of tens
+/// of MB after a burst, stalled intake for tens of ms. The automatic one stays as a
+/// backstop at the WAL limit. Stops (and is joined) when dropped.
+struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    const EVERY: Duration = Duration::from_millis(200);
+
+    fn start(path: &Path, synchronous: Synchronous) -> Checkpointer {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || Self::run(&path, synchronous, stopped))
+            .map_err(|e| tracing::warn!(error = %e, "cannot start the checkpoint thread; commits checkpoint instead"))
+            .ok();
+        Checkpointer {
+            stop: Some(stop),
+            thread,
+        }
+    }
+
+    fn run(path: &Path, synchronous: Synchronous, stopped: std::sync::mpsc::Receiver<()>) {
+        let conn = match Connection::open(path) {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint connection failed; commits checkpoint instead");
+                return;
+            }
+        };
+        let sync = match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        };
+        if let Err(e) = conn.pragma_update(None, "synchronous", sync) {
+            tracing::warn!(error = %e, "checkpoint connection: cannot set synchronous");
+        }
+        let mut last_error_ms = i64::MIN / 2;
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            stopped.recv_timeout(Self::EVERY)
+        {
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                let now = crate::model::now_ms();
+                if now - last_error_ms >= 60_000 {
+                    last_error_ms = now;
+                    tracing::warn!(error = %e, "background checkpoint failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Per-device changes gathered over one batch, applied with one statement per device.
 #[derive(Default)]
 struct DeviceDelta {
@@ -729,6 +795,7 @@ struct DeviceDelta {
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Write>) {
+        let checkpointer = Checkpointer::start(&self.path, self.synchronous);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
@@ -757,6 +824,7 @@ impl Writer {
                 }
             }
         }
+        drop(checkpointer);
         // Nobody is connected to a gateway that stops.
         let now = crate::model::now_ms();
         if let Err(e) = self.conn.execute(
