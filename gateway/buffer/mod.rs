@@ -759,6 +759,8 @@ impl Checkpointer {
         if let Err(e) = conn.pragma_update(None, "synchronous", sync) {
             tracing::warn!(error = %e, "checkpoint connection: cannot set synchronous");
         }
+        // A checkpoint copies pages through its own buffer: no page cache worth keeping.
+        let _ = conn.pragma_update(None, "cache_size", 16);
         let mut last_error_ms = i64::MIN / 2;
         while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
             stopped.recv_timeout(Self::EVERY)
@@ -1178,7 +1180,6 @@ fn bump_by(d: &mut DeviceDelta, counter: &'static str, n: i64, at_ms: i64) {
 
 /// Fold a batch's rollup aggregates into `rollups` (one upsert per key); every changed row
 /// gets a new `version`, so the pull API's cursor sees re-opened past buckets too.
-
 fn apply_rollups(
     tx: &rusqlite::Transaction<'_>,
     pending: &HashMap<crate::summary::Key, crate::summary::Agg>,
