@@ -215,7 +215,12 @@ impl IntakeSink {
                     // queue without ever registering as a per-message waiter.
                     let mut w = w;
                     loop {
-                        let closing = || self.closing.load(Ordering::Relaxed);
+                        // Closed, or stopping while commits fail: room may not come back.
+                        let closing = || {
+                            self.closing.load(Ordering::Relaxed)
+                                || (self.buffer.stopping.load(Ordering::Relaxed)
+                                    && self.buffer.last_commit_failed.load(Ordering::Relaxed))
+                        };
                         self.buffer.room.wait_for_room(writer, closing);
                         if closing() {
                             return false;

@@ -310,11 +310,14 @@ impl<'a> Pending<'a> {
                     (start, start + 3_600_000)
                 }
             };
-            // The run of contributions in this hour (usually all of them).
+            // The run of contributions in this hour (usually all of them); at least the
+            // first, also where a local hour is longer than 60 minutes (a 30-minute DST
+            // shift, as in Lord Howe) and `bucket` starts it more than an hour earlier.
             let run = rest
                 .iter()
                 .position(|c| !(start..end).contains(&c.at_ms))
-                .unwrap_or(rest.len());
+                .unwrap_or(rest.len())
+                .max(1);
             let metrics = self.hours.entry((device, start)).or_default();
             for c in &rest[..run] {
                 match metrics.iter_mut().find(|(m, _)| *m == c.metric) {
@@ -404,6 +407,40 @@ mod tests {
             bucket(&tz(), 1_795_626_000_000, Period::Day).1,
             "2026-11-26"
         );
+    }
+
+    /// Lord Howe Island turns its clocks back by 30 minutes: 01:30-02:00 comes twice, and
+    /// the second pass belongs to a local hour 90 minutes long. Its contributions are
+    /// still counted (once each) and aggregation ends (it once spun forever here).
+    #[test]
+    fn a_local_hour_longer_than_sixty_minutes_is_aggregated() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let tz = jiff::tz::TimeZone::get("Australia/Lord_Howe").unwrap();
+            // 01:45 at +10:30, the second pass (2025-04-06).
+            let at: jiff::Timestamp = "2025-04-05T15:15:00Z".parse().unwrap();
+            let ms = at.as_millisecond();
+            let contributions = vec![count(&MESSAGES, ms); 3];
+            let mut pending = Pending::default();
+            pending.add_all(&tz, "d1", &contributions);
+            pending.add(&tz, "d1", &count(&MESSAGES, ms + 60_000));
+            let _ = done.send(pending.expand(&tz));
+        });
+        let out = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("aggregation did not finish");
+        let hours: Vec<f64> = out
+            .iter()
+            .filter(|(k, _)| k.scope == "d1" && k.period == Period::Hour)
+            .map(|(_, a)| a.value)
+            .collect();
+        assert_eq!(hours, vec![4.0]);
+        let days: Vec<f64> = out
+            .iter()
+            .filter(|(k, _)| k.scope.is_empty() && k.period == Period::Day)
+            .map(|(_, a)| a.value)
+            .collect();
+        assert_eq!(days, vec![4.0]);
     }
 
     #[test]

@@ -273,6 +273,7 @@ impl Buffer {
             max_bytes: options.max_bytes,
             keep_delivered_ms: options.keep_delivered.as_millis() as i64,
             maintain_due: false,
+            checkpoint_lock: Arc::default(),
             given_up_at_stop: false,
             prune_cursor: 0,
             wedge_file: std::env::var_os("BRANCH_GATEWAY_TEST_WEDGE_FILE").map(PathBuf::from),
@@ -502,6 +503,10 @@ struct Writer {
     max_bytes: u64,
     keep_delivered_ms: i64,
     maintain_due: bool,
+    /// Held by the background checkpoint while it runs and by maintenance while it needs
+    /// `wal_checkpoint(TRUNCATE)` (which fails at once, as a busy result row rather than an
+    /// error, while another connection checkpoints).
+    checkpoint_lock: Arc<std::sync::Mutex<()>>,
     /// Commits failed past [`STOP_RETRY_FOR`] during the stop: later batches get one try.
     given_up_at_stop: bool,
     /// Where the next retention walk starts (see `prune_delivered`).
@@ -570,6 +575,9 @@ impl Writer {
     /// counted per device and kind in `drops` and logged.
     /// `reserve`: room to leave for a batch about to be committed.
     fn maintain(&mut self, reserve: u64) -> rusqlite::Result<()> {
+        // The background checkpoint waits while maintenance truncates the WAL.
+        let lock = self.checkpoint_lock.clone();
+        let _paused = lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = crate::model::now_ms();
         let pruned = self.prune_delivered(now - self.keep_delivered_ms)?;
         self.conn.execute(
@@ -730,12 +738,16 @@ struct Checkpointer {
 impl Checkpointer {
     const EVERY: Duration = Duration::from_millis(200);
 
-    fn start(path: &Path, synchronous: Synchronous) -> Checkpointer {
+    fn start(
+        path: &Path,
+        synchronous: Synchronous,
+        lock: Arc<std::sync::Mutex<()>>,
+    ) -> Checkpointer {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let path = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || Self::run(&path, synchronous, stopped))
+            .spawn(move || Self::run(&path, synchronous, &lock, stopped))
             .map_err(|e| tracing::warn!(error = %e, "cannot start the checkpoint thread; commits checkpoint instead"))
             .ok();
         Checkpointer {
@@ -744,7 +756,12 @@ impl Checkpointer {
         }
     }
 
-    fn run(path: &Path, synchronous: Synchronous, stopped: std::sync::mpsc::Receiver<()>) {
+    fn run(
+        path: &Path,
+        synchronous: Synchronous,
+        lock: &std::sync::Mutex<()>,
+        stopped: std::sync::mpsc::Receiver<()>,
+    ) {
         let conn = match Connection::open(path) {
             Ok(conn) => conn,
             Err(e) => {
@@ -765,6 +782,7 @@ impl Checkpointer {
         while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
             stopped.recv_timeout(Self::EVERY)
         {
+            let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 let now = crate::model::now_ms();
                 if now - last_error_ms >= 60_000 {
@@ -797,7 +815,8 @@ struct DeviceDelta {
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Write>) {
-        let checkpointer = Checkpointer::start(&self.path, self.synchronous);
+        let checkpointer =
+            Checkpointer::start(&self.path, self.synchronous, self.checkpoint_lock.clone());
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
