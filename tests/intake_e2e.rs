@@ -157,3 +157,64 @@ async fn every_message_once_intact_in_order_and_survives_restart() {
     let new_seq: i64 = branch.count("SELECT MAX(seq) FROM messages");
     assert_eq!(new_seq, last_seq + 1);
 }
+
+/// Committed data reaches the database file while the gateway runs, without a commit
+/// doing it: the WAL is checkpointed by a thread of its own. SQLite's automatic checkpoint
+/// would wait for the WAL to reach its limit (64 MiB by default), so without that thread
+/// the database file stays at its first page or so for a burst this size.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wal_is_checkpointed_while_the_gateway_runs() {
+    let dev = device("gate-1", "test-sensor");
+    let branch = Branch::new(std::slice::from_ref(&dev));
+    let gw = branch.start();
+    let mut c = connect(branch.port, &dev.id, &dev.password).await;
+    let topic = format!("devices/{}/telemetry", dev.id);
+    const MESSAGES: usize = 3000;
+    let publisher = {
+        let client = c.client.clone();
+        tokio::spawn(async move {
+            for n in 0..MESSAGES {
+                let body = payload("gate-1", n);
+                client
+                    .publish(&topic, QoS::AtLeastOnce, false, body)
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut acked = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acked < MESSAGES {
+        match tokio::time::timeout_at(deadline, c.events.recv()).await {
+            Ok(Some(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))))) => acked += 1,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("after {acked} acknowledgements: {other:?}"),
+        }
+    }
+    publisher.await.unwrap();
+    // The payloads must be in the database file within a second or two (one checkpoint
+    // every 200 ms).
+    let payload_bytes =
+        branch.count("SELECT SUM(LENGTH(payload)) FROM messages WHERE kind = 'telemetry'") as u64;
+    assert!(payload_bytes > 200_000, "{payload_bytes}");
+    let file = branch.db_path();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let size = loop {
+        let size = std::fs::metadata(&file).unwrap().len();
+        if size >= payload_bytes || std::time::Instant::now() > deadline {
+            break size;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        size >= payload_bytes,
+        "database file {size} bytes for {payload_bytes} bytes of payloads:\n{}",
+        gw.log()
+    );
+    assert_eq!(
+        branch.count("SELECT COUNT(*) FROM messages WHERE kind = 'telemetry'"),
+        MESSAGES as i64
+    );
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+}
