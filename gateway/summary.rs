@@ -68,12 +68,13 @@ pub fn contributions_of(
     fields: Option<&serde_json::Map<String, Value>>,
     received_ms: i64,
 ) -> Vec<Contribution> {
-    let mut out = Vec::new();
     let wanted = |k: RollupKind| match k {
         RollupKind::Telemetry => kind == Kind::Telemetry,
         RollupKind::Events => kind == Kind::Events,
     };
     let fields = fields.filter(|_| profile.rollups.iter().any(|r| wanted(r.kind)));
+    // One allocation per message, sized for the built-in count and every rule.
+    let mut out = Vec::with_capacity(1 + fields.map_or(0, |_| profile.rollups.len()));
     let get = |name: &str| -> Option<&Value> { fields.and_then(|f| f.get(name)) };
     let at_ms = profile
         .time_field
