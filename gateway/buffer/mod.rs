@@ -1591,6 +1591,20 @@ mod tests {
         })
     }
 
+    /// A buffer with a small queue, a week's retention and one configured device, `gate-1`.
+    fn open_test_buffer(path: &Path) -> Buffer {
+        let options = BufferOptions {
+            synchronous: Synchronous::Normal,
+            rejected_keep: 100,
+            queue_capacity: 64,
+            max_bytes: 1 << 30,
+            keep_delivered: Duration::from_millis(7 * DAY as u64),
+            live: None,
+            rollup_tz: jiff::tz::TimeZone::UTC,
+        };
+        Buffer::open(path, options, &[("gate-1".into(), "gate-counter".into())]).unwrap()
+    }
+
     fn seqs_left(path: &Path) -> Vec<i64> {
         let conn = open_read_only(path).unwrap();
         let mut st = conn
@@ -1608,18 +1622,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bgw-retention-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("buffer.sqlite");
-        let open = || {
-            let options = BufferOptions {
-                synchronous: Synchronous::Normal,
-                rejected_keep: 100,
-                queue_capacity: 64,
-                max_bytes: 1 << 30,
-                keep_delivered: Duration::from_millis(7 * DAY as u64),
-                live: None,
-                rollup_tz: jiff::tz::TimeZone::UTC,
-            };
-            Buffer::open(&path, options, &[("gate-1".into(), "gate-counter".into())]).unwrap()
-        };
+        let open = || open_test_buffer(&path);
         let now = crate::model::now_ms();
         let buffer = open();
         let tx = buffer.sender();
@@ -1683,18 +1686,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bgw-distinct-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("buffer.sqlite");
-        let open = || {
-            let options = BufferOptions {
-                synchronous: Synchronous::Normal,
-                rejected_keep: 100,
-                queue_capacity: 64,
-                max_bytes: 1 << 30,
-                keep_delivered: Duration::from_millis(7 * DAY as u64),
-                live: None,
-                rollup_tz: jiff::tz::TimeZone::UTC,
-            };
-            Buffer::open(&path, options, &[("gate-1".into(), "gate-counter".into())]).unwrap()
-        };
+        let open = || open_test_buffer(&path);
         let hour = 1_795_575_600_000i64; // 2026-11-25T01:00Z
         let metric = crate::model::Metric::new("patrons");
         let patron = |value: &str| {
