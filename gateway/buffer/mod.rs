@@ -1747,6 +1747,39 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The writer's memory of stored distinct values: a value is known only once its
+    /// transaction committed, a rolled-back one is forgotten, and the memory starts over
+    /// empty (never keeps more) when it would pass its bound.
+    #[test]
+    fn known_distinct_values_follow_commits() {
+        let key = |bucket_ms| crate::summary::Key {
+            scope: "gate-1".into(),
+            period: crate::summary::Period::Hour,
+            bucket_ms,
+            metric: crate::model::Metric::new("patrons"),
+        };
+        let mut known = KnownDistinct::default();
+        known.stage(&key(0), "a");
+        assert!(!known.contains(&key(0), "a"), "not before the commit");
+        known.rolled_back();
+        known.committed();
+        assert!(!known.contains(&key(0), "a"), "rolled back: forgotten");
+        known.stage(&key(0), "a");
+        known.committed();
+        assert!(known.contains(&key(0), "a"));
+        assert!(!known.contains(&key(3_600_000), "a"), "another bucket");
+        for n in 1..KnownDistinct::MAX_VALUES {
+            known.stage(&key(0), &n.to_string());
+        }
+        known.committed();
+        assert_eq!(known.values, KnownDistinct::MAX_VALUES);
+        known.stage(&key(0), "one too many");
+        known.committed();
+        assert_eq!(known.values, 1, "started over");
+        assert!(known.contains(&key(0), "one too many"));
+        assert!(!known.contains(&key(0), "a"));
+    }
+
     #[test]
     fn acknowledgements_become_runs() {
         assert_eq!(seq_runs(&[]), vec![]);
