@@ -7,24 +7,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rumqttc::QoS;
-
-/// Queue telemetry `{"n": n}` from device `id`.
-async fn publish(c: &Client, id: &str, n: usize) {
-    c.client
-        .publish(
-            format!("devices/{id}/telemetry"),
-            QoS::AtLeastOnce,
-            false,
-            format!(r#"{{"n":{n},"device":"{id}"}}"#),
-        )
-        .await
-        .unwrap();
-}
 
 async fn send(c: &mut Client, id: &str, from: usize, n: usize) {
     for i in from..from + n {
-        publish(c, id, i).await;
+        c.telemetry(id, i).await;
     }
     assert_eq!(c.pubacks(n, Duration::from_secs(10)).await, n, "{id}");
 }
@@ -87,7 +73,7 @@ async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
     // B's and C's open connections are closed at their next packet: nothing of theirs is
     // acknowledged or stored any more.
     for (client, id) in [(&mut cb_old, &b.id), (&mut cc, &c.id)] {
-        publish(client, id, 99).await;
+        client.telemetry(id, 99).await;
         let mut closed = false;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, client.events.recv()).await {

@@ -104,15 +104,7 @@ async fn refused_and_still_buffered(
     consumer: &mut Consumer,
 ) {
     let mut c = connect(branch.port, id, &format!("{id}-pw")).await;
-    c.client
-        .publish(
-            format!("devices/{id}/telemetry"),
-            QoS::AtLeastOnce,
-            false,
-            format!(r#"{{"n":1,"device":"{id}"}}"#),
-        )
-        .await
-        .unwrap();
+    c.telemetry(id, 1).await;
     assert_eq!(c.pubacks(1, Duration::from_secs(10)).await, 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !gw.log().contains("cannot reach the central broker") {

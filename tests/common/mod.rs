@@ -365,6 +365,19 @@ impl Client {
         }
     }
 
+    /// Queue telemetry `{"n": n, "device": id}` from device `id` at QoS 1.
+    pub async fn telemetry(&self, id: &str, n: usize) {
+        self.client
+            .publish(
+                format!("devices/{id}/telemetry"),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"n":{n},"device":"{id}"}}"#),
+            )
+            .await
+            .unwrap();
+    }
+
     /// Wait until `n` PUBACKs have arrived (other events are skipped).
     pub async fn pubacks(&mut self, n: usize, limit: Duration) -> usize {
         let deadline = tokio::time::Instant::now() + limit;
