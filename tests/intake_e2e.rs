@@ -192,6 +192,11 @@ async fn the_wal_is_checkpointed_while_the_gateway_runs() {
         }
     }
     publisher.await.unwrap();
+    // A PUBACK comes before the commit (the documented SIGKILL window), so wait for the
+    // writer to commit everything before measuring.
+    let committed = "SELECT COUNT(*) FROM messages WHERE kind = 'telemetry'";
+    let n = branch.wait_count(committed, MESSAGES as i64, Duration::from_secs(30));
+    assert_eq!(n, MESSAGES as i64, "{}", gw.log());
     // The payloads must be in the database file within a second or two (one checkpoint
     // every 200 ms).
     let payload_bytes =
@@ -210,10 +215,6 @@ async fn the_wal_is_checkpointed_while_the_gateway_runs() {
         size >= payload_bytes,
         "database file {size} bytes for {payload_bytes} bytes of payloads:\n{}",
         gw.log()
-    );
-    assert_eq!(
-        branch.count("SELECT COUNT(*) FROM messages WHERE kind = 'telemetry'"),
-        MESSAGES as i64
     );
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
