@@ -10,6 +10,7 @@
 //!     --sustained-rate 40000 --rate 5000 --rate-seconds 20
 //! cargo run --release --example intake_bench -- --devices 200 --messages 1000 --rollups \
 //!     --sustained-rate 40000 --rate 5000 --rate-seconds 5   # with four declared rollups
+//! # --no-rollups: `[storage] rollups = false`, no rollups at all (the baseline for their cost)
 //! ```
 //! Phases: (1) every device publishes `--messages` as fast as acknowledgements allow;
 //! (2) `--sustained-rate` msg/s for `--rate-seconds`; (3) `--rate` msg/s for `--rate-seconds`.
@@ -37,6 +38,8 @@ struct Args {
     synchronous: String,
     /// Give the bench profile four rollups (count, sum, max, distinct) to measure their cost.
     rollups: bool,
+    /// `[storage] rollups = false`: no rollups at all, not even the built-in figures.
+    no_rollups: bool,
 }
 
 fn parse_args() -> Args {
@@ -49,10 +52,16 @@ fn parse_args() -> Args {
         binary: PathBuf::from("target/release/branch-gateway"),
         synchronous: "full".into(),
         rollups: false,
+        no_rollups: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
+        if argv[i] == "--no-rollups" {
+            a.no_rollups = true;
+            i += 1;
+            continue;
+        }
         if argv[i] == "--rollups" {
             a.rollups = true;
             i += 1;
@@ -116,8 +125,8 @@ fn write_setup(dir: &Path, port: u16, args: &Args) -> PathBuf {
     std::fs::write(dir.join("profiles/bench-sensor.json"), profile).unwrap();
     let mut cfg = format!(
         "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"warn\"\n\
-         [broker]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nsynchronous = \"{}\"\n",
-        args.synchronous
+         [broker]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nsynchronous = \"{}\"\nrollups = {}\n",
+        args.synchronous, !args.no_rollups
     );
     for d in 0..args.devices {
         cfg.push_str(&format!(

@@ -86,8 +86,8 @@ fn main() {
     {
         let mut st = tx
             .prepare(
-                "INSERT INTO rollups (scope, period, bucket_ms, metric, bucket, op, value, samples, last_ms, version)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9)",
+                "INSERT INTO rollup_buckets (scope, period, bucket_ms, bucket, metrics, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
             .unwrap();
         let label = |ms: i64, day: bool| {
@@ -103,27 +103,24 @@ fn main() {
         let scopes: Vec<String> = std::iter::once(String::new())
             .chain((0..devices).map(|d| format!("gate-{d:03}")))
             .collect();
+        // Three metrics per bucket, stored the way the gateway stores them.
         let mut insert =
             |scope: &str, period: &str, ms: i64, label: &str, value: f64, samples: i64| {
-                for (metric, op) in [
-                    ("visitors_in", "sum"),
-                    ("visitors_out", "sum"),
-                    ("messages", "count"),
-                ] {
-                    rows += 1;
-                    st.execute(rusqlite::params![
-                        scope,
-                        period,
-                        ms,
-                        metric,
-                        label,
-                        op,
-                        value,
-                        samples,
-                        rows as i64
-                    ])
-                    .unwrap();
-                }
+                rows += 3;
+                let metrics = serde_json::json!({
+                    "messages": ["count", value, samples, 0],
+                    "visitors_in": ["sum", value, samples, 0],
+                    "visitors_out": ["sum", value, samples, 0],
+                });
+                st.execute(rusqlite::params![
+                    scope,
+                    period,
+                    ms,
+                    label,
+                    metrics.to_string(),
+                    rows as i64
+                ])
+                .unwrap();
             };
         for h in 0..8760i64 {
             let ms = start + h * HOUR;

@@ -165,49 +165,72 @@ async fn changes(state: ApiState, q: SummaryQuery, after: i64) -> Response {
         );
     }
     let tz = state.tz.clone();
+    // A page ends at a bucket boundary (the cursor is a bucket's version): up to `limit`
+    // buckets are read, and whole buckets are kept while their metrics fit in `limit`.
     let rows = read(&state, move |c| {
-        let mut st = c.prepare(
-            "SELECT scope, period, bucket, bucket_ms, metric, value, samples, version FROM rollups
+        let mut st = c.prepare_cached(
+            "SELECT scope, period, bucket, bucket_ms, metrics, version FROM rollup_buckets
              WHERE version > ?1 ORDER BY version LIMIT ?2",
         )?;
-        let rows = st.query_map(rusqlite::params![after, limit], |r| {
-            Ok((
+        let mut rows = st.query(rusqlite::params![after, limit])?;
+        let mut page = Vec::new();
+        let mut items = 0usize;
+        while let Some(r) = rows.next()? {
+            let metrics = stored_metrics(r.get_ref(4)?.as_str()?)?;
+            if items > 0 && items + metrics.len() > limit as usize {
+                break;
+            }
+            items += metrics.len();
+            page.push((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, i64>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, f64>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, i64>(7)?,
-            ))
-        })?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
+                metrics,
+                r.get::<_, i64>(5)?,
+            ));
+        }
+        Ok(page)
     })
     .await;
     let rows = match rows {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let next = rows.last().map_or(after, |r| r.7);
-    let items: Vec<Value> = rows
-        .into_iter()
-        .map(
-            |(scope, period, bucket, ms, metric, value, samples, version)| {
-                json!({
-                    "device": if scope.is_empty() { Value::Null } else { json!(scope) },
-                    "period": period,
-                    "bucket": bucket,
-                    "start": start_text(&tz, ms),
-                    "metric": metric,
-                    "value": crate::summary::json_number(value),
-                    "samples": samples,
-                    "version": version,
-                })
-            },
-        )
-        .collect();
+    let next = rows.last().map_or(after, |r| r.5);
+    let mut items: Vec<Value> = Vec::new();
+    for (scope, period, bucket, ms, metrics, version) in rows {
+        let device = if scope.is_empty() {
+            Value::Null
+        } else {
+            json!(scope)
+        };
+        let start = start_text(&tz, ms);
+        for (metric, m) in metrics {
+            items.push(json!({
+                "device": device,
+                "period": period,
+                "bucket": bucket,
+                "start": start,
+                "metric": metric,
+                "value": crate::summary::json_number(m.1),
+                "samples": m.2,
+                "version": version,
+            }));
+        }
+    }
     Json(json!({ "branch": state.branch, "items": items, "next": next })).into_response()
+}
+
+/// A stored bucket's metrics; a row that does not decode is reported as a database error.
+fn stored_metrics(text: &str) -> rusqlite::Result<crate::summary::BucketMetrics> {
+    crate::summary::decode_metrics(text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            4,
+            rusqlite::types::Type::Text,
+            "a rollup bucket's metrics are not readable".into(),
+        )
+    })
 }
 
 fn start_text(tz: &jiff::tz::TimeZone, ms: i64) -> String {
@@ -263,15 +286,15 @@ async fn range(state: ApiState, q: SummaryQuery) -> Response {
     let body = read(&state, move |c| {
         let (sql, scope): (&str, Option<String>) = match device.as_deref() {
             Some("*") => (
-                "SELECT scope, bucket, bucket_ms, metric, value FROM rollups
+                "SELECT scope, bucket, bucket_ms, metrics FROM rollup_buckets
                  WHERE period = ?1 AND bucket_ms >= ?2 AND bucket_ms < ?3 AND scope <> ''
-                 ORDER BY scope, bucket_ms, metric",
+                 ORDER BY scope, bucket_ms",
                 None,
             ),
             other => (
-                "SELECT scope, bucket, bucket_ms, metric, value FROM rollups
+                "SELECT scope, bucket, bucket_ms, metrics FROM rollup_buckets
                  WHERE scope = ?4 AND period = ?1 AND bucket_ms >= ?2 AND bucket_ms < ?3
-                 ORDER BY bucket_ms, metric",
+                 ORDER BY bucket_ms",
                 Some(other.unwrap_or("").to_owned()),
             ),
         };
@@ -284,22 +307,16 @@ async fn range(state: ApiState, q: SummaryQuery) -> Response {
         let mut items: Vec<Bucket> = Vec::new();
         while let Some(r) = rows.next()? {
             let (scope, ms): (String, i64) = (r.get(0)?, r.get(2)?);
-            let same = items
-                .last()
-                .is_some_and(|b| b.start_ms == ms && b.device.as_deref().unwrap_or("") == scope);
-            if !same {
-                items.push(Bucket {
-                    device: (!scope.is_empty()).then_some(scope),
-                    bucket: r.get(1)?,
-                    start: start_text(&tz, ms),
-                    start_ms: ms,
-                    metrics: serde_json::Map::new(),
-                });
-            }
-            if let Some(b) = items.last_mut() {
-                b.metrics
-                    .insert(r.get(3)?, crate::summary::json_number(r.get(4)?));
-            }
+            let metrics = stored_metrics(r.get_ref(3)?.as_str()?)?
+                .into_iter()
+                .map(|(name, m)| (name, crate::summary::json_number(m.1)))
+                .collect();
+            items.push(Bucket {
+                device: (!scope.is_empty()).then_some(scope),
+                bucket: r.get(1)?,
+                start: start_text(&tz, ms),
+                metrics,
+            });
         }
         let page = RangePage {
             branch: &branch,
@@ -321,8 +338,6 @@ struct Bucket {
     device: Option<String>,
     bucket: String,
     start: String,
-    #[serde(skip)]
-    start_ms: i64,
     metrics: serde_json::Map<String, Value>,
 }
 

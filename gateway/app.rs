@@ -90,6 +90,7 @@ pub async fn run(
                 keep_delivered: cfg.storage.keep_delivered,
                 live: live_tx,
                 rollup_tz: cfg.gateway.time_zone(),
+                rollups: cfg.storage.rollups,
             },
             &configured,
         )
@@ -600,6 +601,7 @@ async fn reload_on_sighup(
     // What is running: sections needing a restart are compared with this one forever.
     let started = crate::config::raw_table(&path).unwrap_or_default();
     let mut applied = started.clone();
+    let rollups_at_start = devices.load().rollups;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -618,7 +620,11 @@ async fn reload_on_sighup(
         match load {
             Ok(Ok((loaded, raw))) => {
                 let (added, removed, changed) = crate::config::device_changes(&applied, &raw);
-                devices.store(loaded.device_table());
+                // `[storage]` waits for a restart (named below), `rollups` with it: the
+                // writer's setting is fixed at start.
+                let mut table = loaded.device_table();
+                table.rollups = rollups_at_start;
+                devices.store(table);
                 // Open connections of removed or changed devices log in again (or not).
                 let revoked: Vec<DeviceId> = removed.iter().chain(&changed).cloned().collect();
                 broker.revoke(&revoked);

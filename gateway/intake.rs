@@ -76,12 +76,16 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
             profile: entry.profile.name.clone(),
             kind,
             received_ms,
-            contributions: crate::summary::contributions_of(
-                &entry.profile,
-                kind,
-                valid.fields.as_ref(),
-                received_ms,
-            ),
+            contributions: if table.rollups {
+                crate::summary::contributions_of(
+                    &entry.profile,
+                    kind,
+                    valid.fields.as_ref(),
+                    received_ms,
+                )
+            } else {
+                Vec::new()
+            },
             payload: valid.payload,
         }),
         Err(rejection) => Outcome::Rejected(Rejected {
@@ -285,6 +289,7 @@ mod tests {
         DeviceTable {
             devices,
             privacy_key: Some(Arc::from(&b"branch-secret-0123456789"[..])),
+            rollups: true,
         }
     }
 

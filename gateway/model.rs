@@ -395,7 +395,7 @@ mod tests {
 }
 
 /// How a summary metric combines the values it gets (declared in device profiles).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RollupOp {
     Count,

@@ -8,7 +8,7 @@
 //! it has a plausible one (at most 30 days old, at most 1 hour ahead), else the receive
 //! time; late messages therefore reopen past buckets, which the pull API's cursor shows.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::LazyLock;
 
 use serde_json::Value;
@@ -248,7 +248,8 @@ impl Agg {
     fn add(&mut self, c: &Contribution) {
         self.samples += 1;
         match (&c.value, self.op) {
-            (Sample::Text(t), RollupOp::Distinct) => {
+            // Most messages repeat a value the batch has seen: no copy for those.
+            (Sample::Text(t), RollupOp::Distinct) if !self.distinct.contains(t) => {
                 self.distinct.insert(t.clone());
             }
             (Sample::Num(x), RollupOp::Count | RollupOp::Sum) => self.value += x,
@@ -334,10 +335,11 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// Every (scope, period, bucket, metric) this batch changes, with its combined value.
-    pub fn expand(self, tz: &jiff::tz::TimeZone) -> HashMap<Key, Agg> {
+    /// Every (scope, period, bucket) this batch changes, with its label and the combined
+    /// value of each metric: what one row of `rollup_buckets` receives.
+    pub fn expand_buckets(self, tz: &jiff::tz::TimeZone) -> HashMap<BucketRef<'a>, PendingBucket> {
         let mut labels: HashMap<i64, (String, i64, String)> = HashMap::new();
-        let mut out: HashMap<Key, Agg> = HashMap::new();
+        let mut out: HashMap<BucketRef<'a>, PendingBucket> = HashMap::new();
         for ((device, hour), metrics) in self.hours {
             let (hour_label, day_ms, day_label) = labels
                 .entry(hour)
@@ -352,24 +354,57 @@ impl<'a> Pending<'a> {
                 (Period::Day, day_ms, day_label),
             ] {
                 for scope in [device, ""] {
+                    let b =
+                        out.entry((scope, period, bucket_ms))
+                            .or_insert_with(|| PendingBucket {
+                                label: label.clone(),
+                                metrics: Vec::with_capacity(metrics.len()),
+                            });
                     for (metric, agg) in &metrics {
-                        let key = Key {
-                            scope: scope.to_owned(),
-                            period,
-                            bucket_ms,
-                            metric: *metric,
-                        };
-                        let e = out.entry(key).or_insert_with(|| Agg {
-                            label: label.clone(),
-                            ..Agg::new(agg.op)
-                        });
-                        e.merge(agg);
+                        match b.metrics.iter_mut().find(|(m, _)| m == metric) {
+                            Some((_, e)) => e.merge(agg),
+                            None => b.metrics.push((*metric, agg.clone())),
+                        }
                     }
                 }
             }
         }
         out
     }
+
+    /// Every (scope, period, bucket, metric) this batch changes, with its combined value.
+    pub fn expand(self, tz: &jiff::tz::TimeZone) -> HashMap<Key, Agg> {
+        let mut out = HashMap::new();
+        for ((scope, period, bucket_ms), b) in self.expand_buckets(tz) {
+            for (metric, agg) in b.metrics {
+                let key = Key {
+                    scope: scope.to_owned(),
+                    period,
+                    bucket_ms,
+                    metric,
+                };
+                out.insert(
+                    key,
+                    Agg {
+                        label: b.label.clone(),
+                        ..agg
+                    },
+                );
+            }
+        }
+        out
+    }
+}
+
+/// A bucket a batch changes: device (or `""` for the branch), period, start.
+pub type BucketRef<'a> = (&'a str, Period, i64);
+
+/// What a batch adds to one bucket.
+#[derive(Debug, Default)]
+pub struct PendingBucket {
+    /// The bucket's local label (`2026-11-20T09:00`, `2026-11-20`).
+    pub label: String,
+    pub metrics: Vec<(Metric, Agg)>,
 }
 
 /// Fold a batch aggregate into a stored one (the SQL upsert does the same); `stored_new`
@@ -386,9 +421,99 @@ pub fn fold(op: RollupOp, stored: (f64, i64), batch: &Agg, distinct_new: i64) ->
     }
 }
 
+/// One metric of a stored bucket: how it combines, its value, how many contributions it
+/// has had, and the time of the newest (for `last`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredMetric(pub RollupOp, pub f64, pub i64, pub i64);
+
+/// The metrics of one stored bucket (device or branch, period, start), as kept in one row
+/// of `rollup_buckets`: `{"loans": ["sum", 12.0, 12, 1764035200000], ...}`. One row per
+/// bucket instead of one per metric: a batch costs one write per device and bucket,
+/// however many metrics its profile declares.
+pub type BucketMetrics = BTreeMap<String, StoredMetric>;
+
+pub fn encode_metrics(metrics: &BucketMetrics) -> String {
+    serde_json::to_string(metrics).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// `None` for text that is not a stored bucket (the caller treats the bucket as corrupt).
+pub fn decode_metrics(text: &str) -> Option<BucketMetrics> {
+    serde_json::from_str(text).ok()
+}
+
+/// Fold a batch aggregate into a bucket's stored metric (`None`: the metric is new to the
+/// bucket). `distinct_new` is how many of the batch's distinct values the bucket had not
+/// seen. `None` back: nothing to store (a min or max with no numeric sample).
+pub fn fold_stored(
+    stored: Option<StoredMetric>,
+    batch: &Agg,
+    distinct_new: i64,
+) -> Option<StoredMetric> {
+    let batch_last = batch.last_ms.max(0);
+    match stored {
+        Some(StoredMetric(op, value, samples, last_ms)) => {
+            let (value, _) = fold(op, (value, last_ms), batch, distinct_new);
+            Some(StoredMetric(
+                op,
+                value,
+                samples + batch.samples,
+                last_ms.max(batch_last),
+            ))
+        }
+        None => {
+            let value = match batch.op {
+                RollupOp::Distinct => distinct_new as f64,
+                _ => batch.value,
+            };
+            value
+                .is_finite()
+                .then_some(StoredMetric(batch.op, value, batch.samples, batch_last))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stored metric folds like the old per-metric upsert: sums add, extremes keep the
+    /// extreme, `last` keeps the newest, distinct adds what is new; an extreme without a
+    /// numeric sample is not stored.
+    #[test]
+    fn stored_metrics_fold_and_round_trip() {
+        let batch = |op, value, samples, last_ms| Agg {
+            samples,
+            value,
+            last_ms,
+            ..Agg::new(op)
+        };
+        let sum = fold_stored(None, &batch(RollupOp::Sum, 2.5, 2, 10), 0).unwrap();
+        assert_eq!(sum, StoredMetric(RollupOp::Sum, 2.5, 2, 10));
+        let sum = fold_stored(Some(sum), &batch(RollupOp::Sum, 1.0, 1, 5), 0).unwrap();
+        assert_eq!(sum, StoredMetric(RollupOp::Sum, 3.5, 3, 10));
+        let last = StoredMetric(RollupOp::Last, 7.0, 1, 100);
+        let older = fold_stored(Some(last), &batch(RollupOp::Last, 1.0, 1, 50), 0).unwrap();
+        assert_eq!(older, StoredMetric(RollupOp::Last, 7.0, 2, 100));
+        let newer = fold_stored(Some(last), &batch(RollupOp::Last, 1.0, 1, 150), 0).unwrap();
+        assert_eq!(newer, StoredMetric(RollupOp::Last, 1.0, 2, 150));
+        let max = StoredMetric(RollupOp::Max, 9.0, 3, 0);
+        let max = fold_stored(Some(max), &batch(RollupOp::Max, 4.0, 1, 0), 0).unwrap();
+        assert_eq!(max.1, 9.0);
+        let distinct = fold_stored(None, &batch(RollupOp::Distinct, 0.0, 4, 0), 3).unwrap();
+        assert_eq!(distinct, StoredMetric(RollupOp::Distinct, 3.0, 4, 0));
+        let empty_min = Agg::new(RollupOp::Min);
+        assert_eq!(fold_stored(None, &empty_min, 0), None);
+        let mut bucket = BucketMetrics::new();
+        bucket.insert("temp".into(), newer);
+        bucket.insert("loans".into(), sum);
+        let text = encode_metrics(&bucket);
+        assert_eq!(
+            text,
+            r#"{"loans":["sum",3.5,3,10],"temp":["last",1.0,2,150]}"#
+        );
+        assert_eq!(decode_metrics(&text), Some(bucket));
+        assert_eq!(decode_metrics("{\"x\": 1}"), None);
+    }
 
     fn tz() -> jiff::tz::TimeZone {
         jiff::tz::TimeZone::get("Asia/Shanghai").unwrap()

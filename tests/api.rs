@@ -171,11 +171,38 @@ async fn summaries_devices_health_and_errors() {
         all["items"].as_array().unwrap().len(),
         2 * (3 + 4 + 2) + 2 * 6
     );
+    // Small pages end at bucket boundaries: the same items, no bucket split across pages
+    // (the day buckets have 6 metrics, more than a page of 5: such a bucket comes alone).
+    let bucket_of =
+        |i: &serde_json::Value| format!("{}/{}/{}", i["device"], i["period"], i["bucket"]);
+    let (mut paged, mut seen_buckets, mut cursor) = (Vec::new(), Vec::<String>::new(), 0);
+    loop {
+        let page = get_json(
+            api_port,
+            &format!("/api/v1/summaries?after={cursor}&limit=5"),
+        );
+        let items = page["items"].as_array().unwrap().clone();
+        if items.is_empty() {
+            break;
+        }
+        let mut buckets: Vec<String> = items.iter().map(bucket_of).collect();
+        buckets.dedup();
+        assert!(items.len() <= 5 || buckets.len() == 1, "{page}");
+        for b in buckets {
+            assert!(!seen_buckets.contains(&b), "bucket {b} split across pages");
+            seen_buckets.push(b);
+        }
+        paged.extend(items);
+        cursor = page["next"].as_i64().unwrap();
+    }
+    assert_eq!(cursor, next);
+    assert_eq!(&paged, all["items"].as_array().unwrap());
     let again = get_json(api_port, &format!("/api/v1/summaries?after={next}"));
     assert_eq!(again["items"], json!([]));
     assert_eq!(again["next"], next);
 
-    // Late data for 09:00: the cursor returns exactly the re-opened buckets.
+    // Late data for 09:00: the cursor returns exactly the re-opened buckets (device and
+    // branch, hour and day), each whole.
     c.client
         .publish(
             "devices/k1/events",
@@ -202,12 +229,22 @@ async fn summaries_devices_health_and_errors() {
     assert_eq!(
         changed,
         [
+            "\"k1\"/\"day\"/\"2026-11-20\"/\"loan_failures\"=1",
             "\"k1\"/\"day\"/\"2026-11-20\"/\"loans\"=4",
+            "\"k1\"/\"day\"/\"2026-11-20\"/\"longest_session\"=30",
             "\"k1\"/\"day\"/\"2026-11-20\"/\"messages\"=8",
+            "\"k1\"/\"day\"/\"2026-11-20\"/\"patrons\"=2",
+            "\"k1\"/\"day\"/\"2026-11-20\"/\"session_minutes\"=47",
+            "\"k1\"/\"hour\"/\"2026-11-20T09:00\"/\"loan_failures\"=1",
             "\"k1\"/\"hour\"/\"2026-11-20T09:00\"/\"loans\"=3",
             "\"k1\"/\"hour\"/\"2026-11-20T09:00\"/\"messages\"=4",
+            "null/\"day\"/\"2026-11-20\"/\"loan_failures\"=1",
             "null/\"day\"/\"2026-11-20\"/\"loans\"=4",
+            "null/\"day\"/\"2026-11-20\"/\"longest_session\"=30",
             "null/\"day\"/\"2026-11-20\"/\"messages\"=8",
+            "null/\"day\"/\"2026-11-20\"/\"patrons\"=2",
+            "null/\"day\"/\"2026-11-20\"/\"session_minutes\"=47",
+            "null/\"hour\"/\"2026-11-20T09:00\"/\"loan_failures\"=1",
             "null/\"hour\"/\"2026-11-20T09:00\"/\"loans\"=3",
             "null/\"hour\"/\"2026-11-20T09:00\"/\"messages\"=4",
         ]

@@ -120,6 +120,8 @@ pub struct BufferOptions {
     pub live: Option<mpsc::Sender<LiveRows>>,
     /// The branch's time zone: rollups cut local hours and days.
     pub rollup_tz: jiff::tz::TimeZone,
+    /// `false`: no rollups at all (not even the built-in per-device figures).
+    pub rollups: bool,
 }
 
 /// Counters the writer updates; read by status logs and (later) metrics.
@@ -281,8 +283,10 @@ impl Buffer {
             relaxed_sync: false,
             live: options.live,
             rollup_tz: options.rollup_tz,
+            rollups_enabled: options.rollups,
             rollup_version: 0,
             known_distinct: KnownDistinct::default(),
+            bucket_cache: BucketCache::default(),
             last_handed: last_seq,
             seqs: Vec::new(),
         };
@@ -518,11 +522,14 @@ struct Writer {
     relaxed_sync: bool,
     live: Option<mpsc::Sender<LiveRows>>,
     rollup_tz: jiff::tz::TimeZone,
+    rollups_enabled: bool,
     /// Newest version given to a changed rollup row (the pull API's cursor).
     rollup_version: i64,
     /// Distinct values known to be stored (committed) per rollup key, so a value seen
     /// again costs a hash lookup instead of an `INSERT OR IGNORE`.
     known_distinct: KnownDistinct,
+    /// Recently written rollup buckets, so a batch need not read them back.
+    bucket_cache: BucketCache,
     /// Newest `seq` handed (or offered) to the forwarder.
     last_handed: i64,
     /// `seq`s of the messages in the batch being committed, in order.
@@ -902,6 +909,7 @@ impl Writer {
                 }
                 Err(e) => {
                     self.known_distinct.rolled_back();
+                    self.bucket_cache.clear();
                     self.stats.commit_errors.fetch_add(1, Ordering::Relaxed);
                     self.stats.last_commit_failed.store(true, Ordering::Relaxed);
                     tracing::error!(
@@ -993,11 +1001,11 @@ impl Writer {
     fn commit(&mut self, batch: &[Write]) -> rusqlite::Result<()> {
         self.seqs.clear();
         if self.rollup_version == 0 {
-            self.rollup_version =
-                self.conn
-                    .query_row("SELECT COALESCE(MAX(version), 0) FROM rollups", [], |r| {
-                        r.get(0)
-                    })?;
+            self.rollup_version = self.conn.query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM rollup_buckets",
+                [],
+                |r| r.get(0),
+            )?;
         }
         let tz = self.rollup_tz.clone();
         let mut rollups = crate::summary::Pending::default();
@@ -1134,12 +1142,13 @@ impl Writer {
             }
         }
         apply_devices(&tx, &devices)?;
-        if !rollups.is_empty() {
+        if self.rollups_enabled && !rollups.is_empty() {
             apply_rollups(
                 &tx,
-                &rollups.expand(&tz),
+                rollups.expand_buckets(&tz),
                 &mut self.rollup_version,
                 &mut self.known_distinct,
+                &mut self.bucket_cache,
             )?;
         }
         if rejected > 0 {
@@ -1197,68 +1206,165 @@ fn bump_by(d: &mut DeviceDelta, counter: &'static str, n: i64, at_ms: i64) {
     e.1 = e.1.max(at_ms);
 }
 
-/// Fold a batch's rollup aggregates into `rollups` (one upsert per key); every changed row
-/// gets a new `version`, so the pull API's cursor sees re-opened past buckets too.
+/// Fold a batch's rollup aggregates into `rollup_buckets`: one row per (device or
+/// branch, period, bucket), read once (or taken from `cache`), merged here and written
+/// back with a new `version`, so the pull API's cursor sees re-opened past buckets too.
 fn apply_rollups(
     tx: &rusqlite::Transaction<'_>,
-    pending: &HashMap<crate::summary::Key, crate::summary::Agg>,
+    pending: HashMap<crate::summary::BucketRef<'_>, crate::summary::PendingBucket>,
     version: &mut i64,
     known: &mut KnownDistinct,
+    cache: &mut BucketCache,
 ) -> rusqlite::Result<()> {
     use crate::model::RollupOp;
+    use crate::summary::fold_stored;
     let mut distinct = tx.prepare_cached(
         "INSERT OR IGNORE INTO rollup_distinct (scope, period, bucket_ms, metric, value)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
-    let mut upsert = tx.prepare_cached(
-        "INSERT INTO rollups (scope, period, bucket_ms, metric, bucket, op, value, samples, last_ms, version)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-         ON CONFLICT (scope, period, bucket_ms, metric) DO UPDATE SET
-           value = CASE op
-             WHEN 'min' THEN MIN(value, excluded.value)
-             WHEN 'max' THEN MAX(value, excluded.value)
-             WHEN 'last' THEN CASE WHEN excluded.last_ms >= last_ms THEN excluded.value ELSE value END
-             ELSE value + excluded.value END,
-           last_ms = MAX(last_ms, excluded.last_ms),
-           samples = samples + excluded.samples,
-           version = excluded.version",
+    let mut load = tx.prepare_cached(
+        "SELECT metrics FROM rollup_buckets WHERE scope = ?1 AND period = ?2 AND bucket_ms = ?3",
     )?;
-    for (k, a) in pending {
-        let value = match a.op {
-            RollupOp::Distinct => {
-                let mut new = 0;
+    let mut upsert = tx.prepare_cached(
+        "INSERT INTO rollup_buckets (scope, period, bucket_ms, bucket, metrics, version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (scope, period, bucket_ms) DO UPDATE SET
+           metrics = excluded.metrics, version = excluded.version",
+    )?;
+    // A bucket the cache holds is in the table: a plain update by key is cheaper than
+    // an insert that conflicts.
+    let mut update = tx.prepare_cached(
+        "UPDATE rollup_buckets SET metrics = ?4, version = ?5
+         WHERE scope = ?1 AND period = ?2 AND bucket_ms = ?3",
+    )?;
+    for ((scope, period, bucket_ms), bucket) in pending {
+        let cached = cache.take(scope, period, bucket_ms);
+        let known_row = cached.is_some();
+        let mut metrics = match cached {
+            Some(m) => m,
+            None => {
+                let text: Option<String> = load
+                    .query_row(params![scope, period.as_str(), bucket_ms], |r| r.get(0))
+                    .optional()?;
+                match text {
+                    None => Default::default(),
+                    Some(t) => crate::summary::decode_metrics(&t).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            4,
+                            rusqlite::types::Type::Text,
+                            format!(
+                                "rollup bucket {scope:?} {} {bucket_ms} is not readable",
+                                period.as_str()
+                            )
+                            .into(),
+                        )
+                    })?,
+                }
+            }
+        };
+        for (metric, a) in &bucket.metrics {
+            let mut new = 0;
+            if a.op == RollupOp::Distinct {
+                let key = crate::summary::Key {
+                    scope: scope.to_owned(),
+                    period,
+                    bucket_ms,
+                    metric: *metric,
+                };
                 for v in &a.distinct {
-                    if known.contains(k, v) {
+                    if known.contains(&key, v) {
                         continue;
                     }
                     new += distinct.execute(params![
-                        k.scope,
-                        k.period.as_str(),
-                        k.bucket_ms,
-                        k.metric.as_str(),
+                        scope,
+                        period.as_str(),
+                        bucket_ms,
+                        metric.as_str(),
                         v
-                    ])?;
-                    known.stage(k, v);
+                    ])? as i64;
+                    known.stage(&key, v);
                 }
-                new as f64
             }
-            _ => a.value,
-        };
+            match metrics.get_mut(metric.as_str()) {
+                Some(stored) => {
+                    if let Some(m) = fold_stored(Some(*stored), a, new) {
+                        *stored = m;
+                    }
+                }
+                None => {
+                    if let Some(m) = fold_stored(None, a, new) {
+                        metrics.insert(metric.as_str().to_owned(), m);
+                    }
+                }
+            }
+        }
         *version += 1;
-        upsert.execute(params![
-            k.scope,
-            k.period.as_str(),
-            k.bucket_ms,
-            k.metric.as_str(),
-            a.label,
-            a.op.as_str(),
-            value,
-            a.samples,
-            a.last_ms.max(0),
-            *version
-        ])?;
+        let text = crate::summary::encode_metrics(&metrics);
+        if known_row {
+            update.execute(params![scope, period.as_str(), bucket_ms, text, *version])?;
+        } else {
+            upsert.execute(params![
+                scope,
+                period.as_str(),
+                bucket_ms,
+                bucket.label,
+                text,
+                *version
+            ])?;
+        }
+        cache.put(scope, period, bucket_ms, metrics);
     }
     Ok(())
+}
+
+/// The writer's copy of recently written rollup buckets (the current hour and day of every
+/// busy device), so a batch does not read back the rows it is about to rewrite. It may
+/// hold what an uncommitted transaction wrote: a failed commit clears it. Bounded: past
+/// [`BucketCache::MAX_BUCKETS`] it starts over empty.
+#[derive(Default)]
+struct BucketCache {
+    /// By device (`""`: the branch), then period and bucket start: looked up by `&str`.
+    rows: HashMap<String, HashMap<(crate::summary::Period, i64), crate::summary::BucketMetrics>>,
+    len: usize,
+}
+
+impl BucketCache {
+    const MAX_BUCKETS: usize = 2048;
+
+    fn take(
+        &mut self,
+        scope: &str,
+        period: crate::summary::Period,
+        bucket_ms: i64,
+    ) -> Option<crate::summary::BucketMetrics> {
+        let found = self.rows.get_mut(scope)?.remove(&(period, bucket_ms));
+        self.len -= usize::from(found.is_some());
+        found
+    }
+
+    fn put(
+        &mut self,
+        scope: &str,
+        period: crate::summary::Period,
+        bucket_ms: i64,
+        metrics: crate::summary::BucketMetrics,
+    ) {
+        if self.len >= Self::MAX_BUCKETS {
+            self.clear();
+        }
+        let per_scope = match self.rows.get_mut(scope) {
+            Some(m) => m,
+            None => self.rows.entry(scope.to_owned()).or_default(),
+        };
+        if per_scope.insert((period, bucket_ms), metrics).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.len = 0;
+    }
 }
 
 /// Distinct values the writer knows are in `rollup_distinct` (nothing deletes from it).
@@ -1593,6 +1699,10 @@ mod tests {
 
     /// A buffer with a small queue, a week's retention and one configured device, `gate-1`.
     fn open_test_buffer(path: &Path) -> Buffer {
+        open_test_buffer_with(path, true)
+    }
+
+    fn open_test_buffer_with(path: &Path, rollups: bool) -> Buffer {
         let options = BufferOptions {
             synchronous: Synchronous::Normal,
             rejected_keep: 100,
@@ -1601,6 +1711,7 @@ mod tests {
             keep_delivered: Duration::from_millis(7 * DAY as u64),
             live: None,
             rollup_tz: jiff::tz::TimeZone::UTC,
+            rollups,
         };
         Buffer::open(path, options, &[("gate-1".into(), "gate-counter".into())]).unwrap()
     }
@@ -1612,6 +1723,43 @@ mod tests {
             .unwrap();
         let rows = st.query_map([], |r| r.get(0)).unwrap();
         rows.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    /// `[storage] rollups = false` stores messages and no rollup rows; switched back on,
+    /// the next message fills its four buckets (device and branch, hour and day).
+    #[test]
+    fn rollups_can_be_switched_off() {
+        let dir = std::env::temp_dir().join(format!("bgw-no-rollups-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("buffer.sqlite");
+        let counted = |at_ms: i64| {
+            let Write::Accepted(mut m) = message(at_ms) else {
+                unreachable!()
+            };
+            m.contributions = vec![crate::summary::count(&crate::summary::MESSAGES, at_ms)];
+            Write::Accepted(m)
+        };
+        let count = |sql: &str| -> i64 {
+            open_read_only(&path)
+                .unwrap()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap()
+        };
+        let now = 1_795_575_600_000i64;
+        let buffer = open_test_buffer_with(&path, false);
+        buffer.sender().blocking_send(counted(now)).unwrap();
+        buffer.close().unwrap();
+        assert_eq!(count("SELECT COUNT(*) FROM messages"), 1);
+        assert_eq!(count("SELECT COUNT(*) FROM rollup_buckets"), 0);
+        let buffer = open_test_buffer_with(&path, true);
+        buffer.sender().blocking_send(counted(now)).unwrap();
+        buffer.close().unwrap();
+        assert_eq!(count("SELECT COUNT(*) FROM rollup_buckets"), 4);
+        assert_eq!(
+            count("SELECT CAST(SUM(value) AS INTEGER) FROM rollups WHERE metric = 'messages'"),
+            4
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Retention removes exactly the rows delivered longer ago than `keep_delivered`:

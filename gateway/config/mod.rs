@@ -223,6 +223,14 @@ pub struct StorageSection {
     /// Disk cap for the buffer: database file plus its WAL, in bytes.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
+    /// Compute summaries (rollups) as messages are committed. `false` leaves the summaries
+    /// API and pushes empty: for a branch that never uses them, or to measure their cost.
+    #[serde(default = "default_rollups")]
+    pub rollups: bool,
+}
+
+fn default_rollups() -> bool {
+    true
 }
 
 /// `humantime` strings ("7d", "90m") for durations in the config.
@@ -246,6 +254,7 @@ impl Default for StorageSection {
             queue_capacity: default_queue(),
             keep_delivered: default_keep_delivered(),
             max_bytes: default_max_bytes(),
+            rollups: default_rollups(),
         }
     }
 }
@@ -659,6 +668,8 @@ pub struct DeviceTable {
     pub devices: HashMap<DeviceId, Device>,
     /// `[privacy] hmac_secret`: the key for fields marked `privacy: hash`.
     pub privacy_key: Option<Arc<[u8]>>,
+    /// `[storage] rollups`: whether accepted messages carry rollup contributions.
+    pub rollups: bool,
 }
 
 impl DeviceTable {
@@ -785,6 +796,7 @@ impl Loaded {
                 .privacy
                 .as_ref()
                 .map(|p| Arc::from(p.hmac_secret.as_bytes())),
+            rollups: self.config.storage.rollups,
         }
     }
 
