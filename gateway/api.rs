@@ -176,7 +176,7 @@ async fn changes(state: ApiState, q: SummaryQuery, after: i64) -> Response {
         let mut page = Vec::new();
         let mut items = 0usize;
         while let Some(r) = rows.next()? {
-            let metrics = stored_metrics(r.get_ref(4)?.as_str()?)?;
+            let (metrics, _) = crate::summary::decode_metrics(r.get_ref(4)?.as_str()?);
             if items > 0 && items + metrics.len() > limit as usize {
                 break;
             }
@@ -220,17 +220,6 @@ async fn changes(state: ApiState, q: SummaryQuery, after: i64) -> Response {
         }
     }
     Json(json!({ "branch": state.branch, "items": items, "next": next })).into_response()
-}
-
-/// A stored bucket's metrics; a row that does not decode is reported as a database error.
-fn stored_metrics(text: &str) -> rusqlite::Result<crate::summary::BucketMetrics> {
-    crate::summary::decode_metrics(text).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(
-            4,
-            rusqlite::types::Type::Text,
-            "a rollup bucket's metrics are not readable".into(),
-        )
-    })
 }
 
 fn start_text(tz: &jiff::tz::TimeZone, ms: i64) -> String {
@@ -307,7 +296,8 @@ async fn range(state: ApiState, q: SummaryQuery) -> Response {
         let mut items: Vec<Bucket> = Vec::new();
         while let Some(r) = rows.next()? {
             let (scope, ms): (String, i64) = (r.get(0)?, r.get(2)?);
-            let metrics = stored_metrics(r.get_ref(3)?.as_str()?)?
+            let metrics = crate::summary::decode_metrics(r.get_ref(3)?.as_str()?)
+                .0
                 .into_iter()
                 .map(|(name, m)| (name, crate::summary::json_number(m.1)))
                 .collect();

@@ -218,8 +218,6 @@ pub struct Key {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agg {
     pub op: RollupOp,
-    /// The bucket's local label (set when a batch is expanded to its keys).
-    pub label: String,
     pub samples: i64,
     /// count and sum: the total; min, max: the extreme; last: the newest value.
     pub value: f64,
@@ -233,7 +231,6 @@ impl Agg {
     fn new(op: RollupOp) -> Agg {
         Agg {
             op,
-            label: String::new(),
             samples: 0,
             value: match op {
                 RollupOp::Min => f64::INFINITY,
@@ -372,7 +369,9 @@ impl<'a> Pending<'a> {
         out
     }
 
-    /// Every (scope, period, bucket, metric) this batch changes, with its combined value.
+    /// Every (scope, period, bucket, metric) this batch changes, with its combined value:
+    /// the per-metric view tests recount against.
+    #[cfg(test)]
     pub fn expand(self, tz: &jiff::tz::TimeZone) -> HashMap<Key, Agg> {
         let mut out = HashMap::new();
         for ((scope, period, bucket_ms), b) in self.expand_buckets(tz) {
@@ -383,13 +382,7 @@ impl<'a> Pending<'a> {
                     bucket_ms,
                     metric,
                 };
-                out.insert(
-                    key,
-                    Agg {
-                        label: b.label.clone(),
-                        ..agg
-                    },
-                );
+                out.insert(key, agg);
             }
         }
         out
@@ -407,8 +400,8 @@ pub struct PendingBucket {
     pub metrics: Vec<(Metric, Agg)>,
 }
 
-/// Fold a batch aggregate into a stored one (the SQL upsert does the same); `stored_new`
-/// is how many of the batch's distinct values were new to the bucket.
+/// Fold a batch aggregate into a stored (value, last_ms); `distinct_new` is how many of
+/// the batch's distinct values were new to the bucket.
 pub fn fold(op: RollupOp, stored: (f64, i64), batch: &Agg, distinct_new: i64) -> (f64, i64) {
     let (value, last_ms) = stored;
     match op {
@@ -436,9 +429,23 @@ pub fn encode_metrics(metrics: &BucketMetrics) -> String {
     serde_json::to_string(metrics).unwrap_or_else(|_| "{}".to_owned())
 }
 
-/// `None` for text that is not a stored bucket (the caller treats the bucket as corrupt).
-pub fn decode_metrics(text: &str) -> Option<BucketMetrics> {
-    serde_json::from_str(text).ok()
+/// A stored bucket's metrics, and how many entries were unreadable and left out (none
+/// unless the row was damaged): one bad metric must not stop the writer or the API.
+pub fn decode_metrics(text: &str) -> (BucketMetrics, usize) {
+    let Ok(entries) = serde_json::from_str::<serde_json::Map<String, Value>>(text) else {
+        return (BucketMetrics::new(), 1);
+    };
+    let mut skipped = 0;
+    let mut metrics = BucketMetrics::new();
+    for (name, entry) in entries {
+        match serde_json::from_value::<StoredMetric>(entry) {
+            Ok(m) if m.1.is_finite() => {
+                metrics.insert(name, m);
+            }
+            _ => skipped += 1,
+        }
+    }
+    (metrics, skipped)
 }
 
 /// Fold a batch aggregate into a bucket's stored metric (`None`: the metric is new to the
@@ -452,7 +459,9 @@ pub fn fold_stored(
     let batch_last = batch.last_ms.max(0);
     match stored {
         Some(StoredMetric(op, value, samples, last_ms)) => {
-            let (value, _) = fold(op, (value, last_ms), batch, distinct_new);
+            let (folded, _) = fold(op, (value, last_ms), batch, distinct_new);
+            // A sum past f64's range stays at its last finite value: JSON has no infinity.
+            let value = if folded.is_finite() { folded } else { value };
             Some(StoredMetric(
                 op,
                 value,
@@ -511,8 +520,17 @@ mod tests {
             text,
             r#"{"loans":["sum",3.5,3,10],"temp":["last",1.0,2,150]}"#
         );
-        assert_eq!(decode_metrics(&text), Some(bucket));
-        assert_eq!(decode_metrics("{\"x\": 1}"), None);
+        assert_eq!(decode_metrics(&text), (bucket, 0));
+        // A damaged entry is left out (and counted), the rest still reads.
+        let (some, skipped) =
+            decode_metrics(r#"{"a": ["sum", 1.0, 1, 0], "b": ["sum", null, 1, 0], "c": 7}"#);
+        assert_eq!(some.len(), 1);
+        assert_eq!(skipped, 2);
+        assert_eq!(decode_metrics("not json"), (BucketMetrics::new(), 1));
+        // A sum past f64's range keeps its last finite value.
+        let big = StoredMetric(RollupOp::Sum, f64::MAX, 1, 0);
+        let kept = fold_stored(Some(big), &batch(RollupOp::Sum, f64::MAX, 1, 0), 0).unwrap();
+        assert_eq!(kept, StoredMetric(RollupOp::Sum, f64::MAX, 2, 0));
     }
 
     fn tz() -> jiff::tz::TimeZone {
@@ -687,8 +705,10 @@ mod tests {
                 }
             }
             let all = all.expand(&tz());
-            // Batched: random cuts, folded the way the writer folds them.
-            let mut stored: HashMap<Key, ((f64, i64), BTreeSet<String>)> = HashMap::new();
+            // Batched: random cuts, folded the way the writer folds them (whole buckets,
+            // `fold_stored`, distinct values new to the bucket).
+            let mut stored: HashMap<Key, StoredMetric> = HashMap::new();
+            let mut seen: HashMap<Key, BTreeSet<String>> = HashMap::new();
             let mut i = 0;
             while i < msgs.len() {
                 let n = 1 + next(40) as usize;
@@ -698,25 +718,29 @@ mod tests {
                         batch.add(&tz(), d, c);
                     }
                 }
-                for (k, a) in &batch.expand(&tz()) {
-                    let e = stored.entry(k.clone()).or_insert_with(|| {
-                        let init = match a.op {
-                            RollupOp::Min => f64::INFINITY,
-                            RollupOp::Max => f64::NEG_INFINITY,
-                            _ => 0.0,
+                for ((scope, period, bucket_ms), b) in batch.expand_buckets(&tz()) {
+                    for (metric, a) in &b.metrics {
+                        let k = Key {
+                            scope: scope.to_owned(),
+                            period,
+                            bucket_ms,
+                            metric: *metric,
                         };
-                        ((init, i64::MIN), BTreeSet::new())
-                    });
-                    let before = e.1.len();
-                    e.1.extend(a.distinct.iter().cloned());
-                    let new = (e.1.len() - before) as i64;
-                    e.0 = fold(a.op, e.0, a, new);
+                        let values = seen.entry(k.clone()).or_default();
+                        let before = values.len();
+                        values.extend(a.distinct.iter().cloned());
+                        let new = (values.len() - before) as i64;
+                        if let Some(m) = fold_stored(stored.get(&k).copied(), a, new) {
+                            stored.insert(k, m);
+                        }
+                    }
                 }
                 i += n;
             }
             assert_eq!(stored.len(), all.len());
             for (k, a) in &all {
-                let (value, _) = stored[k].0;
+                let StoredMetric(_, value, samples, _) = stored[k];
+                assert_eq!(samples, a.samples, "{k:?}");
                 let expected = if a.op == RollupOp::Distinct {
                     a.distinct.len() as f64
                 } else {

@@ -1248,17 +1248,19 @@ fn apply_rollups(
                     .optional()?;
                 match text {
                     None => Default::default(),
-                    Some(t) => crate::summary::decode_metrics(&t).ok_or_else(|| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            4,
-                            rusqlite::types::Type::Text,
-                            format!(
-                                "rollup bucket {scope:?} {} {bucket_ms} is not readable",
-                                period.as_str()
-                            )
-                            .into(),
-                        )
-                    })?,
+                    Some(t) => {
+                        let (metrics, skipped) = crate::summary::decode_metrics(&t);
+                        if skipped > 0 {
+                            tracing::warn!(
+                                scope,
+                                period = period.as_str(),
+                                bucket_ms,
+                                skipped,
+                                "rollup bucket had unreadable metrics; they start again from this batch"
+                            );
+                        }
+                        metrics
+                    }
                 }
             }
         };
@@ -1297,6 +1299,9 @@ fn apply_rollups(
                     }
                 }
             }
+        }
+        if metrics.is_empty() {
+            continue; // nothing storable (a min or max without a numeric sample)
         }
         *version += 1;
         let text = crate::summary::encode_metrics(&metrics);

@@ -128,7 +128,10 @@ CREATE TABLE rollup_buckets (
 INSERT INTO rollup_buckets (scope, period, bucket_ms, bucket, metrics, version)
     SELECT scope, period, bucket_ms, MAX(bucket),
            json_group_object(metric, json_array(op, value, samples, last_ms)), MAX(version)
-    FROM rollups GROUP BY scope, period, bucket_ms;
+    FROM rollups
+    -- an infinite min or max (no numeric sample) has no JSON form and no meaning
+    WHERE value BETWEEN -1.7976931348623157e308 AND 1.7976931348623157e308
+    GROUP BY scope, period, bucket_ms;
 DROP TABLE rollups;
 CREATE INDEX rollup_buckets_version ON rollup_buckets(version);
 CREATE INDEX rollup_buckets_by_period ON rollup_buckets(period, bucket_ms);
@@ -195,7 +198,8 @@ mod tests {
     use super::*;
 
     /// A database written before v7 (one row per metric) keeps every value: the view
-    /// shows the same rows, and the bucket rows decode for the writer.
+    /// shows the same rows, and the bucket rows decode for the writer. An infinite min
+    /// (no sample) is left out.
     #[test]
     fn per_metric_rollups_become_bucket_rows() {
         let mut conn = Connection::open_in_memory().unwrap();
@@ -231,6 +235,12 @@ mod tests {
                 4,
             ),
         ];
+        conn.execute(
+            "INSERT INTO rollups (scope, period, bucket_ms, metric, bucket, op, value, samples, last_ms, version)
+             VALUES ('k1', 'day', 0, 'lowest', '2026-11-20', 'min', ?1, 0, 0, 1)",
+            [f64::INFINITY],
+        )
+        .unwrap();
         for r in &old {
             conn.execute(
                 "INSERT INTO rollups (scope, period, bucket_ms, metric, bucket, op, value, samples, last_ms, version)
@@ -302,7 +312,8 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        let metrics = crate::summary::decode_metrics(&text).unwrap();
+        let (metrics, skipped) = crate::summary::decode_metrics(&text);
+        assert_eq!(skipped, 0);
         assert_eq!(
             metrics["temp"],
             crate::summary::StoredMetric(crate::model::RollupOp::Last, 21.5, 2, 1_700)
