@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
+use common::http_get as get;
 use common::*;
 use rumqttc::QoS;
 use serde_json::{json, Value};
@@ -30,28 +30,6 @@ const PROFILE: &str = r#"{
     {"metric": "patrons", "kind": "events", "type": "session_end", "op": "distinct", "field": "card"}
   ]
 }"#;
-
-/// A plain HTTP/1.1 GET on loopback: (status, JSON or text body).
-fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw[9..12].parse().unwrap();
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 fn get_json(port: u16, path: &str) -> Value {
     let (status, body) = get(port, path, Some(TOKEN));

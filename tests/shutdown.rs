@@ -170,15 +170,51 @@ async fn sigkill_leaves_a_consistent_database_and_seq_continues() {
 }
 
 /// With a tiny writer queue, a burst from many devices fills it: intake holds the devices'
-/// acknowledgements instead of dropping anything, and every message is stored once.
+/// acknowledgements instead of dropping anything, and every message is stored once. The
+/// held connections wait on a bounded set of threads (they would take one each otherwise),
+/// and the gateway's own tasks keep answering meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_writer_queue_holds_devices_and_loses_nothing() {
-    let devices: Vec<Device> = (0..20)
+    const DEVICES: usize = 48;
+    let devices: Vec<Device> = (0..DEVICES)
         .map(|i| device(&format!("q{i}"), "test-sensor"))
         .collect();
-    let branch = Branch::with_extra(&devices, "queue_capacity = 16");
+    let api = free_port();
+    let branch = Branch::with_extra(
+        &devices,
+        &format!(
+            "queue_capacity = 16\n[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"test-token-0123456789\"\n"
+        ),
+    );
     let gw = branch.start();
-    let per_device = 500usize;
+    let threads = move |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .map(|n| n.trim().parse::<usize>().unwrap())
+            .unwrap()
+    };
+    assert_eq!(http_get(api, "/healthz", None).0, 200);
+    let idle_threads = threads(gw.pid());
+    // Sample the gateway's threads and its health endpoint's answer time through the burst.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (done, pid) = (done.clone(), gw.pid());
+        std::thread::spawn(move || {
+            let (mut most_threads, mut slowest) = (0usize, Duration::ZERO);
+            while !done.load(Ordering::Relaxed) {
+                most_threads = most_threads.max(threads(pid));
+                let asked = Instant::now();
+                let (code, body) = http_get(api, "/healthz", None);
+                assert_eq!(code, 200, "{body}");
+                slowest = slowest.max(asked.elapsed());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (most_threads, slowest)
+        })
+    };
+    let per_device = 250usize;
     let tasks: Vec<_> = devices
         .iter()
         .map(|d| {
@@ -201,7 +237,9 @@ async fn full_writer_queue_holds_devices_and_loses_nothing() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), per_device);
     }
-    let want = (20 * per_device) as i64;
+    done.store(true, Ordering::Relaxed);
+    let (most_threads, slowest) = watcher.join().unwrap();
+    let want = (DEVICES * per_device) as i64;
     assert_eq!(
         branch.wait_count(
             "SELECT COUNT(*) FROM messages",
@@ -221,5 +259,16 @@ async fn full_writer_queue_holds_devices_and_loses_nothing() {
     assert!(
         log.contains("writer queue full"),
         "the burst must have filled the queue:\n{log}"
+    );
+    // Held connections share the broker's waiting threads (one each would be 48), plus a
+    // few short-lived helpers of the gateway's own runtime.
+    let bound = idle_threads + branch_gateway::broker::CONNECTION_WAIT_THREADS + 4;
+    assert!(
+        most_threads <= bound,
+        "{most_threads} threads with {DEVICES} devices held ({idle_threads} idle, bound {bound})"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "/healthz took {slowest:?} while devices were held"
     );
 }

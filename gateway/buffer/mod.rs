@@ -14,8 +14,8 @@
 //!   memory (the channel, the current batch), already acknowledged to the device.
 //! - **When full.** The channel holds `storage.queue_capacity` commands. When it is full,
 //!   the device connection whose message does not fit waits (intake blocks in
-//!   `block_in_place`), so the device's acknowledgements stop until the writer catches up.
-//!   Nothing is dropped.
+//!   `block_in_place`, on the broker's runtime, whose waiting threads are bounded), so the
+//!   device's acknowledgements stop until the writer catches up. Nothing is dropped.
 //! - **Sequence numbers.** `messages.seq` is `INTEGER PRIMARY KEY AUTOINCREMENT`: strictly
 //!   increasing and never reused, even after rows are pruned or the gateway restarts.
 //! - **Bounded tables.** `rejected` keeps the newest `storage.rejected_keep` rows (pruned

@@ -3,7 +3,7 @@
 //! clients (rumqttc) that connect as devices.
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -415,6 +415,28 @@ pub async fn connect(port: u16, id: &str, password: &str) -> Client {
 
 /// Run `cmd` to completion with stdin closed and stdout/stderr captured. Kills it and
 /// panics if it is still running after `limit`, so no test waits on a child forever.
+/// A plain HTTP/1.1 GET on loopback: (status, JSON or text body).
+pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> std::process::Output {
     let mut child = cmd
         .stdin(Stdio::null())
