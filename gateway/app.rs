@@ -450,6 +450,7 @@ async fn push_hourly_summaries(
             kind: crate::model::Kind::Summary,
             received_ms: now,
             payload: payload.to_string(),
+            rollup_ms: None,
             contributions: Vec::new(),
         };
         if writer.send(Write::Accepted(summary)).await.is_err() {

@@ -71,23 +71,26 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
         )),
     };
     match result {
-        Ok((kind, valid)) => Outcome::Accepted(Accepted {
-            device: device.to_owned(),
-            profile: entry.profile.name.clone(),
-            kind,
-            received_ms,
-            contributions: if table.rollups {
-                crate::summary::contributions_of(
-                    &entry.profile,
-                    kind,
-                    valid.fields.as_ref(),
-                    received_ms,
-                )
-            } else {
-                Vec::new()
-            },
-            payload: valid.payload,
-        }),
+        Ok((kind, valid)) => {
+            let fields = valid.fields.as_ref();
+            let rollup_ms = table
+                .rollups
+                .then(|| crate::summary::rollup_time(&entry.profile, fields, received_ms));
+            Outcome::Accepted(Accepted {
+                device: device.to_owned(),
+                profile: entry.profile.name.clone(),
+                kind,
+                received_ms,
+                rollup_ms,
+                contributions: match rollup_ms {
+                    Some(at_ms) => {
+                        crate::summary::contributions_of(&entry.profile, kind, fields, at_ms)
+                    }
+                    None => Vec::new(),
+                },
+                payload: valid.payload,
+            })
+        }
         Err(rejection) => Outcome::Rejected(Rejected {
             device: device.to_owned(),
             kind: crate::config::profile::truncate(kind_name, 40),
@@ -337,7 +340,8 @@ mod tests {
                 kind: Kind::Telemetry,
                 received_ms: 42,
                 payload: r#"{"n":1}"#.into(),
-                contributions: vec![crate::summary::count(&crate::summary::MESSAGES, 42)],
+                rollup_ms: Some(42),
+                contributions: Vec::new(),
             })
         );
         let status = classify(&table(), b"devices/k1/status", b"offline", 1);

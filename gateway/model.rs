@@ -150,8 +150,13 @@ pub struct Accepted {
     /// The payload as stored: a JSON object's text for telemetry and events,
     /// `online` / `offline` for status.
     pub payload: String,
-    /// What the message adds to the summaries: computed at intake (in parallel), folded
-    /// into the rollup tables by the writer in the message's own transaction.
+    /// When the message counts in the summaries (Unix ms: its event time if the profile
+    /// names one, else `received_ms`), for the built-in `messages` count; `None` when it
+    /// counts in none (rollups off, the gateway's own summaries).
+    pub rollup_ms: Option<i64>,
+    /// What the message adds to its profile's declared rollups: computed at intake (in
+    /// parallel), folded into the rollup tables by the writer in the message's own
+    /// transaction. Empty (no allocation) for a profile that declares none.
     pub contributions: Vec<Contribution>,
 }
 

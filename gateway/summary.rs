@@ -8,7 +8,7 @@
 //! it has a plausible one (at most 30 days old, at most 1 hour ahead), else the receive
 //! time; late messages therefore reopen past buckets, which the pull API's cursor shows.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::LazyLock;
 
 use serde_json::Value;
@@ -49,8 +49,8 @@ impl Period {
     }
 }
 
-/// The contributions of one accepted message (`payload` as stored, after the privacy
-/// rules). Plus the built-in `messages` count, which every device gets.
+/// Everything one accepted message (`payload` as stored, after the privacy rules) adds to
+/// the summaries: the built-in `messages` count, then its profile's declared rollups.
 pub fn contributions(
     profile: &Profile,
     kind: Kind,
@@ -58,34 +58,46 @@ pub fn contributions(
     received_ms: i64,
 ) -> Vec<Contribution> {
     let fields: Option<serde_json::Map<String, Value>> = serde_json::from_str(payload).ok();
-    contributions_of(profile, kind, fields.as_ref(), received_ms)
+    let at_ms = rollup_time(profile, fields.as_ref(), received_ms);
+    let mut all = vec![count(&MESSAGES, at_ms)];
+    all.extend(contributions_of(profile, kind, fields.as_ref(), at_ms));
+    all
 }
 
-/// [`contributions`] from the payload's top-level fields, already parsed by validation.
+/// When a message counts in the summaries: the profile's `time_field` if it holds a
+/// plausible event time, else when the message arrived.
+pub fn rollup_time(
+    profile: &Profile,
+    fields: Option<&serde_json::Map<String, Value>>,
+    received_ms: i64,
+) -> i64 {
+    profile
+        .time_field
+        .as_deref()
+        .and_then(|name| fields.and_then(|f| f.get(name)))
+        .and_then(|v| event_time(v, received_ms))
+        .unwrap_or(received_ms)
+}
+
+/// What a message adds to its profile's declared rollups (not the built-in count), from
+/// the payload's top-level fields, already parsed by validation; `at_ms` is its
+/// [`rollup_time`]. Allocates nothing for a profile without rollups of this kind.
 pub fn contributions_of(
     profile: &Profile,
     kind: Kind,
     fields: Option<&serde_json::Map<String, Value>>,
-    received_ms: i64,
+    at_ms: i64,
 ) -> Vec<Contribution> {
     let wanted = |k: RollupKind| match k {
         RollupKind::Telemetry => kind == Kind::Telemetry,
         RollupKind::Events => kind == Kind::Events,
     };
-    let fields = fields.filter(|_| profile.rollups.iter().any(|r| wanted(r.kind)));
-    // One allocation per message, sized for the built-in count and every rule.
-    let mut out = Vec::with_capacity(1 + fields.map_or(0, |_| profile.rollups.len()));
-    let get = |name: &str| -> Option<&Value> { fields.and_then(|f| f.get(name)) };
-    let at_ms = profile
-        .time_field
-        .as_deref()
-        .and_then(get)
-        .and_then(|v| event_time(v, received_ms))
-        .unwrap_or(received_ms);
-    out.push(count(&MESSAGES, at_ms));
-    if fields.is_none() {
-        return out;
-    }
+    let Some(fields) = fields.filter(|_| profile.rollups.iter().any(|r| wanted(r.kind))) else {
+        return Vec::new();
+    };
+    // At most one allocation per message, sized for every rule.
+    let mut out = Vec::with_capacity(profile.rollups.len());
+    let get = |name: &str| -> Option<&Value> { fields.get(name) };
     let type_field = match kind {
         Kind::Telemetry => profile.telemetry.as_ref(),
         Kind::Events => profile.events.as_ref(),
@@ -297,7 +309,20 @@ impl<'a> Pending<'a> {
         self.add_all(tz, device, std::slice::from_ref(c));
     }
 
-    /// Add one message's contributions.
+    /// Add one message: the built-in `messages` count at `at_ms` and its declared
+    /// contributions.
+    pub fn add_message(
+        &mut self,
+        tz: &jiff::tz::TimeZone,
+        device: &'a str,
+        at_ms: i64,
+        declared: &[Contribution],
+    ) {
+        self.add(tz, device, &count(&MESSAGES, at_ms));
+        self.add_all(tz, device, declared);
+    }
+
+    /// Add contributions of one device.
     pub fn add_all(&mut self, tz: &jiff::tz::TimeZone, device: &'a str, cs: &[Contribution]) {
         let mut rest = cs;
         while let Some(first) = rest.first() {
@@ -334,9 +359,12 @@ impl<'a> Pending<'a> {
 
     /// Every (scope, period, bucket) this batch changes, with its label and the combined
     /// value of each metric: what one row of `rollup_buckets` receives.
-    pub fn expand_buckets(self, tz: &jiff::tz::TimeZone) -> HashMap<BucketRef<'a>, PendingBucket> {
-        let mut labels: HashMap<i64, (String, i64, String)> = HashMap::new();
-        let mut out: HashMap<BucketRef<'a>, PendingBucket> = HashMap::new();
+    pub fn expand_buckets(
+        self,
+        tz: &jiff::tz::TimeZone,
+    ) -> foldhash::HashMap<BucketRef<'a>, PendingBucket> {
+        let mut labels: foldhash::HashMap<i64, (String, i64, String)> = Default::default();
+        let mut out: foldhash::HashMap<BucketRef<'a>, PendingBucket> = Default::default();
         for ((device, hour), metrics) in self.hours {
             let (hour_label, day_ms, day_label) = labels
                 .entry(hour)
@@ -372,8 +400,8 @@ impl<'a> Pending<'a> {
     /// Every (scope, period, bucket, metric) this batch changes, with its combined value:
     /// the per-metric view tests recount against.
     #[cfg(test)]
-    pub fn expand(self, tz: &jiff::tz::TimeZone) -> HashMap<Key, Agg> {
-        let mut out = HashMap::new();
+    pub fn expand(self, tz: &jiff::tz::TimeZone) -> std::collections::HashMap<Key, Agg> {
+        let mut out = std::collections::HashMap::new();
         for ((scope, period, bucket_ms), b) in self.expand_buckets(tz) {
             for (metric, agg) in b.metrics {
                 let key = Key {
@@ -488,6 +516,7 @@ pub fn fold_stored(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// A stored metric folds like the old per-metric upsert: sums add, extremes keep the
     /// extreme, `last` keeps the newest, distinct adds what is new; an extreme without a

@@ -1009,9 +1009,9 @@ impl Writer {
         }
         let tz = self.rollup_tz.clone();
         let mut rollups = crate::summary::Pending::default();
-        let mut connected_at: HashMap<&str, i64> = HashMap::new();
+        let mut connected_at: foldhash::HashMap<&str, i64> = Default::default();
         let tx = self.conn.transaction()?;
-        let mut devices: HashMap<&str, DeviceDelta> = HashMap::new();
+        let mut devices: foldhash::HashMap<&str, DeviceDelta> = Default::default();
         let (mut messages, mut rejected, mut delivered, mut last_seq) = (0u64, 0u64, 0u64, 0i64);
         {
             let mut insert_msg = tx.prepare_cached(
@@ -1039,7 +1039,9 @@ impl Writer {
                         last_seq = tx.last_insert_rowid();
                         self.seqs.push(last_seq);
                         messages += 1;
-                        rollups.add_all(&tz, &m.device, &m.contributions);
+                        if let Some(at_ms) = m.rollup_ms {
+                            rollups.add_message(&tz, &m.device, at_ms, &m.contributions);
+                        }
                         if m.kind == crate::model::Kind::Summary {
                             continue; // the gateway's own: no device to update
                         }
@@ -1211,7 +1213,7 @@ fn bump_by(d: &mut DeviceDelta, counter: &'static str, n: i64, at_ms: i64) {
 /// back with a new `version`, so the pull API's cursor sees re-opened past buckets too.
 fn apply_rollups(
     tx: &rusqlite::Transaction<'_>,
-    pending: HashMap<crate::summary::BucketRef<'_>, crate::summary::PendingBucket>,
+    pending: foldhash::HashMap<crate::summary::BucketRef<'_>, crate::summary::PendingBucket>,
     version: &mut i64,
     known: &mut KnownDistinct,
     cache: &mut BucketCache,
@@ -1415,7 +1417,7 @@ impl KnownDistinct {
 
 fn apply_devices(
     tx: &rusqlite::Transaction<'_>,
-    devices: &HashMap<&str, DeviceDelta>,
+    devices: &foldhash::HashMap<&str, DeviceDelta>,
 ) -> rusqlite::Result<()> {
     let mut ensure = tx.prepare_cached(
         "INSERT INTO devices (id, profile, online, configured) VALUES (?1, '', 0, 0)
@@ -1698,6 +1700,7 @@ mod tests {
             kind: crate::model::Kind::Telemetry,
             received_ms,
             payload: r#"{"in":1}"#.into(),
+            rollup_ms: None,
             contributions: Vec::new(),
         })
     }
@@ -1741,7 +1744,7 @@ mod tests {
             let Write::Accepted(mut m) = message(at_ms) else {
                 unreachable!()
             };
-            m.contributions = vec![crate::summary::count(&crate::summary::MESSAGES, at_ms)];
+            m.rollup_ms = Some(at_ms);
             Write::Accepted(m)
         };
         let count = |sql: &str| -> i64 {
@@ -1846,6 +1849,7 @@ mod tests {
             let Write::Accepted(mut m) = message(hour + 60_000) else {
                 unreachable!()
             };
+            m.rollup_ms = Some(hour + 60_000);
             m.contributions = vec![crate::model::Contribution {
                 metric,
                 op: crate::model::RollupOp::Distinct,

@@ -571,8 +571,11 @@ impl KindSpec {
             // Serializing a map of JSON values cannot fail.
             serde_json::to_string(&obj).unwrap_or_default()
         } else {
-            // Store the payload exactly as the device sent it (it is valid UTF-8 JSON).
-            String::from_utf8_lossy(payload).into_owned()
+            // Store the payload exactly as the device sent it: it parsed as JSON, so it is
+            // UTF-8 (`from_utf8` checks ASCII quickly; `lossy` would copy char by char).
+            std::str::from_utf8(payload)
+                .map(str::to_owned)
+                .unwrap_or_else(|_| String::from_utf8_lossy(payload).into_owned())
         };
         Ok(Validated {
             payload,
