@@ -9,8 +9,9 @@
 //! ```
 //! Phases, for each target: (1) every device publishes `--messages` as fast as acknowledged:
 //! end-to-end throughput; (2) `--rate` msg/s for `--seconds`: latency publish -> central
-//! consumer; (3) `--rate` msg/s while central is stopped for `--outage` seconds and
-//! restarted: lost, duplicates, seconds to the first message after central's return, drain.
+//! consumer; (3) `--rate` msg/s while central is stopped (cleanly: it keeps the consumer's
+//! session) for `--outage` seconds and restarted: lost, duplicates, seconds to the first
+//! message after central's return, drain.
 
 mod support;
 use support::*;
@@ -42,8 +43,19 @@ fn mosquitto(dir: &Path, name: &str, conf: &str, port: u16) -> Child {
     child
 }
 
-fn central_conf(port: u16) -> String {
-    format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n")
+/// Central keeps sessions across a clean restart (persistence), so the consumer's
+/// subscription is in place when central returns: a message central acknowledged is one the
+/// consumer receives, and "lost" means the branch side never delivered it. (Without it, a
+/// branch that reconnects before the consumer re-subscribes has its messages acknowledged
+/// and dropped by central for want of a subscriber.)
+fn central_conf(dir: &Path, port: u16) -> String {
+    let store = dir.join("central-store");
+    std::fs::create_dir_all(&store).unwrap();
+    format!(
+        "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n\
+         persistence true\npersistence_location {}/\n",
+        store.display()
+    )
 }
 
 /// What the central consumer saw: (run, device, n) -> (arrivals, first arrival time), and
@@ -284,11 +296,14 @@ async fn measure(
     let acked_before = devs.acked.load(Ordering::Relaxed);
     let pre = (rate * 5) as usize;
     paced(devs, &run, rate, pre).await;
-    let _ = central.kill();
+    // A clean stop: central saves its sessions (and what it queued for the consumer).
+    let _ = Command::new("kill")
+        .args(["-TERM", &central.id().to_string()])
+        .status();
     let _ = central.wait();
     paced_from(devs, &run, rate, pre, pre + (rate * outage) as usize).await;
     let restarted = Instant::now();
-    *central = mosquitto(dir, "central", &central_conf(central_port), central_port);
+    *central = mosquitto(dir, "central", &central_conf(dir, central_port), central_port);
     let after = pre + (rate * outage) as usize;
     paced_from(devs, &run, rate, after, after + (rate * 5) as usize).await;
     let sent = after + (rate * 5) as usize;
@@ -374,7 +389,7 @@ async fn main() {
     std::fs::write(dir.join("profiles/bench-sensor.json"), PROFILE).unwrap();
 
     let central_port = free_port();
-    let mut central = mosquitto(&dir, "central", &central_conf(central_port), central_port);
+    let mut central = mosquitto(&dir, "central", &central_conf(&dir, central_port), central_port);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let _consumer = consumer(central_port, seen.clone()).await;
 
