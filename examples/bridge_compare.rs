@@ -303,7 +303,12 @@ async fn measure(
     let _ = central.wait();
     paced_from(devs, &run, rate, pre, pre + (rate * outage) as usize).await;
     let restarted = Instant::now();
-    *central = mosquitto(dir, "central", &central_conf(dir, central_port), central_port);
+    *central = mosquitto(
+        dir,
+        "central",
+        &central_conf(dir, central_port),
+        central_port,
+    );
     let after = pre + (rate * outage) as usize;
     paced_from(devs, &run, rate, after, after + (rate * 5) as usize).await;
     let sent = after + (rate * 5) as usize;
@@ -389,7 +394,12 @@ async fn main() {
     std::fs::write(dir.join("profiles/bench-sensor.json"), PROFILE).unwrap();
 
     let central_port = free_port();
-    let mut central = mosquitto(&dir, "central", &central_conf(&dir, central_port), central_port);
+    let mut central = mosquitto(
+        &dir,
+        "central",
+        &central_conf(&dir, central_port),
+        central_port,
+    );
     let seen = Arc::new(Mutex::new(Seen::default()));
     let _consumer = consumer(central_port, seen.clone()).await;
 
