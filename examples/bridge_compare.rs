@@ -320,7 +320,9 @@ async fn measure(
         let times: Vec<Instant> = s
             .first
             .iter()
-            .filter(|((r, _, _), _)| r == &run)
+            // Only messages sent once central was down: ones sent before may come back
+            // from central's own store when it restarts, not from the branch.
+            .filter(|((r, _, n), _)| r == &run && *n >= pre as u64)
             .map(|(_, (_, t))| *t)
             .filter(|t| *t > restarted)
             .collect();

@@ -191,8 +191,9 @@ impl IntakeSink {
         }
     }
 
-    /// Queue for the writer; when the queue is full, wait for room without stalling the
-    /// async runtime's other tasks (`block_in_place` hands them to another thread).
+    /// Queue for the writer; when the queue is full, wait for room (`block_in_place`
+    /// hands the runtime's other tasks to another thread while one is free: device
+    /// connections wait on the broker's runtime, whose threads are bounded).
     fn send(&self, w: Write) -> bool {
         let Ok(guard) = self.writer.read() else {
             return false;

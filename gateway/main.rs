@@ -139,15 +139,15 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => {
             let loaded = load(&config)?;
             init_logging(&loaded.config.gateway.log_level);
-            let runtime = runtime_for(loaded.config.broker.max_connections)?;
+            let runtime = runtime()?;
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 spawn_signal_handler(shutdown.clone());
                 app::run(loaded, shutdown, Default::default(), |_| {}).await
             });
             // Everything accepted is committed by now. Dropping a runtime waits without
-            // limit for blocking work still running (a reader query, a held connection);
-            // it must not keep a stopping service alive.
+            // limit for blocking work still running (a reader query, a held serial
+            // reader); it must not keep a stopping service alive.
             runtime.shutdown_timeout(Duration::from_secs(2));
             result?;
             Ok(ExitCode::SUCCESS)
@@ -224,8 +224,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let loaded = load(&config)?;
             init_logging("error");
-            runtime_for(loaded.config.broker.max_connections)?
-                .block_on(demo(loaded, seconds, speed))?;
+            runtime()?.block_on(demo(loaded, seconds, speed))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -270,20 +269,15 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-/// Connections whose message waits for room in the writer's queue each hold a thread
-/// (`block_in_place`), so the blocking pool must fit every connection plus the pool's
-/// own use.
-fn runtime_for(max_connections: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+/// The gateway's own tasks. Device connections run on the broker's runtime
+/// ([`branch_gateway::broker::Broker`]), so connections held while SQLite catches up do not
+/// take this runtime's threads; only serial readers and last wills wait here.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gateway")
-        .max_blocking_threads(max_connections + 64)
         .build()
         .context("cannot start the async runtime")
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    runtime_for(0)
 }
 
 /// `RUST_LOG` wins over the config's level. rumqttd logs every disconnect as an error;

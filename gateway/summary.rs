@@ -728,12 +728,12 @@ mod tests {
                         next(10)
                     ),
                 };
-                msgs.push((device, contributions(&p, Kind::Events, &payload, base)));
+                msgs.push((device, payload));
             }
-            // Recount: everything in one batch.
+            // Recount: everything each message contributes, in one batch.
             let mut all = Pending::default();
-            for (d, cs) in &msgs {
-                for c in cs {
+            for (d, payload) in &msgs {
+                for c in &contributions(&p, Kind::Events, payload, base) {
                     all.add(&tz(), d, c);
                 }
             }
@@ -745,11 +745,14 @@ mod tests {
             let mut i = 0;
             while i < msgs.len() {
                 let n = 1 + next(40) as usize;
+                // Each message as intake computes it and the writer adds it.
                 let mut batch = Pending::default();
-                for (d, cs) in &msgs[i..(i + n).min(msgs.len())] {
-                    for c in cs {
-                        batch.add(&tz(), d, c);
-                    }
+                for (d, payload) in &msgs[i..(i + n).min(msgs.len())] {
+                    let fields: serde_json::Map<String, Value> =
+                        serde_json::from_str(payload).unwrap();
+                    let at_ms = rollup_time(&p, Some(&fields), base);
+                    let declared = contributions_of(&p, Kind::Events, Some(&fields), at_ms);
+                    batch.add_message(&tz(), d, at_ms, &declared);
                 }
                 for ((scope, period, bucket_ms), b) in batch.expand_buckets(&tz()) {
                     for (metric, a) in &b.metrics {

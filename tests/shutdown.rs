@@ -268,7 +268,7 @@ async fn full_writer_queue_holds_devices_and_loses_nothing() {
         "{most_threads} threads with {DEVICES} devices held ({idle_threads} idle, bound {bound})"
     );
     assert!(
-        slowest < Duration::from_secs(2),
+        slowest < Duration::from_secs(5),
         "/healthz took {slowest:?} while devices were held"
     );
 }

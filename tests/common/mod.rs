@@ -413,8 +413,6 @@ pub async fn connect(port: u16, id: &str, password: &str) -> Client {
     c
 }
 
-/// Run `cmd` to completion with stdin closed and stdout/stderr captured. Kills it and
-/// panics if it is still running after `limit`, so no test waits on a child forever.
 /// A plain HTTP/1.1 GET on loopback: (status, JSON or text body).
 pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -437,6 +435,8 @@ pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     (status, body)
 }
 
+/// Run `cmd` to completion with stdin closed and stdout/stderr captured. Kills it and
+/// panics if it is still running after `limit`, so no test waits on a child forever.
 pub fn run_bounded(cmd: &mut Command, limit: Duration) -> std::process::Output {
     let mut child = cmd
         .stdin(Stdio::null())
