@@ -451,7 +451,7 @@ async fn push_hourly_summaries(
             received_ms: now,
             payload: payload.to_string(),
             rollup_ms: None,
-            contributions: Vec::new(),
+            contributions: Default::default(),
         };
         if writer.send(Write::Accepted(summary)).await.is_err() {
             return;

@@ -83,10 +83,8 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
                 received_ms,
                 rollup_ms,
                 contributions: match rollup_ms {
-                    Some(at_ms) => {
-                        crate::summary::contributions_of(&entry.profile, kind, fields, at_ms)
-                    }
-                    None => Vec::new(),
+                    Some(_) => crate::summary::contributions_of(&entry.profile, kind, fields),
+                    None => Default::default(),
                 },
                 payload: valid.payload,
             })
@@ -342,7 +340,7 @@ mod tests {
                 received_ms: 42,
                 payload: r#"{"n":1}"#.into(),
                 rollup_ms: Some(42),
-                contributions: Vec::new(),
+                contributions: Default::default(),
             })
         );
         let status = classify(&table(), b"devices/k1/status", b"offline", 1);

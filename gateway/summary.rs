@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use serde_json::Value;
 
 use crate::config::profile::{Profile, RollupKind};
-pub use crate::model::{Contribution, RollupOp, Sample};
+pub use crate::model::{distinct_key, Contribution, Declared, DeclaredList, RollupOp, Sample};
 use crate::model::{Kind, Metric};
 
 /// The built-in metrics' names, allocated once.
@@ -60,7 +60,16 @@ pub fn contributions(
     let fields: Option<serde_json::Map<String, Value>> = serde_json::from_str(payload).ok();
     let at_ms = rollup_time(profile, fields.as_ref(), received_ms);
     let mut all = vec![count(&MESSAGES, at_ms)];
-    all.extend(contributions_of(profile, kind, fields.as_ref(), at_ms));
+    all.extend(
+        contributions_of(profile, kind, fields.as_ref())
+            .into_iter()
+            .map(|d| Contribution {
+                metric: d.metric,
+                op: d.op,
+                at_ms,
+                value: d.value,
+            }),
+    );
     all
 }
 
@@ -80,23 +89,21 @@ pub fn rollup_time(
 }
 
 /// What a message adds to its profile's declared rollups (not the built-in count), from
-/// the payload's top-level fields, already parsed by validation; `at_ms` is its
-/// [`rollup_time`]. Allocates nothing for a profile without rollups of this kind.
+/// the payload's top-level fields, already parsed by validation. They count at the
+/// message's [`rollup_time`]. Allocates nothing for up to four rules.
 pub fn contributions_of(
     profile: &Profile,
     kind: Kind,
     fields: Option<&serde_json::Map<String, Value>>,
-    at_ms: i64,
-) -> Vec<Contribution> {
+) -> DeclaredList {
     let wanted = |k: RollupKind| match k {
         RollupKind::Telemetry => kind == Kind::Telemetry,
         RollupKind::Events => kind == Kind::Events,
     };
     let Some(fields) = fields.filter(|_| profile.rollups.iter().any(|r| wanted(r.kind))) else {
-        return Vec::new();
+        return DeclaredList::new();
     };
-    // At most one allocation per message, sized for every rule.
-    let mut out = Vec::with_capacity(profile.rollups.len());
+    let mut out = DeclaredList::new();
     let get = |name: &str| -> Option<&Value> { fields.get(name) };
     let type_field = match kind {
         Kind::Telemetry => profile.telemetry.as_ref(),
@@ -117,8 +124,8 @@ pub fn contributions_of(
         let value = match (r.op, &r.field) {
             (RollupOp::Count, _) => Sample::Num(1.0),
             (RollupOp::Distinct, Some(f)) => match get(f) {
-                Some(Value::String(s)) => Sample::Text(s.clone()),
-                Some(Value::Number(n)) => Sample::Text(n.to_string()),
+                Some(Value::String(s)) => Sample::Distinct(distinct_key(s)),
+                Some(Value::Number(n)) => Sample::Distinct(distinct_key(&n.to_string())),
                 _ => continue,
             },
             (_, Some(f)) => match get(f).and_then(Value::as_f64) {
@@ -127,10 +134,9 @@ pub fn contributions_of(
             },
             (_, None) => continue,
         };
-        out.push(Contribution {
+        out.push(Declared {
             metric: r.metric,
             op: r.op,
-            at_ms,
             value,
         });
     }
@@ -235,8 +241,8 @@ pub struct Agg {
     pub value: f64,
     /// `last`: the time of `value`.
     pub last_ms: i64,
-    /// `distinct`: the values seen.
-    pub distinct: BTreeSet<String>,
+    /// `distinct`: the keys ([`distinct_key`]) of the values seen.
+    pub distinct: BTreeSet<u64>,
 }
 
 impl Agg {
@@ -254,19 +260,18 @@ impl Agg {
         }
     }
 
-    fn add(&mut self, c: &Contribution) {
+    fn add(&mut self, at_ms: i64, value: Sample) {
         self.samples += 1;
-        match (&c.value, self.op) {
-            // Most messages repeat a value the batch has seen: no copy for those.
-            (Sample::Text(t), RollupOp::Distinct) if !self.distinct.contains(t) => {
-                self.distinct.insert(t.clone());
+        match (value, self.op) {
+            (Sample::Distinct(k), RollupOp::Distinct) => {
+                self.distinct.insert(k);
             }
             (Sample::Num(x), RollupOp::Count | RollupOp::Sum) => self.value += x,
-            (Sample::Num(x), RollupOp::Min) => self.value = self.value.min(*x),
-            (Sample::Num(x), RollupOp::Max) => self.value = self.value.max(*x),
-            (Sample::Num(x), RollupOp::Last) if c.at_ms >= self.last_ms => {
-                self.value = *x;
-                self.last_ms = c.at_ms;
+            (Sample::Num(x), RollupOp::Min) => self.value = self.value.min(x),
+            (Sample::Num(x), RollupOp::Max) => self.value = self.value.max(x),
+            (Sample::Num(x), RollupOp::Last) if at_ms >= self.last_ms => {
+                self.value = x;
+                self.last_ms = at_ms;
             }
             _ => {}
         }
@@ -283,7 +288,25 @@ impl Agg {
                 self.last_ms = o.last_ms;
             }
             RollupOp::Last => {}
-            RollupOp::Distinct => self.distinct.extend(o.distinct.iter().cloned()),
+            RollupOp::Distinct => self.distinct.extend(o.distinct.iter().copied()),
+        }
+    }
+}
+
+/// Fold one sample into a (device, hour)'s metrics: a scan of a few, compared by address.
+fn fold_into(
+    metrics: &mut Vec<(Metric, Agg)>,
+    metric: Metric,
+    op: RollupOp,
+    at_ms: i64,
+    value: Sample,
+) {
+    match metrics.iter_mut().find(|(m, _)| *m == metric) {
+        Some((_, agg)) => agg.add(at_ms, value),
+        None => {
+            let mut agg = Agg::new(op);
+            agg.add(at_ms, value);
+            metrics.push((metric, agg));
         }
     }
 }
@@ -306,55 +329,52 @@ impl<'a> Pending<'a> {
     }
 
     pub fn add(&mut self, tz: &jiff::tz::TimeZone, device: &'a str, c: &Contribution) {
-        self.add_all(tz, device, std::slice::from_ref(c));
+        let metrics = self.slot(tz, device, c.at_ms);
+        fold_into(metrics, c.metric, c.op, c.at_ms, c.value);
     }
 
-    /// Add one message: the built-in `messages` count at `at_ms` and its declared
-    /// contributions.
+    /// Add one message: the built-in `messages` count and its declared contributions,
+    /// all at `at_ms` (one hash lookup for all of them).
     pub fn add_message(
         &mut self,
         tz: &jiff::tz::TimeZone,
         device: &'a str,
         at_ms: i64,
-        declared: &[Contribution],
+        declared: &[Declared],
     ) {
-        self.add(tz, device, &count(&MESSAGES, at_ms));
-        self.add_all(tz, device, declared);
+        let metrics = self.slot(tz, device, at_ms);
+        fold_into(metrics, *MESSAGES, RollupOp::Count, at_ms, Sample::Num(1.0));
+        for d in declared {
+            fold_into(metrics, d.metric, d.op, at_ms, d.value);
+        }
     }
 
     /// Add contributions of one device.
     pub fn add_all(&mut self, tz: &jiff::tz::TimeZone, device: &'a str, cs: &[Contribution]) {
-        let mut rest = cs;
-        while let Some(first) = rest.first() {
-            let (start, end) = match self.hour {
-                Some((start, end)) if (start..end).contains(&first.at_ms) => (start, end),
-                _ => {
-                    let (start, _) = bucket(tz, first.at_ms, Period::Hour);
-                    self.hour = Some((start, start + 3_600_000));
-                    (start, start + 3_600_000)
-                }
-            };
-            // The run of contributions in this hour (usually all of them); at least the
-            // first, also where a local hour is longer than 60 minutes (a 30-minute DST
-            // shift, as in Lord Howe) and `bucket` starts it more than an hour earlier.
-            let run = rest
-                .iter()
-                .position(|c| !(start..end).contains(&c.at_ms))
-                .unwrap_or(rest.len())
-                .max(1);
-            let metrics = self.hours.entry((device, start)).or_default();
-            for c in &rest[..run] {
-                match metrics.iter_mut().find(|(m, _)| *m == c.metric) {
-                    Some((_, agg)) => agg.add(c),
-                    None => {
-                        let mut agg = Agg::new(c.op);
-                        agg.add(c);
-                        metrics.push((c.metric, agg));
-                    }
-                }
-            }
-            rest = &rest[run..];
+        for c in cs {
+            self.add(tz, device, c);
         }
+    }
+
+    /// The metrics of `device` in the local hour of `at_ms`. The last hour found is kept,
+    /// so nearly every message costs no time-zone work. A local hour longer than 60
+    /// minutes (a 30-minute DST shift, as in Lord Howe) starts more than an hour before
+    /// some of its instants: those look their hour up each time.
+    fn slot(
+        &mut self,
+        tz: &jiff::tz::TimeZone,
+        device: &'a str,
+        at_ms: i64,
+    ) -> &mut Vec<(Metric, Agg)> {
+        let start = match self.hour {
+            Some((start, end)) if (start..end).contains(&at_ms) => start,
+            _ => {
+                let (start, _) = bucket(tz, at_ms, Period::Hour);
+                self.hour = Some((start, start + 3_600_000));
+                start
+            }
+        };
+        self.hours.entry((device, start)).or_default()
     }
 
     /// Every (scope, period, bucket) this batch changes, with its label and the combined
@@ -675,10 +695,15 @@ mod tests {
         assert_eq!(
             names(r#"{"event":"session_end","duration_s":120,"patron_id":"ab"}"#),
             [
-                "messages=Num(1.0)",
-                "session_minutes=Num(60.0)",
-                "patrons=Text(\"ab\")"
+                "messages=Num(1.0)".to_owned(),
+                "session_minutes=Num(60.0)".to_owned(),
+                format!("patrons=Distinct({})", distinct_key("ab"))
             ]
+        );
+        // A number counts by its text: 7 and "7" are one value.
+        assert_eq!(
+            names(r#"{"event":"session_end","duration_s":60,"patron_id":7}"#)[2],
+            format!("patrons=Distinct({})", distinct_key("7"))
         );
         // A plausible event time moves the message to its own hour; an absurd one does not.
         let late = contributions(
@@ -695,6 +720,14 @@ mod tests {
             1_795_573_800_000,
         );
         assert_eq!(absurd[0].at_ms, 1_795_573_800_000);
+    }
+
+    /// Distinct keys are XXH3-64 with seed 0, whose values the specification fixes: keys
+    /// stored by one version must match the keys the next one computes.
+    #[test]
+    fn distinct_keys_are_stable() {
+        assert_eq!(distinct_key(""), 0x2d06_8005_38d3_94c2);
+        assert_ne!(distinct_key("p1"), distinct_key("p2"));
     }
 
     /// Property: however a random stream (late and out-of-order messages, repeated
@@ -741,7 +774,7 @@ mod tests {
             // Batched: random cuts, folded the way the writer folds them (whole buckets,
             // `fold_stored`, distinct values new to the bucket).
             let mut stored: HashMap<Key, StoredMetric> = HashMap::new();
-            let mut seen: HashMap<Key, BTreeSet<String>> = HashMap::new();
+            let mut seen: HashMap<Key, BTreeSet<u64>> = HashMap::new();
             let mut i = 0;
             while i < msgs.len() {
                 let n = 1 + next(40) as usize;
@@ -751,7 +784,7 @@ mod tests {
                     let fields: serde_json::Map<String, Value> =
                         serde_json::from_str(payload).unwrap();
                     let at_ms = rollup_time(&p, Some(&fields), base);
-                    let declared = contributions_of(&p, Kind::Events, Some(&fields), at_ms);
+                    let declared = contributions_of(&p, Kind::Events, Some(&fields));
                     batch.add_message(&tz(), d, at_ms, &declared);
                 }
                 for ((scope, period, bucket_ms), b) in batch.expand_buckets(&tz()) {
@@ -764,7 +797,7 @@ mod tests {
                         };
                         let values = seen.entry(k.clone()).or_default();
                         let before = values.len();
-                        values.extend(a.distinct.iter().cloned());
+                        values.extend(a.distinct.iter().copied());
                         let new = (values.len() - before) as i64;
                         if let Some(m) = fold_stored(stored.get(&k).copied(), a, new) {
                             stored.insert(k, m);

@@ -1221,7 +1221,7 @@ fn apply_rollups(
     use crate::model::RollupOp;
     use crate::summary::fold_stored;
     let mut distinct = tx.prepare_cached(
-        "INSERT OR IGNORE INTO rollup_distinct (scope, period, bucket_ms, metric, value)
+        "INSERT OR IGNORE INTO rollup_distinct_keys (scope, period, bucket_ms, metric, key)
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let mut load = tx.prepare_cached(
@@ -1269,24 +1269,24 @@ fn apply_rollups(
         for (metric, a) in &bucket.metrics {
             let mut new = 0;
             if a.op == RollupOp::Distinct {
-                let key = crate::summary::Key {
-                    scope: scope.to_owned(),
-                    period,
-                    bucket_ms,
-                    metric: *metric,
-                };
-                for v in &a.distinct {
-                    if known.contains(&key, v) {
-                        continue;
-                    }
+                let slot = (period, bucket_ms, *metric);
+                let seen = known.keys_in(scope, slot);
+                let unseen: Vec<u64> = a
+                    .distinct
+                    .iter()
+                    .copied()
+                    .filter(|v| !seen.is_some_and(|s| s.contains(v)))
+                    .collect();
+                for v in unseen {
+                    // Stored as SQLite's signed integer: the same 64 bits.
                     new += distinct.execute(params![
                         scope,
                         period.as_str(),
                         bucket_ms,
                         metric.as_str(),
-                        v
+                        v as i64
                     ])? as i64;
-                    known.stage(&key, v);
+                    known.stage(scope, slot, v);
                 }
             }
             match metrics.get_mut(metric.as_str()) {
@@ -1374,36 +1374,54 @@ impl BucketCache {
     }
 }
 
-/// Distinct values the writer knows are in `rollup_distinct` (nothing deletes from it).
-/// Values become known only once their transaction committed (a failed one is rolled
+/// Distinct keys the writer knows are in `rollup_distinct_keys` (nothing deletes from it).
+/// Keys become known only once their transaction committed (a failed one is rolled
 /// back). Bounded: past [`KnownDistinct::MAX_VALUES`] it starts over empty, which only
 /// costs the statements it saves.
 #[derive(Default)]
 struct KnownDistinct {
-    known: HashMap<crate::summary::Key, std::collections::HashSet<String>>,
+    /// By (period, bucket start, metric), then device (`""`: the branch), so a lookup
+    /// borrows the device's name instead of building a key.
+    known: foldhash::HashMap<DistinctSlot, HashMap<String, foldhash::HashSet<u64>>>,
     values: usize,
-    staged: Vec<(crate::summary::Key, String)>,
+    staged: Vec<(String, DistinctSlot, u64)>,
 }
+
+/// One `distinct` metric of one bucket, less its device.
+type DistinctSlot = (crate::summary::Period, i64, crate::model::Metric);
 
 impl KnownDistinct {
     const MAX_VALUES: usize = 20_000;
 
-    fn contains(&self, key: &crate::summary::Key, value: &str) -> bool {
-        self.known.get(key).is_some_and(|s| s.contains(value))
+    /// The committed keys of one device's (or the branch's) bucket and metric.
+    fn keys_in(&self, scope: &str, slot: DistinctSlot) -> Option<&foldhash::HashSet<u64>> {
+        self.known.get(&slot)?.get(scope)
     }
 
-    fn stage(&mut self, key: &crate::summary::Key, value: &str) {
-        self.staged.push((key.clone(), value.to_owned()));
+    #[cfg(test)]
+    fn contains(&self, scope: &str, slot: DistinctSlot, key: u64) -> bool {
+        self.keys_in(scope, slot).is_some_and(|s| s.contains(&key))
     }
 
-    /// The transaction that inserted the staged values committed.
+    fn stage(&mut self, scope: &str, slot: DistinctSlot, key: u64) {
+        self.staged.push((scope.to_owned(), slot, key));
+    }
+
+    /// The transaction that inserted the staged keys committed.
     fn committed(&mut self) {
         if self.values + self.staged.len() > Self::MAX_VALUES {
             self.known.clear();
             self.values = 0;
         }
-        for (key, value) in self.staged.drain(..) {
-            if self.known.entry(key).or_default().insert(value) {
+        for (scope, slot, key) in self.staged.drain(..) {
+            let inserted = self
+                .known
+                .entry(slot)
+                .or_default()
+                .entry(scope)
+                .or_default()
+                .insert(key);
+            if inserted {
                 self.values += 1;
             }
         }
@@ -1701,7 +1719,7 @@ mod tests {
             received_ms,
             payload: r#"{"in":1}"#.into(),
             rollup_ms: None,
-            contributions: Vec::new(),
+            contributions: Default::default(),
         })
     }
 
@@ -1850,11 +1868,10 @@ mod tests {
                 unreachable!()
             };
             m.rollup_ms = Some(hour + 60_000);
-            m.contributions = vec![crate::model::Contribution {
+            m.contributions = smallvec::smallvec![crate::model::Declared {
                 metric,
                 op: crate::model::RollupOp::Distinct,
-                at_ms: hour + 60_000,
-                value: crate::model::Sample::Text(value.to_owned()),
+                value: crate::model::Sample::Distinct(crate::model::distinct_key(value)),
             }];
             Write::Accepted(m)
         };
@@ -1909,32 +1926,42 @@ mod tests {
     /// empty (never keeps more) when it would pass its bound.
     #[test]
     fn known_distinct_values_follow_commits() {
-        let key = |bucket_ms| crate::summary::Key {
-            scope: "gate-1".into(),
-            period: crate::summary::Period::Hour,
-            bucket_ms,
-            metric: crate::model::Metric::new("patrons"),
+        let key = |bucket_ms| -> DistinctSlot {
+            (
+                crate::summary::Period::Hour,
+                bucket_ms,
+                crate::model::Metric::new("patrons"),
+            )
         };
         let mut known = KnownDistinct::default();
-        known.stage(&key(0), "a");
-        assert!(!known.contains(&key(0), "a"), "not before the commit");
+        known.stage("gate-1", key(0), 1);
+        assert!(
+            !known.contains("gate-1", key(0), 1),
+            "not before the commit"
+        );
         known.rolled_back();
         known.committed();
-        assert!(!known.contains(&key(0), "a"), "rolled back: forgotten");
-        known.stage(&key(0), "a");
+        assert!(
+            !known.contains("gate-1", key(0), 1),
+            "rolled back: forgotten"
+        );
+        known.stage("gate-1", key(0), 1);
         known.committed();
-        assert!(known.contains(&key(0), "a"));
-        assert!(!known.contains(&key(3_600_000), "a"), "another bucket");
+        assert!(known.contains("gate-1", key(0), 1));
+        assert!(
+            !known.contains("gate-1", key(3_600_000), 1),
+            "another bucket"
+        );
         for n in 1..KnownDistinct::MAX_VALUES {
-            known.stage(&key(0), &n.to_string());
+            known.stage("gate-1", key(0), n as u64 + 1);
         }
         known.committed();
         assert_eq!(known.values, KnownDistinct::MAX_VALUES);
-        known.stage(&key(0), "one too many");
+        known.stage("gate-1", key(0), u64::MAX);
         known.committed();
         assert_eq!(known.values, 1, "started over");
-        assert!(known.contains(&key(0), "one too many"));
-        assert!(!known.contains(&key(0), "a"));
+        assert!(known.contains("gate-1", key(0), u64::MAX));
+        assert!(!known.contains("gate-1", key(0), 1));
     }
 
     #[test]

@@ -140,6 +140,23 @@ CREATE VIEW rollups (scope, period, bucket_ms, metric, bucket, op, value, sample
            m.value ->> 0, m.value ->> 1, m.value ->> 2, m.value ->> 3, b.version
     FROM rollup_buckets AS b, json_each(b.metrics) AS m;
 "#,
+    // v8: a `distinct` rollup keeps each value's 64-bit key (`model::distinct_key`), not
+    // its text: the writer compares and stores 8 bytes instead of a string per value, and
+    // no patron's (hashed) id stays in the summary tables. Keys of the stored values are
+    // the ones new messages bring, so counts of open buckets go on exactly.
+    r#"
+CREATE TABLE rollup_distinct_keys (
+    scope     TEXT    NOT NULL,
+    period    TEXT    NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    metric    TEXT    NOT NULL,
+    key       INTEGER NOT NULL,
+    PRIMARY KEY (scope, period, bucket_ms, metric, key)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO rollup_distinct_keys (scope, period, bucket_ms, metric, key)
+    SELECT scope, period, bucket_ms, metric, bgw_distinct_key(value) FROM rollup_distinct;
+DROP TABLE rollup_distinct;
+"#,
 ];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).
@@ -182,6 +199,9 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<(), BufferError> {
             known,
         });
     }
+    if version < known {
+        register_distinct_key(conn).map_err(sql_err)?;
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction().map_err(sql_err)?;
         tx.execute_batch(sql).map_err(sql_err)?;
@@ -191,6 +211,26 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<(), BufferError> {
         tracing::info!(path = %path.display(), version = i + 1, "database schema migrated");
     }
     Ok(())
+}
+
+/// `bgw_distinct_key(value)`: [`crate::model::distinct_key`] of a value's text, for v8.
+fn register_distinct_key(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    use rusqlite::types::ValueRef;
+    conn.create_scalar_function(
+        "bgw_distinct_key",
+        1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            let text = match ctx.get_raw(0) {
+                ValueRef::Text(t) | ValueRef::Blob(t) => String::from_utf8_lossy(t).into_owned(),
+                ValueRef::Integer(i) => i.to_string(),
+                ValueRef::Real(r) => r.to_string(),
+                ValueRef::Null => String::new(),
+            };
+            Ok(crate::model::distinct_key(&text) as i64)
+        },
+    )
 }
 
 #[cfg(test)]
@@ -319,5 +359,47 @@ mod tests {
             crate::summary::StoredMetric(crate::model::RollupOp::Last, 21.5, 2, 1_700)
         );
         assert_eq!(metrics.len(), 2);
+    }
+
+    /// v8 turns stored distinct values into their keys: the same keys new messages bring,
+    /// so a bucket open across the upgrade goes on counting each value once.
+    #[test]
+    fn distinct_values_become_keys() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..7] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 7).unwrap();
+        for value in ["p1", "p2", "7"] {
+            conn.execute(
+                "INSERT INTO rollup_distinct (scope, period, bucket_ms, metric, value)
+                 VALUES ('k1', 'hour', 0, 'patrons', ?1)",
+                [value],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        let mut st = conn
+            .prepare("SELECT key FROM rollup_distinct_keys WHERE scope = 'k1' ORDER BY key")
+            .unwrap();
+        let keys: Vec<i64> = st
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut want: Vec<i64> = ["p1", "p2", "7"]
+            .iter()
+            .map(|v| crate::model::distinct_key(v) as i64)
+            .collect();
+        want.sort();
+        assert_eq!(keys, want);
+        let old: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'rollup_distinct'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old, 0, "the text table is gone");
     }
 }
