@@ -11,6 +11,11 @@
 //! cargo run --release --example intake_bench -- --devices 200 --messages 1000 --rollups \
 //!     --sustained-rate 40000 --rate 5000 --rate-seconds 5   # with four declared rollups
 //! # --no-rollups: `[storage] rollups = false`, no rollups at all (the baseline for their cost)
+//! cargo run --release --example intake_bench -- --devices 200 --messages 3000 --gate-counters \
+//!     --sustained-rate 0 --rate 0   # [--no-rollups]
+//! # --gate-counters: the shipped `device-profiles/gate-counter.json` and its telemetry
+//! # (four declared rollups on every message); throughput only, as the profile admits
+//! # no timestamp field for the latency phases
 //! ```
 //! Phases: (1) every device publishes `--messages` as fast as acknowledgements allow;
 //! (2) `--sustained-rate` msg/s for `--rate-seconds`; (3) `--rate` msg/s for `--rate-seconds`.
@@ -40,6 +45,8 @@ struct Args {
     rollups: bool,
     /// `[storage] rollups = false`: no rollups at all, not even the built-in figures.
     no_rollups: bool,
+    /// Devices use the shipped gate-counter profile and send its telemetry.
+    gate_counters: bool,
 }
 
 fn parse_args() -> Args {
@@ -53,6 +60,7 @@ fn parse_args() -> Args {
         synchronous: "full".into(),
         rollups: false,
         no_rollups: false,
+        gate_counters: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -64,6 +72,11 @@ fn parse_args() -> Args {
         }
         if argv[i] == "--rollups" {
             a.rollups = true;
+            i += 1;
+            continue;
+        }
+        if argv[i] == "--gate-counters" {
+            a.gate_counters = true;
             i += 1;
             continue;
         }
@@ -83,6 +96,14 @@ fn parse_args() -> Args {
         i += 2;
     }
     assert!(a.devices > 0 && a.devices <= 2000 && a.messages <= 100_000 && a.rate_seconds <= 300);
+    assert!(
+        !(a.gate_counters && a.rollups),
+        "--gate-counters brings the profile's own rollups; leave out --rollups"
+    );
+    assert!(
+        !a.gate_counters || (a.rate == 0 && a.sustained_rate == 0),
+        "--gate-counters measures throughput only: add --sustained-rate 0 --rate 0"
+    );
     a
 }
 
@@ -115,14 +136,34 @@ fn payload(device: &str, n: usize) -> String {
     format!("{head}{}\"}}", "x".repeat(pad))
 }
 
+/// Gate-counter telemetry as the shipped profile declares it (~150 bytes).
+fn gate_payload(n: usize) -> String {
+    let (delta_in, delta_out) = (n % 7, n % 5);
+    format!(
+        r#"{{"raw_in":{},"raw_out":{},"bits":32,"delta_in":{delta_in},"delta_out":{delta_out},"interval_s":60,"occupancy_est":{},"link":"ok","crc_errors":0}}"#,
+        1_000_000 + n * 3,
+        999_000 + n * 2,
+        n % 400
+    )
+}
+
 fn write_setup(dir: &Path, port: u16, args: &Args) -> PathBuf {
     std::fs::create_dir_all(dir.join("profiles")).unwrap();
-    let profile = if args.rollups {
-        format!("{}{ROLLUPS}", PROFILE.trim_end().trim_end_matches('}'))
+    let profile_name = if args.gate_counters {
+        let shipped = Path::new("device-profiles/gate-counter.json");
+        let text = std::fs::read_to_string(shipped)
+            .unwrap_or_else(|e| panic!("{}: {e} (run from the repository)", shipped.display()));
+        std::fs::write(dir.join("profiles/gate-counter.json"), text).unwrap();
+        "gate-counter"
     } else {
-        PROFILE.to_owned()
+        let profile = if args.rollups {
+            format!("{}{ROLLUPS}", PROFILE.trim_end().trim_end_matches('}'))
+        } else {
+            PROFILE.to_owned()
+        };
+        std::fs::write(dir.join("profiles/bench-sensor.json"), profile).unwrap();
+        "bench-sensor"
     };
-    std::fs::write(dir.join("profiles/bench-sensor.json"), profile).unwrap();
     let mut cfg = format!(
         "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"warn\"\n\
          [broker]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nsynchronous = \"{}\"\nrollups = {}\n",
@@ -130,7 +171,7 @@ fn write_setup(dir: &Path, port: u16, args: &Args) -> PathBuf {
     );
     for d in 0..args.devices {
         cfg.push_str(&format!(
-            "[[devices]]\nid = \"bench-{d:04}\"\nprofile = \"bench-sensor\"\npassword = \"pw-{d}\"\n"
+            "[[devices]]\nid = \"bench-{d:04}\"\nprofile = \"{profile_name}\"\npassword = \"pw-{d}\"\n"
         ));
     }
     let path = dir.join("gateway.toml");
@@ -346,12 +387,18 @@ async fn main() {
     for (d, client) in clients.iter().enumerate() {
         let client = client.clone();
         let n = args.messages;
+        let gate = args.gate_counters;
         tasks.push(tokio::spawn(async move {
             let id = format!("bench-{d:04}");
             let topic = format!("devices/{id}/telemetry");
             for i in 0..n {
+                let body = if gate {
+                    gate_payload(i)
+                } else {
+                    payload(&id, i)
+                };
                 client
-                    .publish(&topic, QoS::AtLeastOnce, false, payload(&id, i))
+                    .publish(&topic, QoS::AtLeastOnce, false, body)
                     .await
                     .unwrap();
             }
@@ -369,10 +416,11 @@ async fn main() {
     // CPU per message is steadier than throughput here: the load generator shares the cores.
     let cpu = cpu_ms(pid) - cpu_before;
     println!(
-        "throughput: {committed}/{total} messages committed in {secs:.2} s = {:.0} msg/s ({} devices x {} msgs, ~200 B, QoS 1, synchronous={}); gateway CPU {:.2} ms per 1,000 messages",
+        "throughput: {committed}/{total} messages committed in {secs:.2} s = {:.0} msg/s ({} devices x {} msgs, {}, QoS 1, synchronous={}); gateway CPU {:.2} ms per 1,000 messages",
         committed as f64 / secs,
         args.devices,
         args.messages,
+        if args.gate_counters { "gate-counter telemetry ~150 B" } else { "~200 B" },
         args.synchronous,
         cpu as f64 * 1000.0 / committed as f64
     );

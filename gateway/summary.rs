@@ -201,10 +201,25 @@ fn event_time(v: &Value, received_ms: i64) -> Option<i64> {
 /// The start of the local hour or day that `ms` falls in: (Unix ms, local label such as
 /// `2026-11-25T10:00` or `2026-11-25`).
 pub fn bucket(tz: &jiff::tz::TimeZone, ms: i64, period: Period) -> (i64, String) {
-    let Ok(ts) = jiff::Timestamp::from_millisecond(ms) else {
+    let Some(start) = local_start(tz, ms, period) else {
         return (ms, ms.to_string());
     };
-    let z = ts.to_zoned(tz.clone());
+    let label = match period {
+        Period::Day => start.strftime("%Y-%m-%d").to_string(),
+        Period::Hour => start.strftime("%Y-%m-%dT%H:00").to_string(),
+    };
+    (start.timestamp().as_millisecond(), label)
+}
+
+/// [`bucket`]'s start alone (no label to format).
+pub fn bucket_start(tz: &jiff::tz::TimeZone, ms: i64, period: Period) -> i64 {
+    local_start(tz, ms, period).map_or(ms, |z| z.timestamp().as_millisecond())
+}
+
+fn local_start(tz: &jiff::tz::TimeZone, ms: i64, period: Period) -> Option<jiff::Zoned> {
+    let z = jiff::Timestamp::from_millisecond(ms)
+        .ok()?
+        .to_zoned(tz.clone());
     let start = match period {
         Period::Day => z.start_of_day().ok(),
         Period::Hour => z
@@ -214,13 +229,8 @@ pub fn bucket(tz: &jiff::tz::TimeZone, ms: i64, period: Period) -> (i64, String)
             .subsec_nanosecond(0)
             .build()
             .ok(),
-    }
-    .unwrap_or(z);
-    let label = match period {
-        Period::Day => start.strftime("%Y-%m-%d").to_string(),
-        Period::Hour => start.strftime("%Y-%m-%dT%H:00").to_string(),
     };
-    (start.timestamp().as_millisecond(), label)
+    Some(start.unwrap_or(z))
 }
 
 /// Where an aggregate lives: device (or `""` for the branch), period, bucket, metric.
@@ -369,7 +379,7 @@ impl<'a> Pending<'a> {
         let start = match self.hour {
             Some((start, end)) if (start..end).contains(&at_ms) => start,
             _ => {
-                let (start, _) = bucket(tz, at_ms, Period::Hour);
+                let start = bucket_start(tz, at_ms, Period::Hour);
                 self.hour = Some((start, start + 3_600_000));
                 start
             }
@@ -377,32 +387,23 @@ impl<'a> Pending<'a> {
         self.hours.entry((device, start)).or_default()
     }
 
-    /// Every (scope, period, bucket) this batch changes, with its label and the combined
-    /// value of each metric: what one row of `rollup_buckets` receives.
+    /// Every (scope, period, bucket) this batch changes, with the combined value of each
+    /// metric: what one row of `rollup_buckets` receives.
     pub fn expand_buckets(
         self,
         tz: &jiff::tz::TimeZone,
     ) -> foldhash::HashMap<BucketRef<'a>, PendingBucket> {
-        let mut labels: foldhash::HashMap<i64, (String, i64, String)> = Default::default();
+        let mut days: foldhash::HashMap<i64, i64> = Default::default();
         let mut out: foldhash::HashMap<BucketRef<'a>, PendingBucket> = Default::default();
         for ((device, hour), metrics) in self.hours {
-            let (hour_label, day_ms, day_label) = labels
+            let day = *days
                 .entry(hour)
-                .or_insert_with(|| {
-                    let (_, hl) = bucket(tz, hour, Period::Hour);
-                    let (d, dl) = bucket(tz, hour, Period::Day);
-                    (hl, d, dl)
-                })
-                .clone();
-            for (period, bucket_ms, label) in [
-                (Period::Hour, hour, hour_label),
-                (Period::Day, day_ms, day_label),
-            ] {
+                .or_insert_with(|| bucket_start(tz, hour, Period::Day));
+            for (period, bucket_ms) in [(Period::Hour, hour), (Period::Day, day)] {
                 for scope in [device, ""] {
                     let b =
                         out.entry((scope, period, bucket_ms))
                             .or_insert_with(|| PendingBucket {
-                                label: label.clone(),
                                 metrics: Vec::with_capacity(metrics.len()),
                             });
                     for (metric, agg) in &metrics {
@@ -443,8 +444,6 @@ pub type BucketRef<'a> = (&'a str, Period, i64);
 /// What a batch adds to one bucket.
 #[derive(Debug, Default)]
 pub struct PendingBucket {
-    /// The bucket's local label (`2026-11-20T09:00`, `2026-11-20`).
-    pub label: String,
     pub metrics: Vec<(Metric, Agg)>,
 }
 

@@ -1147,6 +1147,7 @@ impl Writer {
         if self.rollups_enabled && !rollups.is_empty() {
             apply_rollups(
                 &tx,
+                &tz,
                 rollups.expand_buckets(&tz),
                 &mut self.rollup_version,
                 &mut self.known_distinct,
@@ -1213,6 +1214,7 @@ fn bump_by(d: &mut DeviceDelta, counter: &'static str, n: i64, at_ms: i64) {
 /// back with a new `version`, so the pull API's cursor sees re-opened past buckets too.
 fn apply_rollups(
     tx: &rusqlite::Transaction<'_>,
+    tz: &jiff::tz::TimeZone,
     pending: foldhash::HashMap<crate::summary::BucketRef<'_>, crate::summary::PendingBucket>,
     version: &mut i64,
     known: &mut KnownDistinct,
@@ -1310,11 +1312,13 @@ fn apply_rollups(
         if known_row {
             update.execute(params![scope, period.as_str(), bucket_ms, text, *version])?;
         } else {
+            // A bucket new to this writer: the only time its local label is needed.
+            let (_, label) = crate::summary::bucket(tz, bucket_ms, period);
             upsert.execute(params![
                 scope,
                 period.as_str(),
                 bucket_ms,
-                bucket.label,
+                label,
                 text,
                 *version
             ])?;
