@@ -1335,7 +1335,10 @@ fn apply_rollups(
 #[derive(Default)]
 struct BucketCache {
     /// By device (`""`: the branch), then period and bucket start: looked up by `&str`.
-    rows: HashMap<String, HashMap<(crate::summary::Period, i64), crate::summary::BucketMetrics>>,
+    rows: foldhash::HashMap<
+        String,
+        foldhash::HashMap<(crate::summary::Period, i64), crate::summary::BucketMetrics>,
+    >,
     len: usize,
 }
 
@@ -1386,7 +1389,7 @@ impl BucketCache {
 struct KnownDistinct {
     /// By (period, bucket start, metric), then device (`""`: the branch), so a lookup
     /// borrows the device's name instead of building a key.
-    known: foldhash::HashMap<DistinctSlot, HashMap<String, foldhash::HashSet<u64>>>,
+    known: foldhash::HashMap<DistinctSlot, foldhash::HashMap<String, foldhash::HashSet<u64>>>,
     values: usize,
     staged: Vec<(String, DistinctSlot, u64)>,
 }
