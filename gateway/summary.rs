@@ -24,6 +24,10 @@ pub static OFFLINE_EPISODES: LazyLock<Metric> = LazyLock::new(|| Metric::new("of
 pub static ONLINE_MINUTES: LazyLock<Metric> = LazyLock::new(|| Metric::new("online_minutes"));
 
 const MAX_PAST_MS: i64 = 30 * 86_400_000;
+/// How long a bucket's distinct keys are kept after it starts. No message counts more than
+/// [`MAX_PAST_MS`] back and no local day lasts 25 hours, so an older bucket cannot change
+/// any more: its count stays, the keys behind it are not needed.
+pub const DISTINCT_KEPT_MS: i64 = MAX_PAST_MS + 2 * 86_400_000;
 const MAX_FUTURE_MS: i64 = 3_600_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -592,6 +592,13 @@ impl Writer {
                AND bucket_ms < (SELECT MAX(bucket_ms) FROM deliveries)",
             params![now - DELIVERIES_KEPT_MS],
         )?;
+        let forgotten = self.conn.execute(
+            "DELETE FROM rollup_distinct_keys WHERE bucket_ms < ?1",
+            params![now - crate::summary::DISTINCT_KEPT_MS],
+        )?;
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "distinct keys of closed buckets pruned");
+        }
         if pruned > 0 {
             tracing::debug!(pruned, "delivered messages past retention pruned");
         }
@@ -1925,6 +1932,61 @@ mod tests {
         .map(|(s, p)| (s.to_string(), p.to_string(), 4.0, 9))
         .collect();
         assert_eq!(rows, expected, "a, b, c, d: four patrons in nine sessions");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Distinct keys of buckets no message can reach any more (started more than
+    /// `DISTINCT_KEPT_MS` ago) are pruned by maintenance; newer ones stay, and so do the
+    /// counts of every bucket.
+    #[test]
+    fn distinct_keys_of_closed_buckets_are_pruned() {
+        let dir = std::env::temp_dir().join(format!("bgw-distinct-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("buffer.sqlite");
+        let now = crate::model::now_ms();
+        let metric = crate::model::Metric::new("patrons");
+        let patron = |at_ms: i64, value: &str| {
+            let Write::Accepted(mut m) = message(at_ms) else {
+                unreachable!()
+            };
+            m.rollup_ms = Some(at_ms);
+            m.contributions = smallvec::smallvec![crate::model::Declared {
+                metric,
+                op: crate::model::RollupOp::Distinct,
+                value: crate::model::Sample::Distinct(crate::model::distinct_key(value)),
+            }];
+            Write::Accepted(m)
+        };
+        let old = now - crate::summary::DISTINCT_KEPT_MS - 2 * DAY;
+        let buffer = open_test_buffer(&path);
+        let tx = buffer.sender();
+        for (at, v) in [(old, "a"), (old, "b"), (now, "a")] {
+            tx.blocking_send(patron(at, v)).unwrap();
+        }
+        tx.blocking_send(Write::Maintain).unwrap();
+        drop(tx);
+        buffer.close().unwrap();
+        let conn = open_read_only(&path).unwrap();
+        let keys: i64 = conn
+            .query_row("SELECT COUNT(*) FROM rollup_distinct_keys", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(
+            keys, 4,
+            "the current hour and day of the device and the branch"
+        );
+        let counts: Vec<f64> = conn
+            .prepare(
+                "SELECT value FROM rollups WHERE metric = 'patrons' AND scope = 'gate-1'
+                 AND period = 'hour' ORDER BY bucket_ms",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(counts, vec![2.0, 1.0]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -143,7 +143,8 @@ CREATE VIEW rollups (scope, period, bucket_ms, metric, bucket, op, value, sample
     // v8: a `distinct` rollup keeps each value's 64-bit key (`model::distinct_key`), not
     // its text: the writer compares and stores 8 bytes instead of a string per value, and
     // no patron's (hashed) id stays in the summary tables. Keys of the stored values are
-    // the ones new messages bring, so counts of open buckets go on exactly.
+    // the ones new messages bring, so counts of open buckets go on exactly. Ordered by
+    // bucket first: keys of buckets no message can reach any more go in a range delete.
     r#"
 CREATE TABLE rollup_distinct_keys (
     scope     TEXT    NOT NULL,
@@ -151,7 +152,7 @@ CREATE TABLE rollup_distinct_keys (
     bucket_ms INTEGER NOT NULL,
     metric    TEXT    NOT NULL,
     key       INTEGER NOT NULL,
-    PRIMARY KEY (scope, period, bucket_ms, metric, key)
+    PRIMARY KEY (bucket_ms, scope, period, metric, key)
 ) WITHOUT ROWID;
 INSERT OR IGNORE INTO rollup_distinct_keys (scope, period, bucket_ms, metric, key)
     SELECT scope, period, bucket_ms, metric, bgw_distinct_key(value) FROM rollup_distinct;
