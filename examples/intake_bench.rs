@@ -16,6 +16,8 @@
 //! # --gate-counters: the shipped `device-profiles/gate-counter.json` and its telemetry
 //! # (four declared rollups on every message); throughput only, as the profile admits
 //! # no timestamp field for the latency phases
+//! # --history-days N: the database already holds N days of hourly and daily rollups for
+//! # every device (as after N days in service), written before the gateway starts
 //! ```
 //! Phases: (1) every device publishes `--messages` as fast as acknowledgements allow;
 //! (2) `--sustained-rate` msg/s for `--rate-seconds`; (3) `--rate` msg/s for `--rate-seconds`.
@@ -47,6 +49,8 @@ struct Args {
     no_rollups: bool,
     /// Devices use the shipped gate-counter profile and send its telemetry.
     gate_counters: bool,
+    /// Days of rollup history in the database before the run.
+    history_days: u64,
 }
 
 fn parse_args() -> Args {
@@ -61,6 +65,7 @@ fn parse_args() -> Args {
         rollups: false,
         no_rollups: false,
         gate_counters: false,
+        history_days: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -91,11 +96,13 @@ fn parse_args() -> Args {
             "--rate-seconds" => a.rate_seconds = v.parse().expect("--rate-seconds S"),
             "--binary" => a.binary = PathBuf::from(v),
             "--synchronous" => a.synchronous = v,
+            "--history-days" => a.history_days = v.parse().expect("--history-days N (<= 400)"),
             other => panic!("unknown argument {other}; see the file's doc comment"),
         }
         i += 2;
     }
     assert!(a.devices > 0 && a.devices <= 2000 && a.messages <= 100_000 && a.rate_seconds <= 300);
+    assert!(a.history_days <= 400, "--history-days at most 400");
     assert!(
         !(a.gate_counters && a.rollups),
         "--gate-counters brings the profile's own rollups; leave out --rollups"
@@ -364,6 +371,13 @@ async fn main() {
     let port = free_port();
     let config = write_setup(&dir, port, &args);
     let db = dir.join("data/branch-gateway.sqlite");
+    if args.history_days > 0 {
+        // The schema comes from the gateway itself: start it once and stop it.
+        let mut first = start_gateway(&args.binary, &config, port);
+        sigterm(first.id());
+        first.wait().unwrap();
+        write_history(&db, args.devices, args.history_days);
+    }
     let mut child = start_gateway(&args.binary, &config, port);
     let pid = child.id();
 
@@ -457,6 +471,71 @@ async fn main() {
     let status = child.wait().unwrap();
     println!("gateway exited: {status}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `days` of hourly and daily buckets for every device and the branch, ending two days
+/// before now (clear of the buckets the run writes), each with the five metrics the
+/// `--rollups` profile gives, in the gateway's stored form.
+fn write_history(db: &Path, devices: usize, days: u64) {
+    const HOUR: i64 = 3_600_000;
+    let started = Instant::now();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let end = now - now.rem_euclid(24 * HOUR) - 2 * 24 * HOUR;
+    let first = end - days as i64 * 24 * HOUR;
+    let mut conn = rusqlite::Connection::open(db).unwrap();
+    let tx = conn.transaction().unwrap();
+    let mut version = 0i64;
+    {
+        let mut st = tx
+            .prepare(
+                "INSERT INTO rollup_buckets (scope, period, bucket_ms, bucket, metrics, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .unwrap();
+        let scopes: Vec<String> = std::iter::once(String::new())
+            .chain((0..devices).map(|d| format!("bench-{d:04}")))
+            .collect();
+        let metrics = |n: i64| {
+            format!(
+                r#"{{"active_devices":["distinct",1.0,{n},0],"messages":["count",{n}.0,{n},0],"n_max":["max",{n}.0,{n},0],"n_total":["sum",{}.0,{n},0],"readings":["count",{n}.0,{n},0]}}"#,
+                n * 7
+            )
+        };
+        let mut ms = first;
+        while ms < end {
+            let day = ms.rem_euclid(24 * HOUR) == 0;
+            for scope in &scopes {
+                let n = 60 + (ms / HOUR) % 17;
+                for (period, label, x) in
+                    [("hour", ms.to_string(), n), ("day", ms.to_string(), n * 24)]
+                {
+                    if period == "day" && !day {
+                        continue;
+                    }
+                    version += 1;
+                    st.execute(rusqlite::params![
+                        scope,
+                        period,
+                        ms,
+                        label,
+                        metrics(x),
+                        version
+                    ])
+                    .unwrap();
+                }
+            }
+            ms += HOUR;
+        }
+    }
+    tx.commit().unwrap();
+    println!(
+        "history: {version} bucket rows ({days} days x {} scopes) written in {:.1} s",
+        devices + 1,
+        started.elapsed().as_secs_f64()
+    );
 }
 
 fn sigterm(pid: u32) {

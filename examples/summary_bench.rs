@@ -196,7 +196,11 @@ fn main() {
         .args(["-TERM", &gw.id().to_string()])
         .status();
     let _ = gw.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::args().any(|a| a == "--keep") {
+        println!("database kept: {}", dir.join("data").display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 fn size_mib(path: &std::path::Path) -> f64 {

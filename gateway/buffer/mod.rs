@@ -1234,32 +1234,28 @@ fn apply_rollups(
          VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let mut load = tx.prepare_cached(
-        "SELECT metrics FROM rollup_buckets WHERE scope = ?1 AND period = ?2 AND bucket_ms = ?3",
-    )?;
-    let mut upsert = tx.prepare_cached(
-        "INSERT INTO rollup_buckets (scope, period, bucket_ms, bucket, metrics, version)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (scope, period, bucket_ms) DO UPDATE SET
-           metrics = excluded.metrics, version = excluded.version",
-    )?;
-    // A bucket the cache holds is in the table: a plain update by key is cheaper than
-    // an insert that conflicts.
-    let mut update = tx.prepare_cached(
-        "UPDATE rollup_buckets SET metrics = ?4, version = ?5
+        "SELECT id, metrics FROM rollup_buckets
          WHERE scope = ?1 AND period = ?2 AND bucket_ms = ?3",
     )?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO rollup_buckets (scope, period, bucket_ms, bucket, metrics, version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut update =
+        tx.prepare_cached("UPDATE rollup_buckets SET metrics = ?2, version = ?3 WHERE id = ?1")?;
     for ((scope, period, bucket_ms), bucket) in pending {
-        let cached = cache.take(scope, period, bucket_ms);
-        let known_row = cached.is_some();
-        let mut metrics = match cached {
-            Some(m) => m,
+        // The row's id, when the bucket is in the table (from the cache or read back).
+        let (mut row_id, mut metrics) = match cache.take(scope, period, bucket_ms) {
+            Some((id, m)) => (Some(id), m),
             None => {
-                let text: Option<String> = load
-                    .query_row(params![scope, period.as_str(), bucket_ms], |r| r.get(0))
+                let row: Option<(i64, String)> = load
+                    .query_row(params![scope, period.as_str(), bucket_ms], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
                     .optional()?;
-                match text {
-                    None => Default::default(),
-                    Some(t) => {
+                match row {
+                    None => (None, Default::default()),
+                    Some((id, t)) => {
                         let (metrics, skipped) = crate::summary::decode_metrics(&t);
                         if skipped > 0 {
                             tracing::warn!(
@@ -1270,7 +1266,7 @@ fn apply_rollups(
                                 "rollup bucket had unreadable metrics; they start again from this batch"
                             );
                         }
-                        metrics
+                        (Some(id), metrics)
                     }
                 }
             }
@@ -1316,24 +1312,33 @@ fn apply_rollups(
         }
         *version += 1;
         let text = crate::summary::encode_metrics(&metrics);
-        if known_row {
-            update.execute(params![scope, period.as_str(), bucket_ms, text, *version])?;
-        } else {
-            // A bucket new to this writer: the only time its local label is needed.
-            let (_, label) = crate::summary::bucket(tz, bucket_ms, period);
-            upsert.execute(params![
-                scope,
-                period.as_str(),
-                bucket_ms,
-                label,
-                text,
-                *version
-            ])?;
+        match row_id {
+            Some(id) => {
+                update.execute(params![id, text, *version])?;
+            }
+            None => {
+                // A new bucket: the only time its local label is needed.
+                let (_, label) = crate::summary::bucket(tz, bucket_ms, period);
+                insert.execute(params![
+                    scope,
+                    period.as_str(),
+                    bucket_ms,
+                    label,
+                    text,
+                    *version
+                ])?;
+                row_id = Some(tx.last_insert_rowid());
+            }
         }
-        cache.put(scope, period, bucket_ms, metrics);
+        if let Some(id) = row_id {
+            cache.put(scope, period, bucket_ms, (id, metrics));
+        }
     }
     Ok(())
 }
+
+/// A bucket's row id in `rollup_buckets` and its metrics as last written.
+type CachedBucket = (i64, crate::summary::BucketMetrics);
 
 /// The writer's copy of recently written rollup buckets (the current hour and day of every
 /// busy device), so a batch does not read back the rows it is about to rewrite. It may
@@ -1342,10 +1347,7 @@ fn apply_rollups(
 #[derive(Default)]
 struct BucketCache {
     /// By device (`""`: the branch), then period and bucket start: looked up by `&str`.
-    rows: foldhash::HashMap<
-        String,
-        foldhash::HashMap<(crate::summary::Period, i64), crate::summary::BucketMetrics>,
-    >,
+    rows: foldhash::HashMap<String, foldhash::HashMap<(crate::summary::Period, i64), CachedBucket>>,
     len: usize,
 }
 
@@ -1357,7 +1359,7 @@ impl BucketCache {
         scope: &str,
         period: crate::summary::Period,
         bucket_ms: i64,
-    ) -> Option<crate::summary::BucketMetrics> {
+    ) -> Option<CachedBucket> {
         let found = self.rows.get_mut(scope)?.remove(&(period, bucket_ms));
         self.len -= usize::from(found.is_some());
         found
@@ -1368,7 +1370,7 @@ impl BucketCache {
         scope: &str,
         period: crate::summary::Period,
         bucket_ms: i64,
-        metrics: crate::summary::BucketMetrics,
+        bucket: CachedBucket,
     ) {
         if self.len >= Self::MAX_BUCKETS {
             self.clear();
@@ -1377,7 +1379,7 @@ impl BucketCache {
             Some(m) => m,
             None => self.rows.entry(scope.to_owned()).or_default(),
         };
-        if per_scope.insert((period, bucket_ms), metrics).is_none() {
+        if per_scope.insert((period, bucket_ms), bucket).is_none() {
             self.len += 1;
         }
     }
