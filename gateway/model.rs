@@ -522,14 +522,84 @@ pub struct Contribution {
     pub value: Sample,
 }
 
+/// A declared rollup's metric and operation, interned for the life of the process (like
+/// [`Metric`]): one thin pointer in each [`Declared`].
+#[derive(Clone, Copy)]
+pub struct RuleRef(&'static (Metric, RollupOp));
+
+impl RuleRef {
+    pub fn new(metric: Metric, op: RollupOp) -> RuleRef {
+        use std::collections::HashMap;
+        use std::sync::{LazyLock, Mutex};
+        // Bounded by the rules profiles ever declare (reloads reuse them).
+        type Table = HashMap<(Metric, RollupOp), &'static (Metric, RollupOp)>;
+        static RULES: LazyLock<Mutex<Table>> = LazyLock::new(Default::default);
+        let mut rules = RULES.lock().unwrap_or_else(|p| p.into_inner());
+        let rule = *rules
+            .entry((metric, op))
+            .or_insert_with(|| Box::leak(Box::new((metric, op))));
+        RuleRef(rule)
+    }
+
+    pub fn metric(self) -> Metric {
+        self.0 .0
+    }
+
+    pub fn op(self) -> RollupOp {
+        self.0 .1
+    }
+}
+
+impl std::fmt::Debug for RuleRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.metric(), self.op().as_str())
+    }
+}
+
+impl PartialEq for RuleRef {
+    fn eq(&self, other: &RuleRef) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
 /// What one message adds to one of its profile's declared rollups; the time is the
-/// message's own ([`Accepted::rollup_ms`]). 32 bytes, no heap: a message carries a few
-/// of these inline from intake to the writer.
-#[derive(Debug, Clone, PartialEq)]
+/// message's own ([`Accepted::rollup_ms`]). 16 bytes and no heap: a message carries up to
+/// four inline from intake to the writer, so the writer frees nothing intake allocated.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Declared {
-    pub metric: Metric,
-    pub op: RollupOp,
-    pub value: Sample,
+    rule: RuleRef,
+    /// The sample's 64 bits: an `f64` for numeric operations, the key for `distinct`.
+    bits: u64,
+}
+
+impl Declared {
+    /// A numeric sample (a `count` is 1).
+    pub fn num(rule: RuleRef, x: f64) -> Declared {
+        Declared {
+            rule,
+            bits: x.to_bits(),
+        }
+    }
+
+    /// A value counted by a `distinct` rule, as its [`distinct_key`].
+    pub fn distinct(rule: RuleRef, key: u64) -> Declared {
+        Declared { rule, bits: key }
+    }
+
+    pub fn metric(&self) -> Metric {
+        self.rule.metric()
+    }
+
+    pub fn op(&self) -> RollupOp {
+        self.rule.op()
+    }
+
+    pub fn value(&self) -> Sample {
+        match self.op() {
+            RollupOp::Distinct => Sample::Distinct(self.bits),
+            _ => Sample::Num(f64::from_bits(self.bits)),
+        }
+    }
 }
 
 /// A message's declared contributions: up to four inline (the most any shipped profile

@@ -68,10 +68,10 @@ pub fn contributions(
         contributions_of(profile, kind, fields.as_ref())
             .into_iter()
             .map(|d| Contribution {
-                metric: d.metric,
-                op: d.op,
+                metric: d.metric(),
+                op: d.op(),
                 at_ms,
-                value: d.value,
+                value: d.value(),
             }),
     );
     all
@@ -125,24 +125,21 @@ pub fn contributions_of(
         if r.filter.iter().any(|(k, want)| get(k) != Some(want)) {
             continue;
         }
-        let value = match (r.op, &r.field) {
-            (RollupOp::Count, _) => Sample::Num(1.0),
+        let rule = r.rule();
+        let sample = match (r.op, &r.field) {
+            (RollupOp::Count, _) => Declared::num(rule, 1.0),
             (RollupOp::Distinct, Some(f)) => match get(f) {
-                Some(Value::String(s)) => Sample::Distinct(distinct_key(s)),
-                Some(Value::Number(n)) => Sample::Distinct(distinct_key(&n.to_string())),
+                Some(Value::String(s)) => Declared::distinct(rule, distinct_key(s)),
+                Some(Value::Number(n)) => Declared::distinct(rule, distinct_key(&n.to_string())),
                 _ => continue,
             },
             (_, Some(f)) => match get(f).and_then(Value::as_f64) {
-                Some(x) => Sample::Num(x * r.scale.unwrap_or(1.0)),
+                Some(x) => Declared::num(rule, x * r.scale.unwrap_or(1.0)),
                 None => continue,
             },
             (_, None) => continue,
         };
-        out.push(Declared {
-            metric: r.metric,
-            op: r.op,
-            value,
-        });
+        out.push(sample);
     }
     out
 }
@@ -359,7 +356,7 @@ impl<'a> Pending<'a> {
         let metrics = self.slot(tz, device, at_ms);
         fold_into(metrics, *MESSAGES, RollupOp::Count, at_ms, Sample::Num(1.0));
         for d in declared {
-            fold_into(metrics, d.metric, d.op, at_ms, d.value);
+            fold_into(metrics, d.metric(), d.op(), at_ms, d.value());
         }
     }
 

@@ -1884,11 +1884,10 @@ mod tests {
                 unreachable!()
             };
             m.rollup_ms = Some(hour + 60_000);
-            m.contributions = smallvec::smallvec![crate::model::Declared {
-                metric,
-                op: crate::model::RollupOp::Distinct,
-                value: crate::model::Sample::Distinct(crate::model::distinct_key(value)),
-            }];
+            m.contributions = smallvec::smallvec![crate::model::Declared::distinct(
+                crate::model::RuleRef::new(metric, crate::model::RollupOp::Distinct),
+                crate::model::distinct_key(value),
+            )];
             Write::Accepted(m)
         };
         // One transaction per group: wait for each to commit before sending the next.
@@ -1952,11 +1951,10 @@ mod tests {
                 unreachable!()
             };
             m.rollup_ms = Some(at_ms);
-            m.contributions = smallvec::smallvec![crate::model::Declared {
-                metric,
-                op: crate::model::RollupOp::Distinct,
-                value: crate::model::Sample::Distinct(crate::model::distinct_key(value)),
-            }];
+            m.contributions = smallvec::smallvec![crate::model::Declared::distinct(
+                crate::model::RuleRef::new(metric, crate::model::RollupOp::Distinct),
+                crate::model::distinct_key(value),
+            )];
             Write::Accepted(m)
         };
         let old = now - crate::summary::DISTINCT_KEPT_MS - 2 * DAY;

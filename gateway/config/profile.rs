@@ -57,6 +57,17 @@ pub struct RollupSpec {
     /// Multiply the field's value (e.g. 0.0166667 turns seconds into minutes).
     #[serde(default)]
     pub scale: Option<f64>,
+    /// `metric` and `op` interned, found on first use (then one atomic load per message).
+    #[serde(skip)]
+    rule: std::sync::OnceLock<crate::model::RuleRef>,
+}
+
+impl RollupSpec {
+    pub fn rule(&self) -> crate::model::RuleRef {
+        *self
+            .rule
+            .get_or_init(|| crate::model::RuleRef::new(self.metric, self.op))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
