@@ -25,7 +25,7 @@ pub static ONLINE_MINUTES: LazyLock<Metric> = LazyLock::new(|| Metric::new("onli
 
 const MAX_PAST_MS: i64 = 30 * 86_400_000;
 /// How long a bucket's distinct keys are kept after it starts. No message counts more than
-/// [`MAX_PAST_MS`] back and no local day lasts 25 hours, so an older bucket cannot change
+/// [`MAX_PAST_MS`] back and no local day lasts more than 25 hours, so an older bucket cannot change
 /// any more: its count stays, the keys behind it are not needed.
 pub const DISTINCT_KEPT_MS: i64 = MAX_PAST_MS + 2 * 86_400_000;
 const MAX_FUTURE_MS: i64 = 3_600_000;
@@ -569,9 +569,7 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    /// A stored metric folds like the old per-metric upsert: sums add, extremes keep the
-    /// extreme, `last` keeps the newest, distinct adds what is new; an extreme without a
-    /// numeric sample is not stored.
+    /// The hand-written encoding is serde_json's text, escapes and `null` included.
     #[test]
     fn hand_encoding_is_serde_json() {
         let mut metrics = BucketMetrics::new();
@@ -614,6 +612,9 @@ mod tests {
         assert_eq!(encode_metrics(&BucketMetrics::new()), "{}");
     }
 
+    /// A stored metric folds like the old per-metric upsert: sums add, extremes keep the
+    /// extreme, `last` keeps the newest, distinct adds what is new; an extreme without a
+    /// numeric sample is not stored.
     #[test]
     fn stored_metrics_fold_and_round_trip() {
         let batch = |op, value, samples, last_ms| Agg {

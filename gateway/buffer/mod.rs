@@ -561,6 +561,8 @@ const CAP_CHUNK: i64 = 500;
 const PRUNE_SCAN: i64 = 50_000;
 /// How long per-10-second delivery counts are kept (for `status`).
 const DELIVERIES_KEPT_MS: i64 = 3_600_000;
+/// The most distinct keys one maintenance pass forgets: a day of buckets.
+const DAY_MS: i64 = 86_400_000;
 const DELIVERIES_BUCKET_MS: i64 = 10_000;
 
 impl Writer {
@@ -581,6 +583,23 @@ impl Writer {
     /// undelivered events and status (oldest first). Every undelivered message dropped is
     /// counted per device and kind in `drops` and logged.
     /// `reserve`: room to leave for a batch about to be committed.
+    /// Forget the distinct keys of buckets no message can reach any more, at most one day
+    /// of buckets per pass (a database from before the pruning may hold a year of them):
+    /// each pass stays short and its WAL small. A failure is logged, not returned, so it
+    /// never stands in the way of the disk cap below.
+    fn prune_distinct_keys(&mut self, now: i64) {
+        let result = self.conn.execute(
+            "DELETE FROM rollup_distinct_keys WHERE bucket_ms < MIN(?1,
+               (SELECT MIN(bucket_ms) FROM rollup_distinct_keys) + ?2)",
+            params![now - crate::summary::DISTINCT_KEPT_MS, DAY_MS],
+        );
+        match result {
+            Ok(0) => {}
+            Ok(forgotten) => tracing::debug!(forgotten, "distinct keys of closed buckets pruned"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune distinct keys; will retry"),
+        }
+    }
+
     fn maintain(&mut self, reserve: u64) -> rusqlite::Result<()> {
         // The background checkpoint waits while maintenance truncates the WAL.
         let lock = self.checkpoint_lock.clone();
@@ -592,13 +611,7 @@ impl Writer {
                AND bucket_ms < (SELECT MAX(bucket_ms) FROM deliveries)",
             params![now - DELIVERIES_KEPT_MS],
         )?;
-        let forgotten = self.conn.execute(
-            "DELETE FROM rollup_distinct_keys WHERE bucket_ms < ?1",
-            params![now - crate::summary::DISTINCT_KEPT_MS],
-        )?;
-        if forgotten > 0 {
-            tracing::debug!(forgotten, "distinct keys of closed buckets pruned");
-        }
+        self.prune_distinct_keys(now);
         if pruned > 0 {
             tracing::debug!(pruned, "delivered messages past retention pruned");
         }
@@ -1390,9 +1403,9 @@ impl BucketCache {
     }
 }
 
-/// Distinct keys the writer knows are in `rollup_distinct_keys` (nothing deletes from it).
-/// Keys become known only once their transaction committed (a failed one is rolled
-/// back). Bounded: past [`KnownDistinct::MAX_VALUES`] it starts over empty, which only
+/// Distinct keys the writer knows are in `rollup_distinct_keys`. Keys become known only
+/// once their transaction committed (a failed one is rolled back); one that maintenance
+/// prunes later belongs to a bucket no message reaches any more. Bounded: past [`KnownDistinct::MAX_VALUES`] it starts over empty, which only
 /// costs the statements it saves.
 #[derive(Default)]
 struct KnownDistinct {
@@ -1959,23 +1972,33 @@ mod tests {
         };
         let old = now - crate::summary::DISTINCT_KEPT_MS - 2 * DAY;
         let buffer = open_test_buffer(&path);
+        let older = old - 5 * DAY;
         let tx = buffer.sender();
-        for (at, v) in [(old, "a"), (old, "b"), (now, "a")] {
+        for (at, v) in [(older, "c"), (old, "a"), (old, "b"), (now, "a")] {
             tx.blocking_send(patron(at, v)).unwrap();
         }
         tx.blocking_send(Write::Maintain).unwrap();
         drop(tx);
         buffer.close().unwrap();
-        let conn = open_read_only(&path).unwrap();
-        let keys: i64 = conn
-            .query_row("SELECT COUNT(*) FROM rollup_distinct_keys", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
+        let keys = |path: &Path| -> i64 {
+            open_read_only(path)
+                .unwrap()
+                .query_row("SELECT COUNT(*) FROM rollup_distinct_keys", [], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        };
+        // One pass forgets at most a day of buckets: `older`'s four keys, not `old`'s eight.
+        assert_eq!(keys(&path), 8 + 4);
+        let buffer = open_test_buffer(&path);
+        buffer.sender().blocking_send(Write::Maintain).unwrap();
+        buffer.close().unwrap();
         assert_eq!(
-            keys, 4,
+            keys(&path),
+            4,
             "the current hour and day of the device and the branch"
         );
+        let conn = open_read_only(&path).unwrap();
         let counts: Vec<f64> = conn
             .prepare(
                 "SELECT value FROM rollups WHERE metric = 'patrons' AND scope = 'gate-1'
@@ -1986,7 +2009,7 @@ mod tests {
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap();
-        assert_eq!(counts, vec![2.0, 1.0]);
+        assert_eq!(counts, vec![1.0, 2.0, 1.0], "counts stay");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
