@@ -175,8 +175,8 @@ pub fn online_minutes(
         return out;
     };
     while from < until {
-        let (start, _) = bucket(tz, from, Period::Hour);
-        let end = (start + 3_600_000).min(until);
+        let start = bucket_start(tz, from, Period::Hour);
+        let end = hour_end(tz, start).min(until);
         out.push(Contribution {
             metric: *ONLINE_MINUTES,
             op: RollupOp::Sum,
@@ -210,6 +210,23 @@ pub fn bucket(tz: &jiff::tz::TimeZone, ms: i64, period: Period) -> (i64, String)
         Period::Hour => start.strftime("%Y-%m-%dT%H:00").to_string(),
     };
     (start.timestamp().as_millisecond(), label)
+}
+
+/// Where the local hour that starts at `start` ends: an hour later, or sooner or later
+/// where a DST change of less than an hour (Lord Howe's 30 minutes) shortens or stretches it.
+pub fn hour_end(tz: &jiff::tz::TimeZone, start: i64) -> i64 {
+    const QUARTER: i64 = 900_000;
+    // Probe forward by quarter hours from one hour on until the local hour changes: one
+    // probe for ordinary hours, at most a few more for a stretched one.
+    let mut probe = start + 3_600_000;
+    for _ in 0..16 {
+        let next = bucket_start(tz, probe, Period::Hour);
+        if next > start {
+            return next;
+        }
+        probe += QUARTER;
+    }
+    start + 3_600_000
 }
 
 /// [`bucket`]'s start alone (no label to format).
@@ -367,10 +384,8 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// The metrics of `device` in the local hour of `at_ms`. The last hour found is kept,
-    /// so nearly every message costs no time-zone work. A local hour longer than 60
-    /// minutes (a 30-minute DST shift, as in Lord Howe) starts more than an hour before
-    /// some of its instants: those look their hour up each time.
+    /// The metrics of `device` in the local hour of `at_ms`. The last hour found, with its
+    /// real end ([`hour_end`]), is kept, so nearly every message costs no time-zone work.
     fn slot(
         &mut self,
         tz: &jiff::tz::TimeZone,
@@ -381,7 +396,7 @@ impl<'a> Pending<'a> {
             Some((start, end)) if (start..end).contains(&at_ms) => start,
             _ => {
                 let start = bucket_start(tz, at_ms, Period::Hour);
-                self.hour = Some((start, start + 3_600_000));
+                self.hour = Some((start, hour_end(tz, start)));
                 start
             }
         };
@@ -712,6 +727,69 @@ mod tests {
             .map(|(_, a)| a.value)
             .collect();
         assert_eq!(days, vec![4.0]);
+    }
+
+    /// Lord Howe's 30-minute local hour (02:30-03:00 on 2025-10-05): a message in it and one
+    /// ten minutes into the next hour, in one batch, land in their own hours.
+    #[test]
+    fn a_local_hour_shorter_than_sixty_minutes_ends_on_time() {
+        let tz = jiff::tz::TimeZone::get("Australia/Lord_Howe").unwrap();
+        let ms = |t: &str| t.parse::<jiff::Timestamp>().unwrap().as_millisecond();
+        let mut pending = Pending::default();
+        pending.add_message(&tz, "d1", ms("2025-10-04T15:45:00Z"), &[]);
+        pending.add_message(&tz, "d1", ms("2025-10-04T16:10:00Z"), &[]);
+        let mut hours: Vec<(i64, f64)> = pending
+            .expand(&tz)
+            .into_iter()
+            .filter(|(k, _)| k.scope == "d1" && k.period == Period::Hour)
+            .map(|(k, a)| (k.bucket_ms, a.value))
+            .collect();
+        hours.sort_by_key(|h| h.0);
+        assert_eq!(
+            hours,
+            vec![
+                (ms("2025-10-04T15:30:00Z"), 1.0),
+                (ms("2025-10-04T16:00:00Z"), 1.0)
+            ]
+        );
+    }
+
+    /// A connection across Lord Howe's 90-minute local hour (DST ends by 30 minutes) and
+    /// across its 30-minute one (DST starts): every minute is counted once, each in the
+    /// local hour it fell in, and the split ends.
+    #[test]
+    fn online_minutes_follow_hours_of_any_length() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let tz = jiff::tz::TimeZone::get("Australia/Lord_Howe").unwrap();
+            let ms = |t: &str| t.parse::<jiff::Timestamp>().unwrap().as_millisecond();
+            // 2025-04-06 00:00 +11 to 03:00 +10:30: local hours 00 (60 min), 01 (90), 02 (60).
+            let long = online_minutes(
+                &tz,
+                Some(ms("2025-04-05T13:00:00Z")),
+                ms("2025-04-05T16:30:00Z"),
+            );
+            // 2025-10-05 01:00 +10:30 to 04:00 +11: local hours 01 (60), 02 (30: from 02:30), 03 (60).
+            let short = online_minutes(
+                &tz,
+                Some(ms("2025-10-04T14:30:00Z")),
+                ms("2025-10-04T17:00:00Z"),
+            );
+            let _ = done.send((long, short));
+        });
+        let (long, short) = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("online minutes did not finish");
+        let minutes = |cs: &[Contribution]| -> Vec<f64> {
+            cs.iter()
+                .map(|c| match c.value {
+                    Sample::Num(x) => x,
+                    Sample::Distinct(_) => unreachable!(),
+                })
+                .collect()
+        };
+        assert_eq!(minutes(&long), vec![60.0, 90.0, 60.0]);
+        assert_eq!(minutes(&short), vec![60.0, 30.0, 60.0]);
     }
 
     #[test]
