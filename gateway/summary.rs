@@ -377,7 +377,8 @@ impl<'a> Pending<'a> {
         }
     }
 
-    /// Add contributions of one device.
+    /// Add contributions of one device (the writer adds them one by one or per message).
+    #[cfg(test)]
     pub fn add_all(&mut self, tz: &jiff::tz::TimeZone, device: &'a str, cs: &[Contribution]) {
         for c in cs {
             self.add(tz, device, c);
