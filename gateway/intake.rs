@@ -16,7 +16,7 @@ use crate::buffer::{BufferStats, Write};
 use crate::burst::BurstLimiter;
 use crate::config::{DeviceTable, SharedDevices};
 use crate::model::{
-    now_ms, Accepted, DeviceId, Kind, PublishSink, RejectReason, Rejected, Rejection,
+    now_ms, Accepted, Capture, DeviceId, Kind, PublishSink, RejectReason, Rejected, Rejection,
 };
 
 /// Bytes of a rejected payload kept for branch IT to look at.
@@ -260,8 +260,12 @@ impl IntakeSink {
 }
 
 impl PublishSink for IntakeSink {
-    fn capture(&self, topic: &[u8], payload: &[u8]) -> bool {
-        self.submit(topic, payload)
+    fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture {
+        if self.submit(topic, payload) {
+            Capture::Taken
+        } else {
+            Capture::Closing
+        }
     }
 }
 

@@ -293,9 +293,20 @@ pub struct Presence {
 /// acknowledged to the device. An implementation may block (inside `block_in_place`) when
 /// its queue is full: that holds the device's connection, which is the backpressure.
 pub trait PublishSink: Send + Sync {
-    /// False when the message was not taken (the gateway is stopping): the caller must
-    /// not acknowledge it.
-    fn capture(&self, topic: &[u8], payload: &[u8]) -> bool;
+    /// What became of one device message; see [`Capture`].
+    fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture;
+}
+
+/// What intake did with a device message handed to it by the broker or a serial reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    /// Queued for the writer: accepted or rejected by its profile, it will be committed.
+    Taken,
+    /// Refused before queueing because the device is over its profile's rate limit;
+    /// counted, never stored. MQTT 5 devices get PUBACK reason 0x96 (message rate too high).
+    RateLimited,
+    /// Not taken: the gateway is stopping. The caller must not acknowledge it.
+    Closing,
 }
 
 /// Milliseconds since the Unix epoch from the system clock.

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use super::acl;
 use crate::burst::BurstLimiter;
 use crate::config::SharedDevices;
-use crate::model::{now_ms, DeviceId, Presence, PublishSink};
+use crate::model::{now_ms, Capture, DeviceId, Presence, PublishSink};
 
 /// Denied publishes are rewritten to this topic, which matches no subscription.
 pub const SINK_TOPIC: &str = "gateway-internal/denied";
@@ -454,7 +454,7 @@ impl DeviceProtocol {
             Some(topic) => {
                 // The message is handed to intake here, before rumqttd acknowledges it;
                 // the router then only sees a topic nobody subscribes to and drops it.
-                if !self.shared.sink.capture(&topic, &publish.payload) {
+                if self.shared.sink.capture(&topic, &publish.payload) == Capture::Closing {
                     // Intake closed while this connection waited for room: stopping.
                     return Err(protocol::Error::IncorrectPacketFormat);
                 }
