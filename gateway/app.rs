@@ -32,6 +32,8 @@ pub enum AppError {
     Tls(#[from] crate::upstream::TlsError),
     #[error("{lost} accepted messages could not be committed before the stop (see the buffer errors above)")]
     LostAtStop { lost: u64 },
+    #[error(transparent)]
+    OpenFiles(#[from] crate::service::OpenFilesError),
     #[error("api.listen {listen}: {source}")]
     Api {
         listen: std::net::SocketAddr,
@@ -43,6 +45,8 @@ pub enum AppError {
 #[derive(Debug, Default)]
 pub struct Figures {
     pub intake: Arc<IntakeStats>,
+    /// The broker's refusals by reason since start.
+    pub refusals: Arc<crate::model::ReasonCounts>,
     pub devices_online: Arc<AtomicUsize>,
     pub upstream: Arc<UpstreamStats>,
 }
@@ -103,22 +107,41 @@ pub async fn run(
     );
 
     let (events_tx, events_rx) = mpsc::channel(BROKER_EVENTS);
+    let b = &cfg.broker;
     let settings = BrokerSettings {
-        listen: cfg.broker.listen,
-        max_connections: cfg.broker.max_connections,
-        connect_timeout_ms: cfg.broker.connect_timeout_ms,
-        will_buffer_bytes: 1024 * 1024,
+        listen: b.listen,
+        listen_backlog: b.listen_backlog,
+        max_connections: b.max_connections,
+        max_connections_per_device: b.max_connections_per_device,
+        max_pending_per_address: b.max_pending_per_address,
+        max_sessions_per_device: b.max_sessions_per_device,
+        connect_timeout: Duration::from_millis(b.connect_timeout_ms.into()),
+        packet_timeout: Duration::from_millis(b.packet_timeout_ms),
+        write_timeout: Duration::from_millis(b.write_timeout_ms),
         // Room for the topic and MQTT 5 properties on top of the largest payload.
         max_packet_bytes: loaded.max_payload().max(1024) + 1024,
+        max_subscriptions: b.max_subscriptions,
+        max_filter_bytes: b.max_filter_bytes,
+        max_filters: b.max_filters,
+        max_login_verifications: b.max_login_verifications,
+        login_failure_delay: Duration::from_millis(b.login_failure_delay_ms),
+        login_failure_delay_max: Duration::from_millis(b.login_failure_delay_max_ms),
     };
+    crate::service::ensure_open_files(settings.max_connections)?;
     let sink = Arc::new(IntakeSink::new(
         devices.clone(),
         buffer.sender(),
         buffer_stats.clone(),
         figures.intake.clone(),
     ));
-    let (broker, wills, branch_publisher, router_probe) =
-        Broker::start(settings.clone(), devices.clone(), sink.clone(), events_tx).await?;
+    let (broker, branch_publisher, router_probe) = Broker::start(
+        settings.clone(),
+        devices.clone(),
+        sink.clone(),
+        events_tx,
+        figures.refusals.clone(),
+    )
+    .await?;
 
     let tasks = tokio_util::task::TaskTracker::new();
     let presence = tasks.spawn(record_broker_events(
@@ -128,7 +151,6 @@ pub async fn run(
         figures.clone(),
         shutdown.clone(),
     ));
-    let wills_done = tasks.spawn(wills.run(sink.clone(), shutdown.clone()));
     let (serial_done, _serial_commands) =
         start_serial(&loaded, &db_path, &sink, &buffer, &tasks, &shutdown);
     let forwarder = cfg.upstream.clone().zip(live_rx).map(|(settings, live)| {
@@ -240,7 +262,6 @@ pub async fn run(
     buffer_stats.stopping.store(true, Ordering::Relaxed);
     tracing::info!("shutting down: closing device connections, draining intake");
     broker.close_connections();
-    let _ = stage("last wills", wills_done).await;
     // Serial readers stop on `shutdown`; what they decoded is queued before intake closes.
     let _ = stage("serial readers", serial_done).await;
     sink.close();
@@ -521,8 +542,10 @@ async fn publish_live_summary(
 
 /// Record presence changes and broker denials in the buffer. Presence comes from the
 /// broker's board (which never loses a connect or disconnect); denials from the event
-/// channel (dropped and counted in `events_dropped` only if the writer stalls). At
-/// shutdown, what is pending is written once more and the task ends.
+/// channel (dropped and counted in `events_dropped` only if the writer stalls). Refusals
+/// that concern no configured device are counted under the empty device id. Presence is
+/// logged once per burst per device (connects and disconnects are counted in between).
+/// At shutdown, what is pending is written once more and the task ends.
 async fn record_broker_events(
     board: Arc<crate::broker::Shared>,
     mut events: mpsc::Receiver<BrokerEvent>,
@@ -530,15 +553,21 @@ async fn record_broker_events(
     figures: Arc<Figures>,
     shutdown: CancellationToken,
 ) {
+    let denied = |BrokerEvent::Denied { device, what }| Write::Denied {
+        device: device.unwrap_or_default(),
+        what: what.as_str(),
+        at_ms: crate::model::now_ms(),
+    };
+    // Presence lines: at most one per device per 10 s, with the connects and
+    // disconnects since the last one (bounded by the configured devices).
+    let mut presence_log = crate::burst::BurstLimiter::new(10_000, 4096);
+    let mut unlogged: HashMap<DeviceId, (u64, u64)> = HashMap::new();
     loop {
         let stop = tokio::select! {
             biased;
-            Some(BrokerEvent::Denied { device, what }) = events.recv() => {
-                if let Some(device) = device {
-                    let w = Write::Denied { device, what: what.as_str(), at_ms: crate::model::now_ms() };
-                    if writer.send(w).await.is_err() {
-                        return;
-                    }
+            Some(event) = events.recv() => {
+                if writer.send(denied(event)).await.is_err() {
+                    return;
                 }
                 false
             }
@@ -547,13 +576,25 @@ async fn record_broker_events(
         };
         for change in board.presence.take_changes() {
             if change.connects > 0 || change.disconnects > 0 {
-                tracing::info!(
-                    device = %change.device,
-                    online = change.online,
-                    connects = change.connects,
-                    disconnects = change.disconnects,
-                    "device presence"
-                );
+                let churn = unlogged
+                    .entry(change.device.clone())
+                    .or_insert((0u64, 0u64));
+                churn.0 += u64::from(change.connects);
+                churn.1 += u64::from(change.disconnects);
+                if presence_log
+                    .hit(&change.device, crate::model::now_ms())
+                    .is_some()
+                {
+                    let (connects, disconnects) =
+                        unlogged.remove(&change.device).unwrap_or_default();
+                    tracing::info!(
+                        device = %change.device,
+                        online = change.online,
+                        connects,
+                        disconnects,
+                        "device presence"
+                    );
+                }
             }
             if writer.send(Write::Presence(change)).await.is_err() {
                 return;
@@ -563,17 +604,8 @@ async fn record_broker_events(
             .devices_online
             .store(board.presence.online_count(), Ordering::Relaxed);
         if stop {
-            while let Ok(BrokerEvent::Denied {
-                device: Some(device),
-                what,
-            }) = events.try_recv()
-            {
-                let w = Write::Denied {
-                    device,
-                    what: what.as_str(),
-                    at_ms: crate::model::now_ms(),
-                };
-                if writer.send(w).await.is_err() {
+            while let Ok(event) = events.try_recv() {
+                if writer.send(denied(event)).await.is_err() {
                     return;
                 }
             }

@@ -10,7 +10,8 @@
 //! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages,
 //!   summary contributions.
 //! - [`config`]: the TOML config and the JSON device profiles; strict parsing, then `check()`.
-//! - [`broker`]: the embedded rumqttd broker with per-device auth, topic ACLs and presence.
+//! - [`broker`]: the device port: rumqttd's router behind our own listener, connection
+//!   driver and protocol checks (frames, logins, limits, ACLs, presence).
 //! - [`intake`]: validate each device message against its profile and stamp it.
 //! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit.
 //! - [`serial`]: serial-line devices: open, decode by profile rules, reopen after unplug.

@@ -202,3 +202,54 @@ mod tests {
         );
     }
 }
+
+/// File descriptors kept free beyond the device connections: the HTTP API's connections,
+/// SQLite (writer and readers, each with its WAL and shared memory), serial ports, the
+/// upstream link, listeners and the runtimes' own.
+pub const FD_HEADROOM: u64 = 256;
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "broker.max_connections {max_connections} needs at least {needed} open files, but the limit is {limit} \
+     (raise LimitNOFILE in the systemd unit, or lower broker.max_connections)"
+)]
+pub struct OpenFilesError {
+    pub max_connections: usize,
+    pub needed: u64,
+    pub limit: u64,
+}
+
+/// Raise the soft open-files limit to the hard one, then check that `max_connections`
+/// device connections fit beside [`FD_HEADROOM`]: a gateway out of descriptors locks out
+/// every device and the API, so this is refused at start instead.
+pub fn ensure_open_files(max_connections: usize) -> Result<u64, OpenFilesError> {
+    let needed = max_connections as u64 + FD_HEADROOM;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    let limit = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Ok(0);
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    };
+    if limit < needed {
+        return Err(OpenFilesError {
+            max_connections,
+            needed,
+            limit,
+        });
+    }
+    Ok(limit)
+}

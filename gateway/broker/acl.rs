@@ -1,4 +1,5 @@
-//! Which topics a device may publish to and subscribe to. Pure string rules.
+//! Which topics a device may publish to and subscribe to, and which filters MQTT allows
+//! at all. Pure string rules.
 //!
 //! A device `ID` may publish only under `devices/ID/` and subscribe only to
 //! `devices/ID/commands[/...]` and to the read-only `branch/...` tree.
@@ -30,9 +31,50 @@ pub fn may_subscribe(device: &str, filter: &str) -> bool {
     }
 }
 
+/// Is `filter` a valid MQTT topic filter (3.1.1 §4.7, 5 §4.7)? Not empty, no NUL, `#`
+/// only as the whole last level, `+` only as a whole level.
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        let last = levels.peek().is_none();
+        if level.contains('#') && !(last && level == "#") {
+            return false;
+        }
+        if level.contains('+') && level != "+" {
+            return false;
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_syntax() {
+        for ok in [
+            "a", "a/b", "#", "+", "a/#", "a/+/b", "+/+", "/", "a//b", "branch/#",
+        ] {
+            assert!(valid_filter(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "branch/a#",
+            "a/#/b",
+            "a#",
+            "a+",
+            "a/b+/c",
+            "##",
+            "a/\0",
+            "#/a",
+        ] {
+            assert!(!valid_filter(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn publish_rules() {

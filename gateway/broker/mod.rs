@@ -1,46 +1,117 @@
-//! The embedded MQTT broker devices connect to: rumqttd's router and one listener (MQTT
-//! 3.1.1 and 5) on our runtime, wrapped by [`protocol::DeviceProtocol`] for auth, ACLs and
-//! capture of device publishes.
+//! The embedded MQTT broker devices connect to: rumqttd's router, with the device port,
+//! its connections and their protocol written here.
 //!
-//! Device publishes reach intake through the wrapper ([`PublishSink`]), not through the
-//! router: rumqttd's router keeps a fixed in-memory ring per subscription and lets a slow
-//! in-process subscriber fall behind it, skipping messages it already acknowledged
-//! (measured: 200 devices bursting lost messages after ~25,000). Last wills are published
-//! by the router itself, so an in-process link subscribed to `devices/+/status` (before
-//! the listener accepts anyone) receives them.
+//! rumqttd 0.20's own listener and connection driver (`Server`, `RemoteLink`) are not used:
+//! they abort the process on packets a client should never send, leak router state and
+//! poison a client id for good when a connection drops before its CONNACK, have no limit
+//! per device or address and spin when accept fails. Device bytes go through
+//! [`frame`] (a first look, before rumqttd's codec), the codec, then [`session`]; the
+//! router is reached through in-process links and sees only subscriptions and what it
+//! delivers to devices. Device publishes go to intake ([`PublishSink`]) and are
+//! acknowledged by the session; last wills are handed to intake the same way.
+//!
+//! # Layout
+//! `listener` (accept, places) -> `connection` (socket, deadlines, router link) ->
+//! {`session` (packets after login), `auth` (logins) -> `throttle`, `registry` (open
+//! connections, takeover, router ids)} -> {`frame`, `encode`, `acl`} (pure); `shared`
+//! holds what they share, `presence` who is online.
 
-pub mod acl;
-pub mod protocol;
+mod acl;
+mod auth;
+mod connection;
+mod encode;
+pub mod frame;
+mod listener;
+mod presence;
+mod registry;
+mod session;
+mod shared;
+mod throttle;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::{ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Notification, RouterConfig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SharedDevices;
-pub use protocol::{BrokerEvent, BrokerStats, Denial, PresenceBoard, Shared};
+use crate::model::{PublishSink, ReasonCounts};
+pub use presence::PresenceBoard;
+pub use shared::{BrokerEvent, BrokerStats, Denial, Shared};
 
-use crate::model::PublishSink;
+/// A router link: what the router gives a registered connection.
+pub(crate) type Link = (LinkTx, LinkRx, Notification);
 
-/// The filter the in-process link subscribes to: last wills (`offline`) published by the
-/// router when a device drops off.
-pub const WILL_FILTER: &str = "devices/+/status";
+/// A registration for the registrar thread: the client id, and where to answer.
+type Registration = (String, tokio::sync::oneshot::Sender<Result<Link, String>>);
 
+/// Registers connections with the router (always as clean sessions: see `registry`), one
+/// at a time, on a thread of its own: rumqttd's registration waits for the router's
+/// answer with a blocking receive, which must not hold the connections' runtime. The
+/// router's channel type is private to rumqttd, so it lives inside the thread.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    requests: std::sync::mpsc::SyncSender<Registration>,
+}
+
+/// Registrations that may wait for the registrar at once (beyond it: "server busy").
+const REGISTRATIONS_QUEUED: usize = 256;
+
+impl Connector {
+    fn start(
+        register: impl Fn(&str) -> Result<Link, String> + Send + 'static,
+    ) -> std::io::Result<Connector> {
+        let (requests, queue) = std::sync::mpsc::sync_channel::<Registration>(REGISTRATIONS_QUEUED);
+        std::thread::Builder::new()
+            .name("router-links".into())
+            .spawn(move || {
+                for (id, reply) in queue {
+                    let _ = reply.send(register(&id));
+                }
+            })?;
+        Ok(Connector { requests })
+    }
+
+    /// Register `id` with the router.
+    pub(crate) async fn register(&self, id: &str, limit: Duration) -> Result<Link, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.requests
+            .try_send((id.to_owned(), reply))
+            .map_err(|_| "too many connections registering at once".to_owned())?;
+        match tokio::time::timeout(limit, answer).await {
+            Ok(Ok(link)) => link,
+            Ok(Err(_)) => Err("the router registrar stopped".to_owned()),
+            Err(_) => Err(format!(
+                "no answer from the router within {} s",
+                limit.as_secs()
+            )),
+        }
+    }
+}
+
+/// The broker's limits; every field is a `[broker]` key (see the README's table).
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
     pub listen: SocketAddr,
+    pub listen_backlog: u32,
     pub max_connections: usize,
-    pub connect_timeout_ms: u16,
-    /// Memory for the wills subscription in the router, in bytes.
-    pub will_buffer_bytes: usize,
+    pub max_connections_per_device: usize,
+    pub max_pending_per_address: usize,
+    pub max_sessions_per_device: usize,
+    pub connect_timeout: Duration,
+    pub packet_timeout: Duration,
+    pub write_timeout: Duration,
     /// Largest MQTT packet accepted from a device (payload plus topic and header).
     pub max_packet_bytes: usize,
+    pub max_subscriptions: usize,
+    pub max_filter_bytes: usize,
+    pub max_filters: usize,
+    pub max_login_verifications: usize,
+    pub login_failure_delay: Duration,
+    pub login_failure_delay_max: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,15 +136,16 @@ pub enum BrokerError {
 /// took no longer (4.5-4.8 s against 4.9-5.0 s).
 pub const CONNECTION_WAIT_THREADS: usize = 16;
 
-/// A running embedded broker. rumqttd has no shutdown: [`Broker::close_connections`]
-/// stops acknowledging devices and the process exits afterwards.
+/// A running embedded broker. rumqttd's router has no shutdown:
+/// [`Broker::close_connections`] stops acknowledging devices and the process exits
+/// afterwards.
 ///
 /// Device connections run on the broker's own runtime: a connection held while SQLite
 /// catches up blocks a thread, and when all of the runtime's threads are held only device
 /// traffic waits; the gateway's own tasks (forwarder, API, shutdown, watchdog) keep running.
 pub struct Broker {
     shared: Arc<Shared>,
-    accept: tokio::task::JoinHandle<()>,
+    stop_accepting: CancellationToken,
     connections: Option<tokio::runtime::Runtime>,
 }
 
@@ -81,17 +153,11 @@ impl Drop for Broker {
     /// Dropped inside the gateway's runtime: the broker's runtime must not wait for its
     /// threads there (a held connection returns when intake closes; the process exits).
     fn drop(&mut self) {
+        self.stop_accepting.cancel();
         if let Some(runtime) = self.connections.take() {
             runtime.shutdown_background();
         }
     }
-}
-
-/// The in-process subscription to `devices/+/status` that carries last wills.
-pub struct WillLink {
-    /// Kept so the router keeps the subscription.
-    _tx: LinkTx,
-    rx: LinkRx,
 }
 
 /// Publishes the gateway's own messages for in-branch clients under `branch/` (screens
@@ -178,131 +244,65 @@ impl RouterProbe {
     }
 }
 
-/// After shutdown is requested, keep draining wills until the link is quiet this long...
-const DRAIN_QUIET: Duration = Duration::from_millis(300);
-/// ... but never longer than this.
-const DRAIN_MAX: Duration = Duration::from_secs(5);
-
-impl WillLink {
-    /// Hand every last will the router publishes to `sink` until `shutdown`, then drain
-    /// what the router already published.
-    pub async fn run(mut self, sink: Arc<dyn PublishSink>, shutdown: CancellationToken) {
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                n = self.rx.next() => if !self.handle(&*sink, n).await { return },
-            }
-        }
-        let deadline = tokio::time::Instant::now() + DRAIN_MAX;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(DRAIN_QUIET) => break,
-                _ = tokio::time::sleep_until(deadline) => break,
-                n = self.rx.next() => if !self.handle(&*sink, n).await { break },
-            }
-        }
-    }
-
-    /// Returns false when the link is gone.
-    async fn handle(
-        &mut self,
-        sink: &dyn PublishSink,
-        n: Result<Option<rumqttd::Notification>, rumqttd::local::LinkError>,
-    ) -> bool {
-        match n {
-            Ok(Some(rumqttd::Notification::Forward(f))) => {
-                sink.capture(&f.publish.topic, &f.publish.payload);
-                true
-            }
-            // The router paused this link; it must be re-armed or delivery stops.
-            Ok(Some(rumqttd::Notification::Unschedule)) => self.rx.wake().await.is_ok(),
-            Ok(_) => true,
-            Err(e) => {
-                tracing::error!(error = %e, "broker link for last wills closed");
-                false
-            }
-        }
-    }
-}
-
 impl Broker {
-    /// Start the router, subscribe intake, then start the listener and wait until it
-    /// accepts TCP connections.
+    /// Start the router and the in-process links, then listen for devices.
     pub async fn start(
         settings: BrokerSettings,
         devices: SharedDevices,
         sink: Arc<dyn PublishSink>,
         events: mpsc::Sender<BrokerEvent>,
-    ) -> Result<(Broker, WillLink, BranchPublisher, RouterProbe), BrokerError> {
-        // Fail early and clearly if the address is taken (rumqttd would only log it).
-        std::net::TcpListener::bind(settings.listen).map_err(|source| BrokerError::Bind {
+        refusals: Arc<ReasonCounts>,
+    ) -> Result<(Broker, BranchPublisher, RouterProbe), BrokerError> {
+        let bind_error = |source| BrokerError::Bind {
             addr: settings.listen,
             source,
-        })?;
-
-        let segment = |total: usize, count: usize| rumqttd::SegmentConfig {
-            max_segment_size: (total / count).max(64 * 1024),
-            max_segment_count: count,
         };
-        let mut custom = HashMap::new();
-        custom.insert(
-            WILL_FILTER.to_owned(),
-            segment(settings.will_buffer_bytes, 4),
-        );
+        let listener =
+            listener::bind(settings.listen, settings.listen_backlog).map_err(bind_error)?;
         let router = RouterConfig {
-            max_connections: settings.max_connections + 8,
+            // Device connections (at most `max_connections`, briefly more during a
+            // takeover the old connection is slow to leave) and the gateway's links.
+            max_connections: settings.max_connections + 64,
             max_outgoing_packet_count: 1024,
-            // Every filter (wills, a device's commands, `branch/#`) carries little traffic.
+            // Every filter (a device's commands, `branch/#`) carries little traffic.
             max_segment_size: 256 * 1024,
             max_segment_count: 2,
-            custom_segment: Some(custom),
+            // Unset: with custom segments rumqttd 0.20 matches filters through a
+            // byte slice that panics on a filter starting with a non-ASCII character.
+            custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         };
         let router_tx = rumqttd::Router::new(0, router).spawn();
-
-        let (mut tx, rx, _ack) =
-            rumqttd::local::LinkBuilder::new("gateway-intake", router_tx.clone())
+        let link = |id: &str| {
+            rumqttd::local::LinkBuilder::new(id, router_tx.clone())
                 .clean_session(true)
                 .build()
-                .map_err(|e| BrokerError::Link(e.to_string()))?;
-        tx.subscribe(WILL_FILTER)
-            .map_err(|e| BrokerError::Link(e.to_string()))?;
-
-        let (branch_tx, branch_rx, _) =
-            rumqttd::local::LinkBuilder::new("gateway-branch", router_tx.clone())
-                .clean_session(true)
-                .build()
-                .map_err(|e| BrokerError::Link(e.to_string()))?;
-        let (mut probe_tx, probe_rx, _) =
-            rumqttd::local::LinkBuilder::new("gateway-probe", router_tx.clone())
-                .clean_session(true)
-                .build()
-                .map_err(|e| BrokerError::Link(e.to_string()))?;
+                .map_err(|e| BrokerError::Link(e.to_string()))
+        };
+        let (branch_tx, branch_rx, _) = link("gateway-branch")?;
+        let (mut probe_tx, probe_rx, _) = link("gateway-probe")?;
         probe_tx
             .subscribe(PROBE_TOPIC)
             .map_err(|e| BrokerError::Link(e.to_string()))?;
-        let shared = Arc::new(Shared::new(devices, sink, events));
-        let server_settings = ServerSettings {
-            name: "devices".to_owned(),
-            listen: settings.listen,
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections: ConnectionSettings {
-                connection_timeout_ms: settings.connect_timeout_ms,
-                max_payload_size: settings.max_packet_bytes,
-                max_inflight_count: 100,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: false,
-            },
-        };
-        let mut server = rumqttd::Server::new(
-            server_settings,
-            router_tx.clone(),
-            protocol::DeviceProtocol::new(shared.clone()),
-        );
+        let connector = Connector::start(move |id: &str| {
+            rumqttd::local::LinkBuilder::new(id, router_tx.clone())
+                .clean_session(true)
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| BrokerError::Link(e.to_string()))?;
+        // Password checks block for tens of milliseconds: they run on the gateway's
+        // runtime, so connections held by a full writer queue never delay them.
+        let helpers = tokio::runtime::Handle::current();
+        let shared = Arc::new(Shared::new(
+            settings.clone(),
+            devices,
+            sink,
+            events,
+            refusals,
+            helpers,
+        ));
         let connections = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name("devices")
@@ -312,41 +312,20 @@ impl Broker {
                 addr: settings.listen,
                 message: format!("cannot start the connections' runtime: {e}"),
             })?;
-        let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel();
-        let accept = connections.spawn(async move {
-            if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-                let _ = failed_tx.send(e.to_string());
+        let stop_accepting = CancellationToken::new();
+        let (stop, accept_shared) = (stop_accepting.clone(), shared.clone());
+        let addr = settings.listen;
+        connections.spawn(async move {
+            if let Err(e) = listener::run(listener, accept_shared, connector, stop).await {
+                tracing::error!(listen = %addr, error = %e, "device listener stopped");
             }
         });
-        // Owned from here on, so an early return stops the runtime without waiting.
-        let broker = Broker {
-            shared,
-            accept,
-            connections: Some(connections),
-        };
-        let probe = probe_addr(settings.listen);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Ok(message) = failed_rx.try_recv() {
-                return Err(BrokerError::Listener {
-                    addr: settings.listen,
-                    message,
-                });
-            }
-            if tokio::net::TcpStream::connect(probe).await.is_ok() {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(BrokerError::Listener {
-                    addr: settings.listen,
-                    message: "not accepting connections after 5 s".into(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         Ok((
-            broker,
-            WillLink { _tx: tx, rx },
+            Broker {
+                shared,
+                stop_accepting,
+                connections: Some(connections),
+            },
             BranchPublisher {
                 tx: branch_tx,
                 _rx: branch_rx,
@@ -363,11 +342,14 @@ impl Broker {
         &self.shared
     }
 
-    /// Stop accepting connections and close every open one at its next packet, so no
-    /// device gets another acknowledgement from this process.
+    /// Stop accepting connections and close every open one, so no device gets another
+    /// acknowledgement from this process.
     pub fn close_connections(&self) {
-        self.accept.abort();
-        self.shared.closing.store(true, Ordering::SeqCst);
+        self.stop_accepting.cancel();
+        self.shared.closing.cancel();
+        self.shared
+            .registry
+            .close_all(registry::CloseReason::Shutdown);
     }
 }
 

@@ -1492,6 +1492,14 @@ fn apply_devices(
              value = value + excluded.value, last_ms = MAX(last_ms, excluded.last_ms)",
     )?;
     for (id, d) in devices {
+        // The empty id holds refusals that concern no configured device (unknown user
+        // names, connection limits): counters only, never a device row.
+        if id.is_empty() {
+            for (name, (n, at)) in &d.counters {
+                counter.execute(params![id, name, n, at])?;
+            }
+            continue;
+        }
         ensure.execute(params![id])?;
         if let Some(ms) = d.last_seen_ms {
             seen.execute(params![id, ms])?;

@@ -5,6 +5,7 @@
 //! every problem with the key it concerns. [`load`] does both and loads every profile the
 //! devices use, so `check-config` and `run` accept exactly the same files.
 
+mod broker;
 pub mod profile;
 pub mod serial_spec;
 
@@ -17,6 +18,7 @@ use std::sync::{Arc, RwLock};
 use serde::Deserialize;
 
 use crate::model::DeviceId;
+pub use broker::BrokerSection;
 pub use profile::Profile;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,18 +196,6 @@ impl GatewaySection {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BrokerSection {
-    /// One listener for MQTT 3.1.1 and MQTT 5 (the protocol level of each CONNECT decides).
-    pub listen: SocketAddr,
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// How long a new TCP connection may take to send its CONNECT.
-    #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u16,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StorageSection {
     /// How many rejected messages to keep for branch IT to inspect (oldest go first).
     #[serde(default = "default_rejected_keep")]
@@ -332,12 +322,6 @@ fn default_profiles_dir() -> PathBuf {
 fn default_log_level() -> String {
     "info".to_owned()
 }
-fn default_max_connections() -> usize {
-    1024
-}
-fn default_connect_timeout_ms() -> u16 {
-    5000
-}
 fn default_rejected_keep() -> u64 {
     10_000
 }
@@ -435,17 +419,8 @@ impl Config {
                 "must be 1-64 characters of A-Z a-z 0-9 - _ .".into(),
             );
         }
-        if !(1..=10_000).contains(&self.broker.max_connections) {
-            push(
-                "broker.max_connections".into(),
-                "must be between 1 and 10000".into(),
-            );
-        }
-        if self.broker.connect_timeout_ms < 100 {
-            push(
-                "broker.connect_timeout_ms".into(),
-                "must be at least 100".into(),
-            );
+        for (key, message) in self.broker.check() {
+            push(format!("broker.{key}"), message);
         }
         if !(16..=1_000_000).contains(&self.storage.queue_capacity) {
             push(
@@ -591,6 +566,9 @@ impl Config {
     }
 }
 
+/// Largest argon2 memory cost accepted in a device's hash, in KiB (64 MiB).
+pub const MAX_ARGON2_KIB: u32 = 65_536;
+
 /// A device secret as configured: compared in constant time, or verified against argon2.
 #[derive(Clone)]
 pub enum Password {
@@ -620,6 +598,14 @@ impl Password {
                 .map_err(|e| format!("looks like an argon2 hash but does not parse: {e}"))?;
             if hash.salt.is_none() || hash.hash.is_none() {
                 return Err("looks like an argon2 hash but has no salt or hash part".into());
+            }
+            // Each check takes `m` KiB while it runs: bound what one login may cost.
+            let params = argon2::Params::try_from(&hash)
+                .map_err(|e| format!("argon2 parameters do not parse: {e}"))?;
+            if params.m_cost() > MAX_ARGON2_KIB || params.t_cost() > 16 || params.p_cost() > 8 {
+                return Err(format!(
+                    "argon2 cost is too high for a branch PC: at most m={MAX_ARGON2_KIB} KiB, t=16, p=8 (hash-password makes m=19456, t=2, p=1)"
+                ));
             }
             return Ok(Password::Argon2(s.to_owned()));
         }

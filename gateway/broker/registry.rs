@@ -1,0 +1,404 @@
+//! The device connections that are open now: per-device limits, session takeover,
+//! persistent sessions, and the client ids the router sees.
+//!
+//! rumqttd's router keeps state per client id for the life of the process (metrics for
+//! every clean session, the whole session for a persistent one), and its persistent
+//! sessions mishandle shared subscriptions and unsubscribes. So the router only ever sees
+//! clean sessions under ids from a bounded set: a device's connection is `dev:ID:cN`, N
+//! its slot among the device's open connections (at most `max_per_device`). Device ids
+//! contain no `:`, so no id can reach another device's (or the gateway's own links').
+//!
+//! A persistent session (clean session 0) is kept here: its subscriptions, restored when
+//! the same client id connects again (MQTT's "session present"), for as long as the
+//! process runs; messages published while the device is away are not queued for it. A
+//! device may have at most `max_sessions` of them.
+//!
+//! MQTT's takeover rule (a CONNECT with the client id of an open connection closes that
+//! connection) is applied here per device: the new connection waits for the old one to
+//! finish, so the router sees the old disconnect before the new connect; if the old one
+//! does not finish in time, the new one is refused ("server unavailable") and retries.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rumqttd::protocol::Filter;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::DeviceId;
+
+/// Why the gateway closes a connection from outside its own loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum CloseReason {
+    /// The gateway is stopping (MQTT 5 DISCONNECT 0x8B).
+    Shutdown = 1,
+    /// A new connection took over this client id (0x8E).
+    TakenOver = 2,
+    /// A reload removed or changed the device (0x87 not authorized).
+    Revoked = 3,
+}
+
+/// How a connection is told to close, and how it says it has finished.
+#[derive(Debug, Default)]
+pub(crate) struct Control {
+    close: CancellationToken,
+    reason: AtomicU8,
+    finished: CancellationToken,
+}
+
+impl Control {
+    pub fn close(&self, reason: CloseReason) {
+        let _ = self
+            .reason
+            .compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
+        self.close.cancel();
+    }
+
+    /// Resolves when [`Control::close`] was called; returns the first reason given.
+    pub async fn closed(&self) -> CloseReason {
+        self.close.cancelled().await;
+        match self.reason.load(Ordering::SeqCst) {
+            2 => CloseReason::TakenOver,
+            3 => CloseReason::Revoked,
+            _ => CloseReason::Shutdown,
+        }
+    }
+}
+
+/// Why a connection may not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The device has `max_per_device` connections open.
+    TooManyConnections,
+    /// A new persistent client id past `max_sessions` for the device.
+    TooManySessions,
+    /// Empty client id with a persistent session, or one too long or with characters
+    /// the router refuses.
+    ClientId,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_per_device: usize,
+    pub max_sessions: usize,
+}
+
+struct Open {
+    id: u64,
+    client_id: String,
+    slot: usize,
+    control: Arc<Control>,
+    /// Taken over and closing: its slot stays taken until its ticket drops (the router
+    /// still knows it), but it no longer counts against the limit.
+    leaving: bool,
+}
+
+#[derive(Default)]
+struct DeviceConnections {
+    open: Vec<Open>,
+    /// Persistent sessions: client id and its subscriptions.
+    sessions: Vec<(String, Vec<Filter>)>,
+}
+
+/// Longest client id accepted (MQTT requires servers to accept 23 characters).
+pub(crate) const MAX_CLIENT_ID: usize = 128;
+
+/// A new connection's place.
+pub(crate) struct Opened {
+    pub ticket: Ticket,
+    /// The connection it takes over, told to close.
+    pub previous: Option<Arc<Control>>,
+    /// The subscriptions of the persistent session it resumes.
+    pub restored: Option<Vec<Filter>>,
+}
+
+pub(crate) struct Registry {
+    limits: Limits,
+    next: AtomicU64,
+    devices: Mutex<HashMap<DeviceId, DeviceConnections>>,
+}
+
+/// An open connection's place in the registry; dropping it frees the place and tells a
+/// waiting takeover that this connection has finished.
+pub(crate) struct Ticket {
+    registry: Arc<Registry>,
+    device: DeviceId,
+    id: u64,
+    /// The client id, when the session is persistent.
+    persistent: Option<String>,
+    pub router_id: String,
+    pub control: Arc<Control>,
+}
+
+impl Ticket {
+    /// Keep a persistent session's subscriptions for its next connection.
+    pub fn save_session(&self, filters: Vec<Filter>) {
+        let Some(client_id) = &self.persistent else {
+            return;
+        };
+        let mut devices = self.registry.lock();
+        if let Some(d) = devices.get_mut(&self.device) {
+            if let Some(s) = d.sessions.iter_mut().find(|(c, _)| c == client_id) {
+                s.1 = filters;
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut devices = self.registry.lock();
+        if let Some(d) = devices.get_mut(&self.device) {
+            d.open.retain(|o| o.id != self.id);
+            if d.open.is_empty() && d.sessions.is_empty() {
+                devices.remove(&self.device);
+            }
+        }
+        drop(devices);
+        self.control.finished.cancel();
+    }
+}
+
+impl Registry {
+    pub fn new(limits: Limits) -> Arc<Registry> {
+        Arc::new(Registry {
+            limits,
+            next: AtomicU64::new(1),
+            devices: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, DeviceConnections>> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take a place for a new connection of `device`. A connection open with the same
+    /// client id is told to close, and its [`Control`] returned so the caller can wait
+    /// for it to finish. For a persistent session that existed, its subscriptions are
+    /// returned too (MQTT's "session present"); a clean session discards a stored one.
+    pub fn open(
+        self: &Arc<Self>,
+        device: &str,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<Opened, Refused> {
+        if client_id.len() > MAX_CLIENT_ID
+            || client_id.contains(['+', '#', '/', '$', '\0'])
+            || (!clean && client_id.is_empty())
+        {
+            return Err(Refused::ClientId);
+        }
+        let mut devices = self.lock();
+        let d = devices.entry(device.to_owned()).or_default();
+        let previous = if client_id.is_empty() {
+            None
+        } else {
+            d.open
+                .iter()
+                .position(|o| !o.leaving && o.client_id == client_id)
+        };
+        let staying = d.open.iter().filter(|o| !o.leaving).count();
+        if previous.is_none() && staying >= self.limits.max_per_device {
+            return Err(Refused::TooManyConnections);
+        }
+        let stored = d.sessions.iter().position(|(c, _)| c == client_id);
+        let restored = match (clean, stored) {
+            (true, Some(i)) => {
+                d.sessions.remove(i);
+                None
+            }
+            (true, None) => None,
+            (false, Some(i)) => Some(d.sessions[i].1.clone()),
+            (false, None) => {
+                if d.sessions.len() >= self.limits.max_sessions {
+                    return Err(Refused::TooManySessions);
+                }
+                d.sessions.push((client_id.to_owned(), Vec::new()));
+                None
+            }
+        };
+        let previous = previous.map(|i| {
+            d.open[i].leaving = true;
+            d.open[i].control.clone()
+        });
+        let slot = (0..)
+            .find(|s| !d.open.iter().any(|o| o.slot == *s))
+            .unwrap_or(0);
+        let control = Arc::new(Control::default());
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        d.open.push(Open {
+            id,
+            client_id: client_id.to_owned(),
+            slot,
+            control: control.clone(),
+            leaving: false,
+        });
+        drop(devices);
+        if let Some(p) = &previous {
+            p.close(CloseReason::TakenOver);
+        }
+        Ok(Opened {
+            ticket: Ticket {
+                registry: self.clone(),
+                device: device.to_owned(),
+                id,
+                persistent: (!clean).then(|| client_id.to_owned()),
+                router_id: format!("dev:{device}:c{slot}"),
+                control,
+            },
+            previous,
+            restored,
+        })
+    }
+
+    /// Close every open connection of these devices.
+    pub fn close_devices(&self, devices: &[DeviceId], reason: CloseReason) {
+        let all = self.lock();
+        for d in devices {
+            if let Some(c) = all.get(d) {
+                for o in &c.open {
+                    o.control.close(reason);
+                }
+            }
+        }
+    }
+
+    /// Close every open connection.
+    pub fn close_all(&self, reason: CloseReason) {
+        for c in self.lock().values() {
+            for o in &c.open {
+                o.control.close(reason);
+            }
+        }
+    }
+
+    /// Whether `device` has a connection open with `client_id`.
+    pub fn is_open(&self, device: &str, client_id: &str) -> bool {
+        self.lock().get(device).is_some_and(|d| {
+            d.open
+                .iter()
+                .any(|o| !o.leaving && o.client_id == client_id)
+        })
+    }
+
+    /// Open connections of `device`.
+    #[cfg(test)]
+    pub fn count(&self, device: &str) -> usize {
+        self.lock().get(device).map_or(0, |d| d.open.len())
+    }
+}
+
+/// Wait until a taken-over connection has finished, at most `limit`.
+pub(crate) async fn finished(control: &Control, limit: std::time::Duration) -> bool {
+    tokio::time::timeout(limit, control.finished.cancelled())
+        .await
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::{QoS, RetainForwardRule};
+
+    fn registry() -> Arc<Registry> {
+        Registry::new(Limits {
+            max_per_device: 2,
+            max_sessions: 2,
+        })
+    }
+
+    fn open(r: &Arc<Registry>, device: &str, client: &str, clean: bool) -> Result<Opened, Refused> {
+        r.open(device, client, clean)
+    }
+
+    #[test]
+    fn connections_get_the_lowest_free_slot_and_a_bounded_count() {
+        let r = registry();
+        let a = open(&r, "k1", "a", true).unwrap().ticket;
+        let b = open(&r, "k1", "b", false).unwrap().ticket;
+        assert_eq!(
+            (a.router_id.as_str(), b.router_id.as_str()),
+            ("dev:k1:c0", "dev:k1:c1")
+        );
+        assert_eq!(
+            open(&r, "k1", "c", true).err(),
+            Some(Refused::TooManyConnections)
+        );
+        // Another device has its own count.
+        assert!(open(&r, "k2", "c", true).is_ok());
+        drop(a);
+        let c = open(&r, "k1", "c", true).unwrap().ticket;
+        assert_eq!(c.router_id, "dev:k1:c0");
+        drop((b, c));
+        assert_eq!(r.count("k1"), 0);
+    }
+
+    #[tokio::test]
+    async fn the_same_client_id_takes_over_and_its_slot_waits_for_the_old_one() {
+        let r = registry();
+        let a = open(&r, "k1", "x", true).unwrap().ticket;
+        let _b = open(&r, "k1", "y", true).unwrap().ticket;
+        // At the limit, a takeover still gets in: it replaces the old connection.
+        let c = open(&r, "k1", "x", true).unwrap();
+        let previous = c.previous.expect("takeover");
+        assert_eq!(a.control.closed().await, CloseReason::TakenOver);
+        assert!(!finished(&previous, std::time::Duration::from_millis(10)).await);
+        // The old connection's slot is still the router's: the new one has another.
+        assert_eq!(c.ticket.router_id, "dev:k1:c2");
+        assert!(!r.is_open("k1", "z"));
+        assert!(r.is_open("k1", "x"));
+        drop(a);
+        assert!(finished(&previous, std::time::Duration::from_millis(10)).await);
+        assert_eq!(r.count("k1"), 2);
+    }
+
+    fn filter(path: &str) -> Filter {
+        Filter {
+            path: path.into(),
+            qos: QoS::AtLeastOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+        }
+    }
+
+    #[test]
+    fn persistent_sessions_keep_subscriptions_and_are_bounded_per_device() {
+        let r = registry();
+        let a = open(&r, "k1", "s1", false).unwrap();
+        assert!(a.restored.is_none(), "a new session");
+        a.ticket.save_session(vec![filter("branch/#")]);
+        drop(a);
+        let again = open(&r, "k1", "s1", false).unwrap();
+        assert_eq!(again.restored, Some(vec![filter("branch/#")]));
+        drop(again);
+        let _b = open(&r, "k1", "s2", false).unwrap();
+        assert_eq!(
+            open(&r, "k1", "s3", false).err(),
+            Some(Refused::TooManySessions)
+        );
+        // A clean session with the same client id discards the stored one.
+        drop(open(&r, "k1", "s1", true).unwrap());
+        assert!(open(&r, "k1", "s1", false).unwrap().restored.is_none());
+        assert_eq!(open(&r, "k1", "", false).err(), Some(Refused::ClientId));
+        assert_eq!(open(&r, "k1", "a/b", true).err(), Some(Refused::ClientId));
+        assert_eq!(
+            open(&r, "k1", &"x".repeat(129), true).err(),
+            Some(Refused::ClientId)
+        );
+    }
+
+    #[tokio::test]
+    async fn close_devices_and_close_all() {
+        let r = registry();
+        let a = open(&r, "k1", "a", true).unwrap().ticket;
+        let b = open(&r, "k2", "b", true).unwrap().ticket;
+        r.close_devices(&["k1".to_owned()], CloseReason::Revoked);
+        assert_eq!(a.control.closed().await, CloseReason::Revoked);
+        r.close_all(CloseReason::Shutdown);
+        assert_eq!(b.control.closed().await, CloseReason::Shutdown);
+        // The first reason stays.
+        assert_eq!(a.control.closed().await, CloseReason::Revoked);
+    }
+}

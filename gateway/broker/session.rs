@@ -1,0 +1,841 @@
+//! One device connection's protocol state once it is logged in: what each packet from
+//! the device or the router becomes. No I/O: replies are appended to a write buffer,
+//! packets for the router are returned, and everything the gateway decides (capture,
+//! refusals, the router's filters) goes through [`Env`].
+//!
+//! The device's own publishes never reach rumqttd's router: they go to intake
+//! ([`Env::capture`]) and are acknowledged here, in the order they arrived (PUBACK;
+//! PUBREC, then PUBCOMP on PUBREL, storing a QoS 2 message once however often it is resent
+//! before its PUBREL). The router sees only what it routes to the device: SUBSCRIBE and
+//! UNSUBSCRIBE (each filter checked first, every UNSUBACK written here), and the device's
+//! acknowledgements of what it delivered, passed on only when they are the ones the
+//! router waits for, in its order (it drops a connection over any other, and a link it
+//! dropped must never be woken again: rumqttd 0.20 panics on that).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use rumqttd::protocol::Filter;
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::{
+    self, v4::V4, v5::V5, DisconnectReasonCode, Packet, Protocol, SubscribeReasonCode,
+};
+
+use super::acl;
+use super::encode::{self, code, AckKind};
+use super::frame::PublishMeta;
+use super::shared::Denial;
+use crate::model::Capture;
+
+/// Denied subscriptions are rewritten to this filter, which no publish matches.
+pub(crate) const SINK_FILTER: &str = "gateway-internal/denied-subscription";
+
+/// Longest topic name a device may publish to (the device contract's topics are short;
+/// a longer one is refused, and never kept as a topic alias).
+pub(crate) const MAX_TOPIC_BYTES: usize = 256;
+
+/// SUBSCRIBEs passed to the router and not yet answered, per connection.
+const MAX_PENDING_SUBACKS: usize = 64;
+/// Deliveries awaiting the device's acknowledgement (rumqttd's window is smaller).
+const MAX_UNACKED_DELIVERIES: usize = 1024;
+/// The packet id of the SUBSCRIBE that restores a persistent session's filters (a
+/// device's packet ids are never 0); its SUBACK is not sent to the device.
+const RESTORE_PKID: u16 = 0;
+
+/// The limits of one connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionLimits {
+    pub max_subscriptions: usize,
+    pub max_filter_bytes: usize,
+    /// QoS 2 messages awaiting PUBREL (MQTT 5: the Receive Maximum announced).
+    pub receive_maximum: u16,
+    pub topic_alias_maximum: u16,
+}
+
+/// What the session needs from the gateway.
+pub(crate) trait Env {
+    fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture;
+    fn deny(&self, device: &str, what: Denial, detail: &str);
+    fn admit_filter(&self, filter: &str) -> bool;
+}
+
+/// The connection must close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Closing {
+    /// The MQTT 5 DISCONNECT reason to send first; `None` for none.
+    pub reason: Option<u8>,
+    /// The refusal to count, if the device broke a rule.
+    pub denial: Option<(Denial, &'static str)>,
+    /// Whether the device's last will is published.
+    pub will: bool,
+}
+
+impl Closing {
+    pub fn violation(reason: u8, denial: Denial, detail: &'static str) -> Closing {
+        Closing {
+            reason: Some(reason),
+            denial: Some((denial, detail)),
+            will: true,
+        }
+    }
+
+    /// The gateway is stopping: no acknowledgement, no will.
+    pub fn shutdown() -> Closing {
+        Closing {
+            reason: Some(code::SHUTTING_DOWN),
+            denial: None,
+            will: false,
+        }
+    }
+}
+
+pub(crate) struct Session {
+    device: String,
+    v5: bool,
+    limits: SessionLimits,
+    /// Topic aliases the device set (MQTT 5): the topic, or `None` when it is refused.
+    aliases: HashMap<u16, Option<Bytes>>,
+    subscriptions: HashMap<String, Filter>,
+    /// Packet ids of QoS 1 and 2 deliveries awaiting PUBACK or PUBREC, oldest first.
+    delivered: VecDeque<u16>,
+    /// Packet ids of QoS 2 deliveries awaiting PUBCOMP, oldest first.
+    releasing: VecDeque<u16>,
+    /// SUBSCRIBE packet id -> the codes decided here (`None`: the router's).
+    pending_subacks: VecDeque<(u16, Vec<Option<u8>>)>,
+    /// QoS 2 packet ids stored and awaiting PUBREL.
+    awaiting_release: HashSet<u16>,
+}
+
+impl Session {
+    pub fn new(device: &str, v5: bool, limits: SessionLimits) -> Session {
+        Session {
+            device: device.to_owned(),
+            v5,
+            limits,
+            aliases: HashMap::new(),
+            subscriptions: HashMap::new(),
+            delivered: VecDeque::new(),
+            releasing: VecDeque::new(),
+            pending_subacks: VecDeque::new(),
+            awaiting_release: HashSet::new(),
+        }
+    }
+
+    /// Resume a persistent session: its filters, as a SUBSCRIBE for the router (its SUBACK
+    /// is kept from the device).
+    pub fn restore(&mut self, filters: Vec<Filter>) -> Option<Packet> {
+        if filters.is_empty() {
+            return None;
+        }
+        for f in &filters {
+            self.subscriptions.insert(f.path.clone(), f.clone());
+        }
+        self.pending_subacks
+            .push_back((RESTORE_PKID, vec![None; filters.len()]));
+        Some(Packet::Subscribe(
+            protocol::Subscribe {
+                pkid: RESTORE_PKID,
+                filters,
+            },
+            None,
+        ))
+    }
+
+    /// The filters a persistent session keeps for its next connection.
+    pub fn filters(&self) -> Vec<Filter> {
+        self.subscriptions.values().cloned().collect()
+    }
+
+    /// A packet from the device. Replies go to `out`; a packet for the router is returned.
+    pub fn on_device(
+        &mut self,
+        env: &dyn Env,
+        packet: Packet,
+        meta: Option<PublishMeta>,
+        out: &mut BytesMut,
+    ) -> Result<Option<Packet>, Closing> {
+        match packet {
+            Packet::Publish(publish, props) => {
+                let meta = meta.ok_or(Closing::violation(
+                    code::PROTOCOL_ERROR,
+                    Denial::ProtocolError,
+                    "publish without a packet id",
+                ))?;
+                self.publish(env, publish, props, meta, out)?;
+                Ok(None)
+            }
+            Packet::PubRel(rel, _) => {
+                let reason = if self.awaiting_release.remove(&rel.pkid) {
+                    code::SUCCESS
+                } else {
+                    code::PACKET_ID_NOT_FOUND
+                };
+                encode::ack(out, self.v5, AckKind::PubComp, rel.pkid, reason);
+                Ok(None)
+            }
+            Packet::Subscribe(subscribe, props) => {
+                if subscribe.pkid == 0 || props.as_ref().and_then(|p| p.id) == Some(0) {
+                    return Err(Closing::violation(
+                        code::PROTOCOL_ERROR,
+                        Denial::ProtocolError,
+                        "subscription identifier 0",
+                    ));
+                }
+                Ok(self.subscribe(env, subscribe, props, out))
+            }
+            Packet::Unsubscribe(unsubscribe, _) => {
+                if unsubscribe.pkid == 0 || unsubscribe.filters.is_empty() {
+                    return Err(Closing::violation(
+                        code::PROTOCOL_ERROR,
+                        Denial::ProtocolError,
+                        "UNSUBSCRIBE without packet id or filters",
+                    ));
+                }
+                Ok(self.unsubscribe(unsubscribe, out))
+            }
+            Packet::PingReq(_) => {
+                encode::pingresp(out);
+                Ok(None)
+            }
+            Packet::Disconnect(d, _) => Err(Closing {
+                reason: None,
+                denial: None,
+                will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+            }),
+            Packet::PubAck(ref a, _) => Ok(self.acknowledged(env, a.pkid, false).then_some(packet)),
+            Packet::PubRec(ref a, _) => Ok(self.acknowledged(env, a.pkid, true).then_some(packet)),
+            Packet::PubComp(ref a, _) => {
+                let expected = self.releasing.front() == Some(&a.pkid);
+                if expected {
+                    self.releasing.pop_front();
+                } else {
+                    self.unexpected_ack(env);
+                }
+                Ok(expected.then_some(packet))
+            }
+            Packet::Connect(..) => Err(Closing::violation(
+                code::PROTOCOL_ERROR,
+                Denial::ProtocolError,
+                "second CONNECT",
+            )),
+            _ => Err(Closing::violation(
+                code::PROTOCOL_ERROR,
+                Denial::ProtocolError,
+                "packet type a client never sends",
+            )),
+        }
+    }
+
+    /// A PUBACK (or, `received`, a PUBREC) from the device: passed to the router only if
+    /// it answers the oldest delivery, as the router requires.
+    fn acknowledged(&mut self, env: &dyn Env, pkid: u16, received: bool) -> bool {
+        if self.delivered.front() != Some(&pkid) {
+            self.unexpected_ack(env);
+            return false;
+        }
+        self.delivered.pop_front();
+        if received {
+            if self.releasing.len() >= MAX_UNACKED_DELIVERIES {
+                self.releasing.pop_front();
+            }
+            self.releasing.push_back(pkid);
+        }
+        true
+    }
+
+    fn unexpected_ack(&self, env: &dyn Env) {
+        env.deny(
+            &self.device,
+            Denial::ProtocolError,
+            "acknowledgement of nothing delivered, or out of order: ignored",
+        );
+    }
+
+    /// The topic a PUBLISH goes to, after its alias; `Ok(None)` when it is refused.
+    fn topic(
+        &mut self,
+        publish: &protocol::Publish,
+        props: Option<&protocol::PublishProperties>,
+    ) -> Result<Option<Bytes>, Closing> {
+        let alias = props.and_then(|p| p.topic_alias);
+        if let Some(a) = alias {
+            if !self.v5 || a == 0 || a > self.limits.topic_alias_maximum {
+                return Err(Closing::violation(
+                    code::TOPIC_ALIAS_INVALID,
+                    Denial::ProtocolError,
+                    "topic alias out of range",
+                ));
+            }
+        }
+        if publish.topic.is_empty() {
+            return match alias.and_then(|a| self.aliases.get(&a)) {
+                Some(topic) => Ok(topic.clone()),
+                None => Err(Closing::violation(
+                    code::PROTOCOL_ERROR,
+                    Denial::ProtocolError,
+                    "empty topic without a known alias",
+                )),
+            };
+        }
+        let allowed = publish.topic.len() <= MAX_TOPIC_BYTES
+            && std::str::from_utf8(&publish.topic)
+                .is_ok_and(|t| !t.contains('\0') && acl::may_publish(&self.device, t));
+        let topic = allowed.then(|| publish.topic.clone());
+        if let Some(a) = alias {
+            self.aliases.insert(a, topic.clone());
+        }
+        Ok(topic)
+    }
+
+    fn publish(
+        &mut self,
+        env: &dyn Env,
+        publish: protocol::Publish,
+        props: Option<protocol::PublishProperties>,
+        meta: PublishMeta,
+        out: &mut BytesMut,
+    ) -> Result<(), Closing> {
+        let topic = self.topic(&publish, props.as_ref())?;
+        if meta.qos == 2 && self.awaiting_release.contains(&meta.pkid) {
+            // Sent again before its PUBREL: stored already.
+            encode::ack(out, self.v5, AckKind::PubRec, meta.pkid, code::SUCCESS);
+            return Ok(());
+        }
+        let reason = match topic {
+            Some(topic) => match env.capture(&topic, &publish.payload) {
+                Capture::Taken => code::SUCCESS,
+                Capture::RateLimited => code::RATE_TOO_HIGH,
+                Capture::Closing => return Err(Closing::shutdown()),
+            },
+            None => {
+                let shown = String::from_utf8_lossy(&publish.topic);
+                let detail = format!("topic {:?}", crate::config::profile::truncate(&shown, 80));
+                env.deny(&self.device, Denial::Publish, &detail);
+                code::NOT_AUTHORIZED
+            }
+        };
+        match meta.qos {
+            0 => {}
+            1 => encode::ack(out, self.v5, AckKind::PubAck, meta.pkid, reason),
+            _ => {
+                // MQTT 5: a PUBREC reason of 0x80 or more ends the exchange.
+                if !self.v5 || reason < 0x80 {
+                    if self.awaiting_release.len() >= usize::from(self.limits.receive_maximum) {
+                        return Err(Closing::violation(
+                            code::RECEIVE_MAX_EXCEEDED,
+                            Denial::ProtocolError,
+                            "more QoS 2 messages awaiting release than the receive maximum",
+                        ));
+                    }
+                    self.awaiting_release.insert(meta.pkid);
+                }
+                encode::ack(out, self.v5, AckKind::PubRec, meta.pkid, reason);
+            }
+        }
+        Ok(())
+    }
+
+    fn refusal(&self, v5_code: u8) -> u8 {
+        if self.v5 {
+            v5_code
+        } else {
+            code::FAILURE_V4
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        env: &dyn Env,
+        mut subscribe: protocol::Subscribe,
+        props: Option<protocol::SubscribeProperties>,
+        out: &mut BytesMut,
+    ) -> Option<Packet> {
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        for f in &mut subscribe.filters {
+            let refused =
+                if f.path.len() > self.limits.max_filter_bytes || !acl::valid_filter(&f.path) {
+                    Some((Denial::SubscribeInvalid, code::FILTER_INVALID))
+                } else if !acl::may_subscribe(&self.device, &f.path) {
+                    Some((Denial::Subscribe, code::NOT_AUTHORIZED))
+                } else if (!self.subscriptions.contains_key(&f.path)
+                    && self.subscriptions.len() >= self.limits.max_subscriptions)
+                    || !env.admit_filter(&f.path)
+                {
+                    Some((Denial::SubscribeQuota, code::QUOTA_EXCEEDED))
+                } else {
+                    None
+                };
+            match refused {
+                Some((denial, reason)) => {
+                    let detail =
+                        format!("filter {:?}", crate::config::profile::truncate(&f.path, 80));
+                    env.deny(&self.device, denial, &detail);
+                    f.path = SINK_FILTER.to_owned();
+                    codes.push(Some(self.refusal(reason)));
+                }
+                None => {
+                    self.subscriptions.insert(f.path.clone(), f.clone());
+                    codes.push(None);
+                }
+            }
+        }
+        if codes.iter().all(Option::is_some) {
+            let codes: Vec<u8> = codes.into_iter().flatten().collect();
+            encode::suback(out, self.v5, subscribe.pkid, &codes);
+            return None;
+        }
+        if self.pending_subacks.len() >= MAX_PENDING_SUBACKS {
+            self.pending_subacks.pop_front();
+        }
+        self.pending_subacks.push_back((subscribe.pkid, codes));
+        Some(Packet::Subscribe(subscribe, props))
+    }
+
+    fn unsubscribe(
+        &mut self,
+        unsubscribe: protocol::Unsubscribe,
+        out: &mut BytesMut,
+    ) -> Option<Packet> {
+        // rumqttd answers an UNSUBSCRIBE with one UNSUBACK per filter it held, and none
+        // for a filter it did not: the device gets exactly one, from here.
+        let reasons: Vec<u8> = unsubscribe
+            .filters
+            .iter()
+            .map(|f| {
+                if self.subscriptions.remove(f).is_some() {
+                    code::SUCCESS
+                } else {
+                    code::NO_SUBSCRIPTION_EXISTED
+                }
+            })
+            .collect();
+        encode::unsuback(out, self.v5, unsubscribe.pkid, &reasons);
+        Some(Packet::Unsubscribe(unsubscribe, None))
+    }
+
+    /// A packet the router sends toward the device: written to `out`, rewritten first
+    /// (SUBACK), or dropped (the router's UNSUBACKs).
+    pub fn on_router(&mut self, packet: Packet, out: &mut BytesMut) -> Result<(), Closing> {
+        match packet {
+            Packet::SubAck(ack, _) => {
+                let decided = self
+                    .pending_subacks
+                    .iter()
+                    .position(|(pkid, _)| *pkid == ack.pkid)
+                    .and_then(|i| self.pending_subacks.remove(i))
+                    .map(|(_, codes)| codes)
+                    .unwrap_or_default();
+                if ack.pkid == RESTORE_PKID {
+                    return Ok(());
+                }
+                let mut router = ack.return_codes.iter();
+                let mut codes = Vec::with_capacity(ack.return_codes.len());
+                for decision in decided.iter().copied().chain(std::iter::repeat(None)) {
+                    let Some(from_router) = router.next() else {
+                        break;
+                    };
+                    codes.push(decision.unwrap_or_else(|| self.suback_code(*from_router)));
+                }
+                encode::suback(out, self.v5, ack.pkid, &codes);
+                Ok(())
+            }
+            Packet::UnsubAck(..) | Packet::ConnAck(..) | Packet::PingResp(..) => Ok(()),
+            Packet::Disconnect(d, _) => Err(Closing {
+                reason: Some(match d.reason_code {
+                    DisconnectReasonCode::TopicAliasInvalid => code::TOPIC_ALIAS_INVALID,
+                    DisconnectReasonCode::ProtocolError => code::PROTOCOL_ERROR,
+                    _ => 0x83,
+                }),
+                denial: Some((Denial::ProtocolError, "closed by the router")),
+                will: true,
+            }),
+            other => {
+                let start = out.len();
+                let written = if self.v5 {
+                    V5.write(other, out)
+                } else {
+                    // rumqttd's 3.1.1 writer panics on any packet with MQTT 5 properties.
+                    V4.write(without_properties(other), out)
+                };
+                if written.is_err() {
+                    out.truncate(start);
+                    return Err(Closing {
+                        reason: Some(0x83),
+                        denial: None,
+                        will: true,
+                    });
+                }
+                self.track_delivery(&out[start..]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Remember the packet id of a QoS 1 or 2 PUBLISH just written for the device.
+    fn track_delivery(&mut self, written: &[u8]) {
+        let Ok(super::frame::Peek::Ready(h)) = super::frame::peek(written, usize::MAX) else {
+            return;
+        };
+        if h.kind != super::frame::Kind::Publish {
+            return;
+        }
+        if let Some(meta) = super::frame::publish_meta(&h, written) {
+            if meta.qos > 0 {
+                if self.delivered.len() >= MAX_UNACKED_DELIVERIES {
+                    self.delivered.pop_front();
+                }
+                self.delivered.push_back(meta.pkid);
+            }
+        }
+    }
+
+    fn suback_code(&self, c: SubscribeReasonCode) -> u8 {
+        match c {
+            SubscribeReasonCode::QoS0 => 0,
+            SubscribeReasonCode::QoS1 => 1,
+            SubscribeReasonCode::QoS2 => 2,
+            SubscribeReasonCode::Success(q) => q as u8,
+            SubscribeReasonCode::NotAuthorized => self.refusal(code::NOT_AUTHORIZED),
+            SubscribeReasonCode::QuotaExceeded => self.refusal(code::QUOTA_EXCEEDED),
+            SubscribeReasonCode::TopicFilterInvalid => self.refusal(code::FILTER_INVALID),
+            _ => self.refusal(code::FAILURE_V4),
+        }
+    }
+}
+
+/// The same packet without MQTT 5 properties.
+fn without_properties(packet: Packet) -> Packet {
+    match packet {
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubRel(p, _) => Packet::PubRel(p, None),
+        Packet::PubAck(p, _) => Packet::PubAck(p, None),
+        Packet::PubRec(p, _) => Packet::PubRec(p, None),
+        Packet::PubComp(p, _) => Packet::PubComp(p, None),
+        Packet::Disconnect(d, _) => Packet::Disconnect(d, None),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::{Filter, QoS, RetainForwardRule, SubAck, Subscribe, Unsubscribe};
+    use std::cell::RefCell;
+
+    #[derive(Default)]
+    struct TestEnv {
+        captured: RefCell<Vec<(Vec<u8>, Vec<u8>)>>,
+        denied: RefCell<Vec<Denial>>,
+        filters: RefCell<HashSet<String>>,
+        max_filters: usize,
+        rate_limited: bool,
+    }
+
+    impl Env for TestEnv {
+        fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture {
+            if self.rate_limited {
+                return Capture::RateLimited;
+            }
+            self.captured
+                .borrow_mut()
+                .push((topic.to_vec(), payload.to_vec()));
+            Capture::Taken
+        }
+        fn deny(&self, _device: &str, what: Denial, _detail: &str) {
+            self.denied.borrow_mut().push(what);
+        }
+        fn admit_filter(&self, filter: &str) -> bool {
+            let mut f = self.filters.borrow_mut();
+            f.contains(filter) || (f.len() < self.max_filters && f.insert(filter.to_owned()))
+        }
+    }
+
+    const LIMITS: SessionLimits = SessionLimits {
+        max_subscriptions: 3,
+        max_filter_bytes: 64,
+        receive_maximum: 2,
+        topic_alias_maximum: 4,
+    };
+
+    fn env() -> TestEnv {
+        TestEnv {
+            max_filters: 100,
+            ..Default::default()
+        }
+    }
+
+    /// A PUBLISH as the connection sees it: the codec's packet and the frame's meta.
+    fn publish(topic: &str, qos: u8, pkid: u16, alias: Option<u16>) -> (Packet, PublishMeta) {
+        let p = protocol::Publish::new(topic.as_bytes().to_vec(), b"{}".to_vec(), false);
+        let props = alias.map(|a| protocol::PublishProperties {
+            topic_alias: Some(a),
+            ..Default::default()
+        });
+        let meta = PublishMeta {
+            qos,
+            dup: false,
+            retain: false,
+            pkid,
+        };
+        (Packet::Publish(p, props), meta)
+    }
+
+    fn run(s: &mut Session, e: &TestEnv, (p, m): (Packet, PublishMeta)) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        assert_eq!(s.on_device(e, p, Some(m), &mut out), Ok(None));
+        out.to_vec()
+    }
+
+    #[test]
+    fn qos1_is_acknowledged_and_denied_topics_say_so_on_mqtt5() {
+        let e = env();
+        let mut s = Session::new("k1", true, LIMITS);
+        assert_eq!(
+            run(&mut s, &e, publish("devices/k1/events", 1, 7, None)),
+            [0x40, 2, 0, 7]
+        );
+        assert_eq!(
+            run(&mut s, &e, publish("devices/k2/events", 1, 8, None)),
+            [0x40, 3, 0, 8, 0x87]
+        );
+        assert_eq!(e.captured.borrow().len(), 1);
+        assert_eq!(*e.denied.borrow(), [Denial::Publish]);
+        // 3.1.1 has no negative PUBACK.
+        let mut s = Session::new("k1", false, LIMITS);
+        assert_eq!(
+            run(&mut s, &e, publish("devices/k2/events", 1, 9, None)),
+            [0x40, 2, 0, 9]
+        );
+    }
+
+    #[test]
+    fn rate_limited_messages_get_reason_0x96() {
+        let e = TestEnv {
+            rate_limited: true,
+            ..env()
+        };
+        let mut s = Session::new("k1", true, LIMITS);
+        assert_eq!(
+            run(&mut s, &e, publish("devices/k1/events", 1, 1, None)),
+            [0x40, 3, 0, 1, 0x96]
+        );
+    }
+
+    #[test]
+    fn qos2_is_stored_once_until_released() {
+        let e = env();
+        let mut s = Session::new("k1", false, LIMITS);
+        let rec = [0x50, 2, 0, 5];
+        assert_eq!(
+            run(&mut s, &e, publish("devices/k1/events", 2, 5, None)),
+            rec
+        );
+        // Resent before PUBREL (DUP or not): acknowledged, not stored again.
+        assert_eq!(
+            run(&mut s, &e, publish("devices/k1/events", 2, 5, None)),
+            rec
+        );
+        assert_eq!(e.captured.borrow().len(), 1);
+        let mut out = BytesMut::new();
+        let rel = Packet::PubRel(
+            protocol::PubRel {
+                pkid: 5,
+                reason: protocol::PubRelReason::Success,
+            },
+            None,
+        );
+        assert_eq!(s.on_device(&e, rel.clone(), None, &mut out), Ok(None));
+        assert_eq!(&out[..], [0x70, 2, 0, 5]);
+        // An unknown PUBREL is completed (MQTT 5: 0x92), never a reason to close.
+        let mut s5 = Session::new("k1", true, LIMITS);
+        out.clear();
+        assert_eq!(s5.on_device(&e, rel, None, &mut out), Ok(None));
+        assert_eq!(&out[..], [0x70, 3, 0, 5, 0x92]);
+        // The receive maximum bounds what waits for PUBREL.
+        run(&mut s, &e, publish("devices/k1/events", 2, 1, None));
+        run(&mut s, &e, publish("devices/k1/events", 2, 2, None));
+        let (p, m) = publish("devices/k1/events", 2, 3, None);
+        let err = s.on_device(&e, p, Some(m), &mut out).unwrap_err();
+        assert_eq!(err.reason, Some(code::RECEIVE_MAX_EXCEEDED));
+    }
+
+    #[test]
+    fn topic_aliases() {
+        let e = env();
+        let mut s = Session::new("k1", true, LIMITS);
+        run(&mut s, &e, publish("devices/k1/telemetry", 1, 1, Some(2)));
+        run(&mut s, &e, publish("", 1, 2, Some(2)));
+        assert_eq!(e.captured.borrow()[1].0, b"devices/k1/telemetry");
+        // A refused topic stays refused through its alias.
+        run(&mut s, &e, publish("devices/k2/telemetry", 1, 3, Some(3)));
+        assert_eq!(
+            run(&mut s, &e, publish("", 1, 4, Some(3))),
+            [0x40, 3, 0, 4, 0x87]
+        );
+        let mut out = BytesMut::new();
+        for (topic, alias) in [
+            ("", Some(1)),
+            ("devices/k1/x", Some(0)),
+            ("devices/k1/x", Some(5)),
+        ] {
+            let (p, m) = publish(topic, 1, 9, alias);
+            assert!(
+                s.on_device(&e, p, Some(m), &mut out).is_err(),
+                "{topic} {alias:?}"
+            );
+        }
+        assert_eq!(e.captured.borrow().len(), 2);
+    }
+
+    fn filter(path: &str) -> Filter {
+        Filter {
+            path: path.into(),
+            qos: QoS::AtLeastOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+        }
+    }
+
+    fn subscribe(pkid: u16, paths: &[&str]) -> Packet {
+        Packet::Subscribe(
+            Subscribe {
+                pkid,
+                filters: paths.iter().map(|p| filter(p)).collect(),
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn subscriptions_are_checked_capped_and_answered_once() {
+        let e = env();
+        let mut s = Session::new("k1", true, LIMITS);
+        let mut out = BytesMut::new();
+        let to_router = s
+            .on_device(
+                &e,
+                subscribe(1, &["branch/#", "#", "branch/a#", "devices/k1/commands/#"]),
+                None,
+                &mut out,
+            )
+            .unwrap()
+            .expect("allowed filters go to the router");
+        assert!(out.is_empty());
+        let Packet::Subscribe(sub, _) = to_router else {
+            panic!()
+        };
+        let paths: Vec<&str> = sub.filters.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "branch/#",
+                SINK_FILTER,
+                SINK_FILTER,
+                "devices/k1/commands/#"
+            ]
+        );
+        let router_ack = Packet::SubAck(
+            SubAck {
+                pkid: 1,
+                return_codes: vec![SubscribeReasonCode::QoS1; 4],
+            },
+            None,
+        );
+        s.on_router(router_ack, &mut out).unwrap();
+        assert_eq!(&out[..], [0x90, 7, 0, 1, 0, 1, 0x87, 0x8f, 1]);
+        assert_eq!(
+            *e.denied.borrow(),
+            [Denial::Subscribe, Denial::SubscribeInvalid]
+        );
+        // Third allowed filter fits, the fourth is over the cap: answered here.
+        out.clear();
+        assert!(s
+            .on_device(&e, subscribe(2, &["branch/b"]), None, &mut out)
+            .unwrap()
+            .is_some());
+        out.clear();
+        assert_eq!(
+            s.on_device(&e, subscribe(3, &["branch/c"]), None, &mut out),
+            Ok(None)
+        );
+        assert_eq!(&out[..], [0x90, 4, 0, 3, 0, 0x97]);
+        // Unsubscribing frees a place; one UNSUBACK with a reason per filter.
+        out.clear();
+        let unsub = Packet::Unsubscribe(
+            Unsubscribe {
+                pkid: 4,
+                filters: vec!["branch/b".into(), "branch/zz".into()],
+            },
+            None,
+        );
+        assert!(s.on_device(&e, unsub, None, &mut out).unwrap().is_some());
+        assert_eq!(&out[..], [0xb0, 5, 0, 4, 0, 0, 0x11]);
+        // The router's own UNSUBACKs are dropped.
+        out.clear();
+        let router_unsuback = Packet::UnsubAck(
+            protocol::UnsubAck {
+                pkid: 4,
+                reasons: vec![protocol::UnsubAckReason::Success],
+            },
+            None,
+        );
+        s.on_router(router_unsuback, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert!(s
+            .on_device(&e, subscribe(5, &["branch/c"]), None, &mut out)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn the_routers_filter_table_is_bounded() {
+        let e = TestEnv {
+            max_filters: 1,
+            ..Default::default()
+        };
+        let mut s = Session::new("k1", false, LIMITS);
+        let mut out = BytesMut::new();
+        assert!(s
+            .on_device(&e, subscribe(1, &["branch/a"]), None, &mut out)
+            .unwrap()
+            .is_some());
+        let mut s2 = Session::new("k1", false, LIMITS);
+        assert_eq!(
+            s2.on_device(&e, subscribe(2, &["branch/b"]), None, &mut out),
+            Ok(None)
+        );
+        assert_eq!(&out[..], [0x90, 3, 0, 2, 0x80]);
+        // A filter already known is always admitted.
+        assert!(s2
+            .on_device(&e, subscribe(3, &["branch/a"]), None, &mut out)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn control_packets() {
+        let e = env();
+        let mut s = Session::new("k1", true, LIMITS);
+        let mut out = BytesMut::new();
+        assert_eq!(
+            s.on_device(&e, Packet::PingReq(protocol::PingReq), None, &mut out),
+            Ok(None)
+        );
+        assert_eq!(&out[..], [0xd0, 0]);
+        let with_will = Packet::Disconnect(
+            protocol::Disconnect {
+                reason_code: DisconnectReasonCode::DisconnectWithWillMessage,
+            },
+            None,
+        );
+        assert!(s.on_device(&e, with_will, None, &mut out).unwrap_err().will);
+        let normal = Packet::Disconnect(
+            protocol::Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
+        assert!(!s.on_device(&e, normal, None, &mut out).unwrap_err().will);
+    }
+}

@@ -1,0 +1,262 @@
+//! State every device connection shares: the device table, intake, logins, the open
+//! connections, the router's filters, counters, and what a refusal reports.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::{Auth, AuthSettings};
+use super::presence::PresenceBoard;
+use super::registry::{CloseReason, Limits, Registry};
+use super::BrokerSettings;
+use crate::burst::BurstLimiter;
+use crate::config::SharedDevices;
+use crate::model::{now_ms, DeviceId, PublishSink, ReasonCounts};
+
+/// Something the broker refused, reported to the app (and counted there per device).
+/// `device` is `None` when the client had not authenticated as a configured device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerEvent {
+    Denied {
+        device: Option<DeviceId>,
+        what: Denial,
+    },
+}
+
+/// Every refusal the broker counts. `connect_*` refuse a connection, `*_denied` a packet;
+/// the rest close a connection that broke the protocol or its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Denial {
+    /// CONNECT without user name or password.
+    NoCredentials,
+    /// CONNECT with a user name that is no configured device (the name is never logged).
+    UnknownDevice,
+    BadPassword,
+    /// A login while the device or the address waits out failed attempts.
+    Throttled,
+    /// No turn for a password check before the connect deadline.
+    LoginBusy,
+    /// A last will for another device's topic.
+    Will,
+    /// The device has its `max_connections_per_device` open.
+    DeviceLimit,
+    /// A new persistent client id past `max_sessions_per_device`.
+    SessionLimit,
+    /// An empty client id with a persistent session, or one too long or with `+#/$`.
+    ClientId,
+    /// Not MQTT 3.1.1 or 5, or a CONNECT that breaks the protocol (reserved flag set).
+    ConnectRefused,
+    /// No complete CONNECT within `connect_timeout_ms`.
+    ConnectTimeout,
+    /// `max_connections` reached: closed at accept.
+    ConnectionsFull,
+    /// `max_pending_per_address` connections of one address are not logged in yet.
+    AddressLimit,
+    Publish,
+    Subscribe,
+    /// A filter MQTT does not allow (`a#`, `a+/b`) or over `max_filter_bytes`.
+    SubscribeInvalid,
+    /// Over `max_subscriptions` on a connection or `max_filters` in the router.
+    SubscribeQuota,
+    /// A packet over the broker's size limit.
+    Oversized,
+    /// Bytes that are not MQTT.
+    Malformed,
+    /// A packet no client may send, out of order, or breaking a rule of the protocol.
+    ProtocolError,
+    /// A started packet not completed within `packet_timeout_ms`.
+    PacketTimeout,
+    /// Nothing received for 1.5 times the keep-alive.
+    KeepAlive,
+    /// Packets to the device not taken within `write_timeout_ms`.
+    WriteTimeout,
+}
+
+impl Denial {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denial::NoCredentials => "connect_no_credentials",
+            Denial::UnknownDevice => "connect_unknown_device",
+            Denial::BadPassword => "connect_bad_password",
+            Denial::Throttled => "connect_throttled",
+            Denial::LoginBusy => "connect_login_busy",
+            Denial::Will => "connect_will_denied",
+            Denial::DeviceLimit => "connect_device_limit",
+            Denial::SessionLimit => "connect_session_limit",
+            Denial::ClientId => "connect_client_id_invalid",
+            Denial::ConnectRefused => "connect_protocol_refused",
+            Denial::ConnectTimeout => "connect_timeout",
+            Denial::ConnectionsFull => "connect_connections_full",
+            Denial::AddressLimit => "connect_address_limit",
+            Denial::Publish => "publish_denied",
+            Denial::Subscribe => "subscribe_denied",
+            Denial::SubscribeInvalid => "subscribe_invalid_denied",
+            Denial::SubscribeQuota => "subscribe_quota_denied",
+            Denial::Oversized => "packet_too_large",
+            Denial::Malformed => "malformed_packet",
+            Denial::ProtocolError => "protocol_error",
+            Denial::PacketTimeout => "packet_timeout",
+            Denial::KeepAlive => "keepalive_timeout",
+            Denial::WriteTimeout => "write_timeout",
+        }
+    }
+}
+
+/// Process-wide counters of the broker (refusals are in [`Shared::refusals`]).
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    /// Successful logins.
+    pub connections: AtomicU64,
+    pub takeovers: AtomicU64,
+    pub zero_keepalive: AtomicU64,
+    pub accept_errors: AtomicU64,
+    /// Events lost because the app's event channel was full.
+    pub events_dropped: AtomicU64,
+}
+
+pub struct Shared {
+    pub devices: SharedDevices,
+    pub sink: Arc<dyn PublishSink>,
+    pub presence: PresenceBoard,
+    pub stats: BrokerStats,
+    /// Refusals by reason since start (also sent to the app per device as events).
+    pub refusals: Arc<ReasonCounts>,
+    pub(crate) settings: BrokerSettings,
+    pub(crate) auth: Auth,
+    pub(crate) registry: Arc<Registry>,
+    /// Cancelled at shutdown: nothing more is acknowledged to any device.
+    pub(crate) closing: CancellationToken,
+    events: mpsc::Sender<BrokerEvent>,
+    /// Every filter ever passed to the router (it keeps each one's log for good).
+    filters: Mutex<HashSet<String>>,
+    /// Connections not yet logged in, per source address.
+    pending: Mutex<HashMap<IpAddr, usize>>,
+    log: Mutex<BurstLimiter<(Option<DeviceId>, Denial)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(
+        settings: BrokerSettings,
+        devices: SharedDevices,
+        sink: Arc<dyn PublishSink>,
+        events: mpsc::Sender<BrokerEvent>,
+        refusals: Arc<ReasonCounts>,
+        helpers: tokio::runtime::Handle,
+    ) -> Self {
+        let auth = Auth::new(
+            devices.clone(),
+            helpers,
+            AuthSettings {
+                max_verifications: settings.max_login_verifications,
+                failure_delay_ms: settings.login_failure_delay.as_millis() as i64,
+                failure_delay_max_ms: settings.login_failure_delay_max.as_millis() as i64,
+            },
+        );
+        let registry = Registry::new(Limits {
+            max_per_device: settings.max_connections_per_device,
+            max_sessions: settings.max_sessions_per_device,
+        });
+        Shared {
+            devices,
+            sink,
+            presence: PresenceBoard::default(),
+            stats: BrokerStats::default(),
+            refusals,
+            settings,
+            auth,
+            registry,
+            closing: CancellationToken::new(),
+            events,
+            filters: Mutex::new(HashSet::from([super::session::SINK_FILTER.to_owned()])),
+            pending: Mutex::new(HashMap::new()),
+            log: Mutex::new(BurstLimiter::new(10_000, 4096)),
+        }
+    }
+
+    /// A reload removed these devices or changed their settings: their open connections
+    /// close now and must log in again against the new table.
+    pub fn revoke(&self, devices: &[DeviceId]) {
+        if devices.is_empty() {
+            return;
+        }
+        self.auth.forget(devices);
+        self.registry.close_devices(devices, CloseReason::Revoked);
+    }
+
+    /// Count and report a refusal; logged once per burst per device and reason. `detail`
+    /// must hold nothing a device chose that could be a secret (no user names).
+    pub(crate) fn deny(&self, device: Option<&str>, what: Denial, detail: &str) {
+        self.refusals.add(what.as_str());
+        let key = (device.map(str::to_owned), what);
+        if let Some(suppressed) = lock(&self.log).hit(&key, now_ms()) {
+            tracing::warn!(
+                device = device.unwrap_or("-"),
+                reason = what.as_str(),
+                detail,
+                suppressed_since_last_report = suppressed,
+                "device refused"
+            );
+        }
+        let event = BrokerEvent::Denied {
+            device: device.map(str::to_owned),
+            what,
+        };
+        if self.events.try_send(event).is_err() {
+            self.stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// May the router be given `filter`? Known filters always; a new one while fewer than
+    /// `max_filters` are known.
+    pub(crate) fn admit_filter(&self, filter: &str) -> bool {
+        let mut known = lock(&self.filters);
+        if known.contains(filter) {
+            return true;
+        }
+        if known.len() >= self.settings.max_filters {
+            return false;
+        }
+        known.insert(filter.to_owned());
+        true
+    }
+
+    /// Hold one of `addr`'s not-yet-logged-in places, or `None` at the limit.
+    pub(crate) fn pending(self: &Arc<Self>, addr: IpAddr) -> Option<Pending> {
+        let mut p = lock(&self.pending);
+        let n = p.entry(addr).or_default();
+        if *n >= self.settings.max_pending_per_address {
+            return None;
+        }
+        *n += 1;
+        Some(Pending {
+            shared: self.clone(),
+            addr,
+        })
+    }
+}
+
+/// A connection of `addr` that has not logged in yet; dropped at login or close.
+pub(crate) struct Pending {
+    shared: Arc<Shared>,
+    addr: IpAddr,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut p = lock(&self.shared.pending);
+        if let Some(n) = p.get_mut(&self.addr) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                p.remove(&self.addr);
+            }
+        }
+    }
+}
