@@ -1,13 +1,21 @@
 //! The HTTP API for the central server and branch IT (axum): summaries (by period or by
-//! change cursor), devices, health and Prometheus metrics. Every read opens its own
-//! read-only SQLite connection on the blocking pool; nothing here writes.
+//! change cursor), devices, health and Prometheus metrics. Reads share a few read-only
+//! SQLite connections on the blocking pool ([`readers`]); nothing here writes. Served by
+//! our own accept loop with bounded connections, time and requests ([`server`]).
 //!
 //! `/api/v1/*` and `/metrics` need `Authorization: Bearer <token>`; `/healthz` does not.
-//! Every error is JSON: `{"error": "..."}` with 400, 401, 404 or 503.
+//! Every error is JSON: `{"error": "..."}` with 400, 401, 404, 413 or 503 (with
+//! `Retry-After` when the API is at one of its limits).
+
+mod conn;
+mod own_metrics;
+mod readers;
+mod server;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -18,8 +26,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::buffer::BufferStats;
+use crate::config::ApiSection;
 use crate::summary::Period;
 use crate::upstream::UpstreamStats;
+use readers::{ReadError, Readers};
+use server::{ApiStats, Event};
 
 /// Most rows one cursor page returns.
 pub const MAX_PAGE: i64 = 10_000;
@@ -39,26 +50,73 @@ pub struct ApiState {
     pub devices_online: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-pub fn router(state: ApiState) -> Router {
+/// What every handler sees: the gateway's figures plus the API's readers and counters.
+#[derive(Clone)]
+struct Api {
+    state: ApiState,
+    readers: Arc<Readers>,
+    stats: Arc<ApiStats>,
+}
+
+/// Serve the API on `listener` with the limits of `config` until `shutdown`; returns once
+/// every connection has closed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: &ApiSection,
+    state: ApiState,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let api = Api {
+        readers: Arc::new(Readers::new(
+            state.database.clone(),
+            config.readers,
+            Duration::from_millis(config.reader_wait_ms),
+        )),
+        stats: Arc::new(ApiStats::default()),
+        state,
+    };
+    let stats = api.stats.clone();
+    server::serve(listener, router(api), config.into(), stats, shutdown).await;
+}
+
+fn router(api: Api) -> Router {
     Router::new()
         .route("/api/v1/summaries", get(summaries))
         .route("/api/v1/devices", get(devices))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
-        .with_state(state)
+        .with_state(api)
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    ApiError(status, message.into()).into_response()
+    ApiError::Refused(status, message.into()).into_response()
 }
 
-/// A refused request: its status and the message of its JSON body.
-struct ApiError(StatusCode, String);
+/// 503 with `Retry-After`: the API is at one of its limits, not broken.
+fn busy(message: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
+}
+
+/// A refused request.
+enum ApiError {
+    /// Its status and the message of its JSON body.
+    Refused(StatusCode, String),
+    /// At a limit: 503 with `Retry-After`.
+    Busy(&'static str),
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        match self {
+            ApiError::Refused(status, message) => {
+                (status, Json(json!({ "error": message }))).into_response()
+            }
+            ApiError::Busy(message) => busy(message),
+        }
     }
 }
 
@@ -72,37 +130,33 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     if bool::from(given.as_bytes().ct_eq(state.token.as_bytes())) {
         Ok(())
     } else {
-        Err(ApiError(
+        Err(ApiError::Refused(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
         ))
     }
 }
 
-/// Run a read on its own read-only connection, off the async workers.
+/// Run a read on one of the API's read-only connections, off the async workers.
 async fn read<T: Send + 'static>(
-    state: &ApiState,
+    api: &Api,
     f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let path = state.database.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        let conn = crate::buffer::open_read_only(&path).map_err(|e| e.to_string())?;
-        f(&conn).map_err(|e| e.to_string())
-    })
-    .await;
-    match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "API cannot read the buffer");
-            Err(ApiError(
+    match api.readers.read(f).await {
+        Ok(v) => Ok(v),
+        Err(ReadError::Busy) => {
+            api.stats.note(Event::ReadersBusy);
+            Err(ApiError::Busy(
+                "every database reader is busy; retry shortly",
+            ))
+        }
+        Err(ReadError::Failed(e)) => {
+            api.stats.note_with(Event::ReadFailed, Some(&e));
+            Err(ApiError::Refused(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the buffer cannot be read".into(),
             ))
         }
-        Err(_) => Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "read task failed".into(),
-        )),
     }
 }
 
@@ -134,11 +188,11 @@ fn parse_time(tz: &jiff::tz::TimeZone, s: &str) -> Option<i64> {
 }
 
 async fn summaries(
-    State(state): State<ApiState>,
+    State(api): State<Api>,
     headers: HeaderMap,
     query: Result<Query<SummaryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if let Err(r) = authorized(&state, &headers) {
+    if let Err(r) = authorized(&api.state, &headers) {
         return r.into_response();
     }
     let Query(q) = match query {
@@ -146,14 +200,15 @@ async fn summaries(
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     match q.after {
-        Some(after) => changes(state, q, after).await,
-        None => range(state, q).await,
+        Some(after) => changes(api, q, after).await,
+        None => range(api, q).await,
     }
 }
 
 /// Everything that changed since `after` (including re-opened past buckets), oldest
 /// change first, with the cursor for the next call.
-async fn changes(state: ApiState, q: SummaryQuery, after: i64) -> Response {
+async fn changes(api: Api, q: SummaryQuery, after: i64) -> Response {
+    let state = &api.state;
     if q.period.is_some() || q.from.is_some() || q.to.is_some() || q.device.is_some() {
         return error(StatusCode::BAD_REQUEST, "`after` takes only `limit`");
     }
@@ -167,7 +222,7 @@ async fn changes(state: ApiState, q: SummaryQuery, after: i64) -> Response {
     let tz = state.tz.clone();
     // A page ends at a bucket boundary (the cursor is a bucket's version): up to `limit`
     // buckets are read, and whole buckets are kept while their metrics fit in `limit`.
-    let rows = read(&state, move |c| {
+    let rows = read(&api, move |c| {
         let mut st = c.prepare_cached(
             "SELECT scope, period, bucket, bucket_ms, metrics, version FROM rollup_buckets
              WHERE version > ?1 ORDER BY version LIMIT ?2",
@@ -234,7 +289,8 @@ fn start_text(tz: &jiff::tz::TimeZone, ms: i64) -> String {
 
 /// Buckets of one period between `from` (inclusive) and `to` (exclusive), for the branch
 /// (no `device`), one device, or every device (`device=*`).
-async fn range(state: ApiState, q: SummaryQuery) -> Response {
+async fn range(api: Api, q: SummaryQuery) -> Response {
+    let state = &api.state;
     if q.limit.is_some() {
         return error(StatusCode::BAD_REQUEST, "`limit` goes with `after`");
     }
@@ -272,7 +328,7 @@ async fn range(state: ApiState, q: SummaryQuery) -> Response {
     let branch = state.branch.clone();
     // Query, grouping and serialisation all run on the blocking pool: a year of hours is
     // a megabyte of JSON.
-    let body = read(&state, move |c| {
+    let body = read(&api, move |c| {
         let (sql, scope): (&str, Option<String>) = match device.as_deref() {
             Some("*") => (
                 "SELECT scope, bucket, bucket_ms, metrics FROM rollup_buckets
@@ -339,11 +395,11 @@ struct RangePage<'a> {
     items: &'a [Bucket],
 }
 
-async fn devices(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&state, &headers) {
+async fn devices(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&api.state, &headers) {
         return r.into_response();
     }
-    let rows = match read(&state, crate::buffer::device_report).await {
+    let rows = match read(&api, crate::buffer::device_report).await {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -364,17 +420,22 @@ async fn devices(State(state): State<ApiState>, headers: HeaderMap) -> Response 
             })
         })
         .collect();
-    Json(json!({ "branch": state.branch, "devices": items })).into_response()
+    Json(json!({ "branch": api.state.branch, "devices": items })).into_response()
 }
 
 /// 200 when the gateway can do its job (the buffer is readable and its last commit did
 /// not fail); 503 otherwise. The upstream link is reported, but being offline is normal
 /// for a store-and-forward gateway and does not fail the check.
-async fn healthz(State(state): State<ApiState>) -> Response {
-    let storage = read(&state, |c| {
+async fn healthz(State(api): State<Api>) -> Response {
+    let state = &api.state;
+    let storage = read(&api, |c| {
         c.query_row("SELECT COUNT(*) FROM devices", [], |r| r.get::<_, i64>(0))
     })
     .await;
+    // Readers all busy says nothing about the storage: answer that, not "failing".
+    if let Err(ApiError::Busy(message)) = storage {
+        return busy(message);
+    }
     let failing = state.buffer.last_commit_failed.load(Ordering::Relaxed);
     let storage_ok = storage.is_ok() && !failing;
     let upstream = match &state.upstream {
@@ -398,11 +459,12 @@ async fn healthz(State(state): State<ApiState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorized(&state, &headers) {
+async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
+    let state = &api.state;
+    if let Err(r) = authorized(state, &headers) {
         return r.into_response();
     }
-    let report = read(&state, |c| {
+    let report = read(&api, |c| {
         crate::buffer::buffer_report(c, crate::model::now_ms())
     })
     .await;
@@ -490,5 +552,6 @@ async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response 
         "gauge",
         &[(String::new(), size as f64)],
     );
+    own_metrics::render(&mut metric, &api.stats, api.readers.open());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

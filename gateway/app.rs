@@ -127,7 +127,10 @@ pub async fn run(
         login_failure_delay: Duration::from_millis(b.login_failure_delay_ms),
         login_failure_delay_max: Duration::from_millis(b.login_failure_delay_max_ms),
     };
-    crate::service::ensure_open_files(settings.max_connections)?;
+    crate::service::ensure_open_files(
+        settings.max_connections,
+        cfg.api.as_ref().map_or(0, |a| a.max_fds()),
+    )?;
     let sink = Arc::new(IntakeSink::new(
         devices.clone(),
         buffer.sender(),
@@ -190,15 +193,15 @@ pub async fn run(
             intake: figures.intake.clone(),
             devices_online: figures.devices_online.clone(),
         };
-        tracing::info!(listen = %api.listen, "HTTP API listening");
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(listener, crate::api::router(state))
-                .with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP API stopped");
-            }
-        });
+        tracing::info!(
+            listen = %api.listen,
+            max_connections = api.max_connections,
+            max_requests = api.max_requests,
+            readers = api.readers,
+            "HTTP API listening"
+        );
+        let (api, stop) = (api.clone(), shutdown.clone());
+        tasks.spawn(async move { crate::api::serve(listener, &api, state, stop).await });
     }
     tasks.spawn(publish_live_summary(
         branch_publisher,

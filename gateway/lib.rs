@@ -19,7 +19,8 @@
 //! - [`summary`]: rollup arithmetic (what a message adds to which hour and day).
 //! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
 //! - [`burst`]: "once per burst" log limiting.
-//! - [`api`]: HTTP for the central server: summaries, devices, health, metrics.
+//! - [`api`]: HTTP for the central server: summaries, devices, health, metrics; its own
+//!   accept loop with bounded connections, time and requests, and a few shared SQLite readers.
 //! - [`service`]: systemd integration: readiness, watchdog (with liveness probes), status.
 //! - [`app`]: wiring and ordered shutdown.
 

@@ -203,27 +203,29 @@ mod tests {
     }
 }
 
-/// File descriptors kept free beyond the device connections: the HTTP API's connections,
-/// SQLite (writer and readers, each with its WAL and shared memory), serial ports, the
-/// upstream link, listeners and the runtimes' own.
-pub const FD_HEADROOM: u64 = 256;
+/// File descriptors kept free beyond the device connections and the HTTP API's own
+/// budget: the SQLite writer and the forwarder's readers (each with its WAL and shared
+/// memory), serial ports, the upstream link, listeners and the runtimes' own.
+pub const FD_HEADROOM: u64 = 128;
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "broker.max_connections {max_connections} needs at least {needed} open files, but the limit is {limit} \
-     (raise LimitNOFILE in the systemd unit, or lower broker.max_connections)"
+    "broker.max_connections {max_connections} and the API's {api} need at least {needed} open files, \
+     but the limit is {limit} (raise LimitNOFILE in the systemd unit, or lower broker.max_connections)"
 )]
 pub struct OpenFilesError {
     pub max_connections: usize,
+    pub api: usize,
     pub needed: u64,
     pub limit: u64,
 }
 
 /// Raise the soft open-files limit to the hard one, then check that `max_connections`
-/// device connections fit beside [`FD_HEADROOM`]: a gateway out of descriptors locks out
-/// every device and the API, so this is refused at start instead.
-pub fn ensure_open_files(max_connections: usize) -> Result<u64, OpenFilesError> {
-    let needed = max_connections as u64 + FD_HEADROOM;
+/// device connections and the API's `api` descriptors fit beside [`FD_HEADROOM`]: a
+/// gateway out of descriptors locks out every device and the API, so this is refused at
+/// start instead.
+pub fn ensure_open_files(max_connections: usize, api: usize) -> Result<u64, OpenFilesError> {
+    let needed = (max_connections + api) as u64 + FD_HEADROOM;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -247,6 +249,7 @@ pub fn ensure_open_files(max_connections: usize) -> Result<u64, OpenFilesError> 
     if limit < needed {
         return Err(OpenFilesError {
             max_connections,
+            api,
             needed,
             limit,
         });

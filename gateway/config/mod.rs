@@ -5,19 +5,20 @@
 //! every problem with the key it concerns. [`load`] does both and loads every profile the
 //! devices use, so `check-config` and `run` accept exactly the same files.
 
+pub mod api;
 mod broker;
 pub mod profile;
 pub mod serial_spec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 
 use crate::model::DeviceId;
+pub use api::ApiSection;
 pub use broker::BrokerSection;
 pub use profile::Profile;
 
@@ -39,23 +40,6 @@ pub struct Config {
     pub api: Option<ApiSection>,
     #[serde(default)]
     pub devices: Vec<DeviceSection>,
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiSection {
-    pub listen: SocketAddr,
-    /// Clients send `Authorization: Bearer <token>` (except for `/healthz`).
-    pub token: String,
-}
-
-impl fmt::Debug for ApiSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiSection")
-            .field("listen", &self.listen)
-            .field("token", &"<redacted>")
-            .finish()
-    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -504,12 +488,7 @@ impl Config {
             }
         }
         if let Some(a) = &self.api {
-            if a.token.len() < 16 {
-                push(
-                    "api.token".into(),
-                    "must be at least 16 characters (a random secret shared with the central server)".into(),
-                );
-            }
+            a.check(&mut push);
         }
         if let Some(p) = &self.privacy {
             if p.hmac_secret.len() < 16 {
