@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerEvent, BrokerSettings};
+use crate::broker::{Broker, BrokerSettings};
 use crate::buffer::{Buffer, BufferOptions, Write};
 use crate::config::{Loaded, SharedDevices};
 use crate::intake::{IntakeSink, IntakeStats};
@@ -17,8 +17,6 @@ use crate::intake::{IntakeSink, IntakeStats};
 use crate::model::{DeviceId, Presence};
 use crate::upstream::{Forwarder, UpstreamStats};
 
-/// Capacity of the broker's event channel (connects, disconnects, denials).
-const BROKER_EVENTS: usize = 4096;
 /// How often the gateway logs a one-line summary.
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
@@ -106,7 +104,6 @@ pub async fn run(
         "buffer open"
     );
 
-    let (events_tx, events_rx) = mpsc::channel(BROKER_EVENTS);
     let b = &cfg.broker;
     let settings = BrokerSettings {
         listen: b.listen,
@@ -141,7 +138,6 @@ pub async fn run(
         settings.clone(),
         devices.clone(),
         sink.clone(),
-        events_tx,
         figures.refusals.clone(),
     )
     .await?;
@@ -149,7 +145,6 @@ pub async fn run(
     let tasks = tokio_util::task::TaskTracker::new();
     let presence = tasks.spawn(record_broker_events(
         broker.shared().clone(),
-        events_rx,
         buffer.sender(),
         figures.clone(),
         shutdown.clone(),
@@ -391,6 +386,7 @@ fn start_serial(
                     let w = Write::Denied {
                         device,
                         what,
+                        count: 1,
                         at_ms: now,
                     };
                     let _ = writer.send(w).await;
@@ -543,51 +539,44 @@ async fn publish_live_summary(
     }
 }
 
-/// Record presence changes and broker denials in the buffer. Presence comes from the
-/// broker's board (which never loses a connect or disconnect); denials from the event
-/// channel (dropped and counted in `events_dropped` only if the writer stalls). Refusals
-/// that concern no configured device are counted under the empty device id. Presence is
-/// logged once per burst per device (connects and disconnects are counted in between).
-/// At shutdown, what is pending is written once more and the task ends.
+/// Record presence changes and broker refusals in the buffer, both taken from the broker's
+/// boards (which count everything and lose nothing; refusals that concern no configured
+/// device are counted under the empty device id). Presence is logged at most once per
+/// device per 10 s, with the connects and disconnects since the last line. At shutdown,
+/// what is pending is written once more and the task ends.
 async fn record_broker_events(
     board: Arc<crate::broker::Shared>,
-    mut events: mpsc::Receiver<BrokerEvent>,
     writer: mpsc::Sender<Write>,
     figures: Arc<Figures>,
     shutdown: CancellationToken,
 ) {
-    let denied = |BrokerEvent::Denied { device, what }| Write::Denied {
-        device: device.unwrap_or_default(),
-        what: what.as_str(),
-        at_ms: crate::model::now_ms(),
-    };
-    // Presence lines: at most one per device per 10 s, with the connects and
-    // disconnects since the last one (bounded by the configured devices).
+    // Bounded by the configured devices.
     let mut presence_log = crate::burst::BurstLimiter::new(10_000, 4096);
     let mut unlogged: HashMap<DeviceId, (u64, u64)> = HashMap::new();
     loop {
         let stop = tokio::select! {
-            biased;
-            Some(event) = events.recv() => {
-                if writer.send(denied(event)).await.is_err() {
-                    return;
-                }
-                false
-            }
             _ = board.presence.changed.notified() => false,
+            _ = board.denials.changed.notified() => false,
             _ = shutdown.cancelled() => true,
         };
+        let now = crate::model::now_ms();
+        for (device, what, count) in board.denials.take() {
+            let w = Write::Denied {
+                device: device.unwrap_or_default(),
+                what: what.as_str(),
+                count,
+                at_ms: now,
+            };
+            if writer.send(w).await.is_err() {
+                return;
+            }
+        }
         for change in board.presence.take_changes() {
             if change.connects > 0 || change.disconnects > 0 {
-                let churn = unlogged
-                    .entry(change.device.clone())
-                    .or_insert((0u64, 0u64));
+                let churn = unlogged.entry(change.device.clone()).or_insert((0, 0));
                 churn.0 += u64::from(change.connects);
                 churn.1 += u64::from(change.disconnects);
-                if presence_log
-                    .hit(&change.device, crate::model::now_ms())
-                    .is_some()
-                {
+                if presence_log.hit(&change.device, now).is_some() {
                     let (connects, disconnects) =
                         unlogged.remove(&change.device).unwrap_or_default();
                     tracing::info!(
@@ -607,11 +596,6 @@ async fn record_broker_events(
             .devices_online
             .store(board.presence.online_count(), Ordering::Relaxed);
         if stop {
-            while let Ok(event) = events.try_recv() {
-                if writer.send(denied(event)).await.is_err() {
-                    return;
-                }
-            }
             return;
         }
     }

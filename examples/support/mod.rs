@@ -1,6 +1,8 @@
 //! Helpers shared by the benchmark commands in `examples/`.
 #![allow(dead_code)]
 
+pub mod mqtt;
+
 use std::time::{Duration, Instant};
 
 /// A free TCP port on loopback.

@@ -118,11 +118,18 @@ impl Auth {
             }
         }
         let now = now_ms();
-        let wait = lock(&self.throttle_devices)
-            .wait_ms(&device.id, now)
-            .max(lock(&self.throttle_addrs).wait_ms(&addr, now));
-        if wait > 0 {
-            return Err((Refusal::Throttled, hold(wait)));
+        {
+            let mut devices = lock(&self.throttle_devices);
+            let mut addrs = lock(&self.throttle_addrs);
+            let wait = devices
+                .wait_ms(&device.id, now)
+                .max(addrs.wait_ms(&addr, now));
+            if wait > 0 {
+                return Err((Refusal::Throttled, hold(wait)));
+            }
+            // Until this check ends, other attempts of the device or the address wait.
+            devices.begin(&device.id, now);
+            addrs.begin(&addr, now);
         }
         let ok = match &device.password {
             Password::Argon2(hash) => {
@@ -130,6 +137,8 @@ impl Auth {
                     tokio::time::timeout_at(deadline, self.verifications.clone().acquire_owned())
                         .await
                 else {
+                    lock(&self.throttle_devices).abandon(&device.id);
+                    lock(&self.throttle_addrs).abandon(&addr);
                     return Err((Refusal::Busy, Duration::ZERO));
                 };
                 let password_check = device.password.clone();

@@ -138,6 +138,20 @@ impl Conn {
         }
     }
 
+    /// Whether the peer has already closed, from what has arrived (read without waiting;
+    /// anything read is kept for later).
+    fn peer_closed(&mut self) -> bool {
+        loop {
+            self.rbuf.reserve(READ_CHUNK);
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => return true,
+                Ok(_) if self.rbuf.len() < self.shared.settings.max_packet_bytes * 2 => {}
+                Ok(_) => return false,
+                Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+            }
+        }
+    }
+
     async fn flush(&mut self, limit: Duration) -> Result<(), bool> {
         if self.wbuf.is_empty() {
             return Ok(());
@@ -246,6 +260,8 @@ impl Conn {
                 return None;
             }
         };
+        // Logged in: no longer one of its address's connections waiting to.
+        drop(pending);
         if let Some(w) = &will {
             let allowed = w.topic.len() <= super::session::MAX_TOPIC_BYTES
                 && std::str::from_utf8(&w.topic).is_ok_and(|t| super::acl::may_publish(&device, t));
@@ -255,7 +271,8 @@ impl Conn {
                 return None;
             }
         }
-        if shared.closing.is_cancelled() {
+        if shared.closing.is_cancelled() || self.peer_closed() {
+            // A device that has already gone must not take a session over.
             return None;
         }
         let opened = match shared
@@ -289,11 +306,15 @@ impl Conn {
         let ticket = opened.ticket;
         if let Some(previous) = opened.previous {
             shared.stats.takeovers.fetch_add(1, Ordering::Relaxed);
-            // The router must see the old connection leave before this one comes.
-            if !registry::finished(&previous, TAKEOVER_WAIT).await {
-                tracing::warn!(device = %device, "a taken-over connection is slow to close: refused for now");
-                self.refuse(v5, ConnackRefusal::Unavailable).await;
-                return None;
+            // The router must see the old connection leave before this one comes. Taken
+            // over itself meanwhile (a device reconnecting in a loop), this one gives up.
+            tokio::select! {
+                done = registry::finished(&previous, TAKEOVER_WAIT) => if !done {
+                    tracing::warn!(device = %device, "a taken-over connection is slow to close: refused for now");
+                    self.refuse(v5, ConnackRefusal::Unavailable).await;
+                    return None;
+                },
+                _ = ticket.control.closed() => return None,
             }
         }
         // The router only ever holds clean sessions (see `registry`).
@@ -351,7 +372,6 @@ impl Conn {
             let _ = logged_in.tx.send(disconnect_packet()).await;
             return None;
         }
-        drop(pending);
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         shared.presence.update(&logged_in.device, true);
         if let Some(subscribe) = opened.restored.and_then(|f| logged_in.session.restore(f)) {

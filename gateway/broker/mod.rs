@@ -34,13 +34,12 @@ use std::time::Duration;
 
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Notification, RouterConfig};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SharedDevices;
 use crate::model::{PublishSink, ReasonCounts};
 pub use presence::PresenceBoard;
-pub use shared::{BrokerEvent, BrokerStats, Denial, Shared};
+pub use shared::{BrokerStats, Denial, DenialBoard, Shared};
 
 /// A router link: what the router gives a registered connection.
 pub(crate) type Link = (LinkTx, LinkRx, Notification);
@@ -250,7 +249,6 @@ impl Broker {
         settings: BrokerSettings,
         devices: SharedDevices,
         sink: Arc<dyn PublishSink>,
-        events: mpsc::Sender<BrokerEvent>,
         refusals: Arc<ReasonCounts>,
     ) -> Result<(Broker, BranchPublisher, RouterProbe), BrokerError> {
         let bind_error = |source| BrokerError::Bind {
@@ -299,7 +297,6 @@ impl Broker {
             settings.clone(),
             devices,
             sink,
-            events,
             refusals,
             helpers,
         ));

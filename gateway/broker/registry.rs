@@ -5,7 +5,8 @@
 //! every clean session, the whole session for a persistent one), and its persistent
 //! sessions mishandle shared subscriptions and unsubscribes. So the router only ever sees
 //! clean sessions under ids from a bounded set: a device's connection is `dev:ID:cN`, N
-//! its slot among the device's open connections (at most `max_per_device`). Device ids
+//! its slot among the device's open connections (fewer than twice `max_per_device`:
+//! connections taken over keep their slot until they have left the router). Device ids
 //! contain no `:`, so no id can reach another device's (or the gateway's own links').
 //!
 //! A persistent session (clean session 0) is kept here: its subscriptions, restored when
@@ -69,7 +70,8 @@ impl Control {
 /// Why a connection may not open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
-    /// The device has `max_per_device` connections open.
+    /// The device has `max_per_device` connections open (or twice as many still
+    /// closing).
     TooManyConnections,
     /// A new persistent client id past `max_sessions` for the device.
     TooManySessions,
@@ -218,13 +220,17 @@ impl Registry {
                 None
             }
         };
+        // Slots of connections still leaving stay taken; beyond twice the limit (a device
+        // reconnecting in a storm) new ones wait until some have left.
+        let Some(slot) =
+            (0..self.limits.max_per_device * 2).find(|s| !d.open.iter().any(|o| o.slot == *s))
+        else {
+            return Err(Refused::TooManyConnections);
+        };
         let previous = previous.map(|i| {
             d.open[i].leaving = true;
             d.open[i].control.clone()
         });
-        let slot = (0..)
-            .find(|s| !d.open.iter().any(|o| o.slot == *s))
-            .unwrap_or(0);
         let control = Arc::new(Control::default());
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         d.open.push(Open {

@@ -3,10 +3,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{Auth, AuthSettings};
@@ -17,14 +16,30 @@ use crate::burst::BurstLimiter;
 use crate::config::SharedDevices;
 use crate::model::{now_ms, DeviceId, PublishSink, ReasonCounts};
 
-/// Something the broker refused, reported to the app (and counted there per device).
-/// `device` is `None` when the client had not authenticated as a configured device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BrokerEvent {
-    Denied {
-        device: Option<DeviceId>,
-        what: Denial,
-    },
+/// Refusals counted per device (`None`: no configured device) and reason until the app
+/// takes them. Bounded: only configured devices' names are ever keys.
+#[derive(Debug, Default)]
+pub struct DenialBoard {
+    counts: Mutex<HashMap<(Option<DeviceId>, Denial), u64>>,
+    /// Woken on every refusal.
+    pub changed: tokio::sync::Notify,
+}
+
+impl DenialBoard {
+    fn add(&self, device: Option<&str>, what: Denial) {
+        *lock(&self.counts)
+            .entry((device.map(str::to_owned), what))
+            .or_default() += 1;
+        self.changed.notify_one();
+    }
+
+    /// Everything counted since the last call.
+    pub fn take(&self) -> Vec<(Option<DeviceId>, Denial, u64)> {
+        lock(&self.counts)
+            .drain()
+            .map(|((d, w), n)| (d, w, n))
+            .collect()
+    }
 }
 
 /// Every refusal the broker counts. `connect_*` refuse a connection, `*_denied` a packet;
@@ -114,8 +129,6 @@ pub struct BrokerStats {
     pub takeovers: AtomicU64,
     pub zero_keepalive: AtomicU64,
     pub accept_errors: AtomicU64,
-    /// Events lost because the app's event channel was full.
-    pub events_dropped: AtomicU64,
 }
 
 pub struct Shared {
@@ -123,15 +136,17 @@ pub struct Shared {
     pub sink: Arc<dyn PublishSink>,
     pub presence: PresenceBoard,
     pub stats: BrokerStats,
-    /// Refusals by reason since start (also sent to the app per device as events).
+    /// Refusals by reason since start, for `/metrics` and the health message.
     pub refusals: Arc<ReasonCounts>,
+    /// Refusals per device and reason, until the app records them.
+    pub denials: DenialBoard,
     pub(crate) settings: BrokerSettings,
     pub(crate) auth: Auth,
     pub(crate) registry: Arc<Registry>,
     /// Cancelled at shutdown: nothing more is acknowledged to any device.
     pub(crate) closing: CancellationToken,
-    events: mpsc::Sender<BrokerEvent>,
-    /// Every filter ever passed to the router (it keeps each one's log for good).
+    /// Every device filter ever passed to the router (it keeps each one's log for good;
+    /// the one filter denied subscriptions become is not counted).
     filters: Mutex<HashSet<String>>,
     /// Connections not yet logged in, per source address.
     pending: Mutex<HashMap<IpAddr, usize>>,
@@ -147,7 +162,6 @@ impl Shared {
         settings: BrokerSettings,
         devices: SharedDevices,
         sink: Arc<dyn PublishSink>,
-        events: mpsc::Sender<BrokerEvent>,
         refusals: Arc<ReasonCounts>,
         helpers: tokio::runtime::Handle,
     ) -> Self {
@@ -170,12 +184,12 @@ impl Shared {
             presence: PresenceBoard::default(),
             stats: BrokerStats::default(),
             refusals,
+            denials: DenialBoard::default(),
             settings,
             auth,
             registry,
             closing: CancellationToken::new(),
-            events,
-            filters: Mutex::new(HashSet::from([super::session::SINK_FILTER.to_owned()])),
+            filters: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashMap::new()),
             log: Mutex::new(BurstLimiter::new(10_000, 4096)),
         }
@@ -205,13 +219,7 @@ impl Shared {
                 "device refused"
             );
         }
-        let event = BrokerEvent::Denied {
-            device: device.map(str::to_owned),
-            what,
-        };
-        if self.events.try_send(event).is_err() {
-            self.stats.events_dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.denials.add(device, what);
     }
 
     /// May the router be given `filter`? Known filters always; a new one while fewer than

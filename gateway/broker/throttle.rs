@@ -3,7 +3,9 @@
 //! check. No I/O and no clock: the caller passes the time.
 //!
 //! After the n-th consecutive failure a key waits `base × 2^(n-1)`, at most `max`; a
-//! success clears the key, and a key quiet for `forget` starts again from zero. The table
+//! success clears the key, and a key quiet for `forget` starts again from zero. While a
+//! check of a key runs ([`Throttle::begin`]), the key waits too: concurrent attempts
+//! cannot all slip in before the first failure is known. The table
 //! holds at most `max_keys` keys: when full, keys whose wait has passed are forgotten
 //! first, then the least recently failed one (so a flood of addresses costs bounded
 //! memory; the per-device keys still hold).
@@ -24,6 +26,8 @@ struct Entry {
     failures: u32,
     until_ms: i64,
     last_ms: i64,
+    /// A check of this key is running.
+    checking: bool,
 }
 
 #[derive(Debug)]
@@ -42,9 +46,35 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
 
     /// Milliseconds `key` must still wait (0: an attempt may be checked now).
     pub fn wait_ms(&self, key: &K, now_ms: i64) -> i64 {
-        self.entries
-            .get(key)
-            .map_or(0, |e| (e.until_ms - now_ms).max(0))
+        self.entries.get(key).map_or(0, |e| {
+            let wait = (e.until_ms - now_ms).max(0);
+            if e.checking {
+                wait.max(self.policy.base_ms)
+            } else {
+                wait
+            }
+        })
+    }
+
+    /// A check of `key` starts: until [`Throttle::fail`] or [`Throttle::succeed`], the
+    /// key waits.
+    pub fn begin(&mut self, key: &K, now_ms: i64) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.checking = true;
+            return;
+        }
+        if self.entries.len() >= self.policy.max_keys {
+            self.make_room(now_ms);
+        }
+        self.entries.insert(
+            key.clone(),
+            Entry {
+                failures: 0,
+                until_ms: now_ms,
+                last_ms: now_ms,
+                checking: true,
+            },
+        );
     }
 
     /// Record a failed attempt; returns the wait it imposes on the key.
@@ -64,9 +94,20 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
                 failures,
                 until_ms: now_ms + wait,
                 last_ms: now_ms,
+                checking: false,
             },
         );
         wait
+    }
+
+    /// A check that began ended without a verdict: the key keeps its failures.
+    pub fn abandon(&mut self, key: &K) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.checking = false;
+            if e.failures == 0 {
+                self.entries.remove(key);
+            }
+        }
     }
 
     /// A successful login clears the key.
@@ -90,7 +131,7 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
     fn make_room(&mut self, now_ms: i64) {
         let forget = self.policy.forget_ms;
         self.entries
-            .retain(|_, e| e.until_ms > now_ms && now_ms - e.last_ms < forget);
+            .retain(|_, e| e.checking || (e.until_ms > now_ms && now_ms - e.last_ms < forget));
         if self.entries.len() >= self.policy.max_keys {
             if let Some(oldest) = self
                 .entries
@@ -130,6 +171,20 @@ mod tests {
         assert_eq!(t.wait_ms(&"k2", 11), 0);
         t.succeed(&"k1");
         assert_eq!(t.fail(&"k1", 20), 100);
+    }
+
+    #[test]
+    fn a_running_check_holds_the_key() {
+        let mut t = Throttle::new(POLICY);
+        t.begin(&"k", 0);
+        assert_eq!(t.wait_ms(&"k", 0), 100);
+        assert_eq!(t.wait_ms(&"k", 5_000), 100, "for as long as it runs");
+        t.succeed(&"k");
+        assert_eq!(t.wait_ms(&"k", 5_000), 0);
+        t.begin(&"k", 6_000);
+        assert_eq!(t.fail(&"k", 6_050), 100);
+        assert_eq!(t.wait_ms(&"k", 6_100), 50);
+        assert_eq!(t.wait_ms(&"k", 6_150), 0);
     }
 
     #[test]

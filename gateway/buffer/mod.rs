@@ -65,10 +65,12 @@ pub enum Write {
     Accepted(Accepted),
     Rejected(Rejected),
     Presence(Presence),
-    /// The broker refused something of this device (`what` is a stable counter name).
+    /// The broker refused something of this device `count` times (`what` is a stable
+    /// counter name; the empty device id counts what concerns no configured device).
     Denied {
         device: DeviceId,
         what: &'static str,
+        count: u64,
         at_ms: i64,
     },
     /// The central broker acknowledged these messages (by `seq`).
@@ -1130,8 +1132,14 @@ impl Writer {
                     Write::Denied {
                         device,
                         what,
+                        count,
                         at_ms,
-                    } => bump(devices.entry(device).or_default(), what, *at_ms),
+                    } => bump_by(
+                        devices.entry(device).or_default(),
+                        what,
+                        (*count).try_into().unwrap_or(i64::MAX),
+                        *at_ms,
+                    ),
                     Write::Maintain => self.maintain_due = true,
                     Write::Probe => {}
                     Write::Configured(list) => {
