@@ -7,6 +7,7 @@
 
 pub mod profile;
 pub mod serial_spec;
+pub(crate) mod strict_json;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
