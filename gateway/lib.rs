@@ -9,7 +9,8 @@
 //!
 //! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages,
 //!   summary contributions.
-//! - [`config`]: the TOML config and the JSON device profiles; strict parsing, then `check()`.
+//! - [`config`]: the TOML config and the JSON device profiles; bounded reading of regular files
+//!   only, strict parsing (errors quote no config text; no repeated JSON keys), then `check()`.
 //! - [`broker`]: the embedded rumqttd broker with per-device auth, topic ACLs and presence.
 //! - [`intake`]: validate each device message against its profile and stamp it.
 //! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit.
