@@ -236,7 +236,7 @@ pub async fn run(
     tasks.spawn(reload_on_sighup(
         hangup,
         broker.shared().clone(),
-        loaded.path.clone(),
+        loaded.clone(),
         devices.clone(),
         buffer.sender(),
         status.clone(),
@@ -608,7 +608,8 @@ async fn record_broker_events(
 async fn reload_on_sighup(
     hangup: std::io::Result<tokio::signal::unix::Signal>,
     broker: Arc<crate::broker::Shared>,
-    path: std::path::PathBuf,
+    // What is running: sections needing a restart are compared with this one forever.
+    running: Loaded,
     devices: SharedDevices,
     writer: mpsc::Sender<Write>,
     status: impl Fn() -> String + Send + 'static,
@@ -618,8 +619,9 @@ async fn reload_on_sighup(
         tracing::warn!("cannot listen for SIGHUP: reload unavailable");
         return;
     };
-    // What is running: sections needing a restart are compared with this one forever.
-    let started = crate::config::raw_table(&path).unwrap_or_default();
+    let Loaded {
+        path, raw: started, ..
+    } = running;
     let mut applied = started.clone();
     let rollups_at_start = devices.load().rollups;
     loop {
@@ -630,15 +632,15 @@ async fn reload_on_sighup(
         crate::service::notify_reloading();
         let load = {
             let path = path.clone();
+            // The error names keys and lines, never config text (`config::load`).
             tokio::task::spawn_blocking(move || {
-                let loaded = crate::config::load(&path).map_err(|e| e.to_string())?;
-                let raw = crate::config::raw_table(&path)?;
-                Ok::<_, String>((loaded, raw))
+                crate::config::load(&path).map_err(|e| e.to_string())
             })
             .await
         };
         match load {
-            Ok(Ok((loaded, raw))) => {
+            Ok(Ok(loaded)) => {
+                let raw = loaded.raw.clone();
                 let (added, removed, changed) = crate::config::device_changes(&applied, &raw);
                 // `[storage]` waits for a restart (named below), `rollups` with it: the
                 // writer's setting is fixed at start.

@@ -62,13 +62,19 @@ pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: 
             .profile
             .validate_parsed(kind, payload, table.privacy_key.as_deref())
             .map(|payload| (kind, payload)),
-        None => Err(Rejection::new(
-            RejectReason::UnknownKind,
-            format!(
-                "topic kind {:?} is not telemetry, events or status",
-                crate::config::profile::truncate(kind_name, 40)
-            ),
-        )),
+        None => Err({
+            let mut r = Rejection::quoting(
+                RejectReason::UnknownKind,
+                "topic kind ",
+                kind_name,
+                true,
+                " is not telemetry, events or status",
+            );
+            if entry.profile.has_privacy_fields() {
+                r.withhold_value();
+            }
+            r
+        }),
     };
     match result {
         Ok((kind, valid)) => {
@@ -182,7 +188,8 @@ impl IntakeSink {
                 device = %r.device,
                 kind = %r.kind,
                 reason = r.rejection.reason.as_str(),
-                detail = %r.rejection.loggable_detail(),
+                // Bounded, and without values for profiles with privacy fields (`Rejection`).
+                detail = %r.rejection.detail,
                 suppressed_since_last_report = suppressed,
                 "message rejected"
             );
@@ -330,6 +337,66 @@ mod tests {
             "{}",
             r.rejection.detail
         );
+    }
+
+    #[test]
+    fn a_card_number_in_a_plain_field_of_a_privacy_profile_is_withheld() {
+        let t = table_with(
+            r#"{"name":"p","description":"","events":{"max_bytes":300,"type_field":"event","types":{
+                "session_end":{"fields":{"reason":{"type":"string","enum":["done","timeout"]},
+                  "patron_id":{"type":"string","required":false,"privacy":"hash"}}}}}}"#,
+        );
+        let card = "21234000000777";
+        for (topic, payload) in [
+            // In a field without a privacy rule, as a key, as an event type, repeated, as
+            // the topic's kind.
+            (
+                "devices/k1/events",
+                format!(r#"{{"event":"session_end","reason":"{card}"}}"#),
+            ),
+            (
+                "devices/k1/events",
+                format!(r#"{{"event":"session_end","reason":"done","{card}":1}}"#),
+            ),
+            ("devices/k1/events", format!(r#"{{"event":"{card}"}}"#)),
+            (
+                "devices/k1/events",
+                format!(r#"{{"event":"session_end","reason":"done","{card}":1,"{card}":2}}"#),
+            ),
+            ("devices/k1/card-21234000000777", "{}".to_owned()),
+        ] {
+            let Outcome::Rejected(r) = classify(&t, topic.as_bytes(), payload.as_bytes(), 1) else {
+                panic!("{payload}")
+            };
+            assert!(
+                r.rejection.detail.contains(crate::model::WITHHELD),
+                "{}",
+                r.rejection.detail
+            );
+            assert!(!r.rejection.detail.contains(card), "{}", r.rejection.detail);
+            assert!(!r.excerpt.contains(card), "{}", r.excerpt);
+        }
+    }
+
+    #[test]
+    fn a_plain_profile_quotes_at_most_32_characters() {
+        let key = "k".repeat(40);
+        let payload = format!(r#"{{"n":1,"{key}":1,"{key}":2}}"#);
+        let Outcome::Rejected(r) =
+            classify(&table(), b"devices/k1/telemetry", payload.as_bytes(), 1)
+        else {
+            panic!()
+        };
+        assert_eq!(r.rejection.reason, RejectReason::DuplicateKey);
+        assert_eq!(
+            r.rejection.detail,
+            format!(
+                "key \"{}…\" appears twice in one object (line 1, column 94)",
+                "k".repeat(32)
+            )
+        );
+        // The excerpt (for branch IT, never logged) keeps the payload's start.
+        assert_eq!(r.excerpt, payload);
     }
 
     #[test]

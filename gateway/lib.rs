@@ -9,7 +9,8 @@
 //!
 //! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages,
 //!   summary contributions.
-//! - [`config`]: the TOML config and the JSON device profiles; strict parsing, then `check()`.
+//! - [`config`]: the TOML config and the JSON device profiles; bounded reading of regular files
+//!   only, strict parsing (errors quote no config text; no repeated JSON keys), then `check()`.
 //! - [`broker`]: the device port: rumqttd's router behind our own listener, connection
 //!   driver and protocol checks (frames, logins, limits, ACLs, presence).
 //! - [`intake`]: validate each device message against its profile and stamp it.

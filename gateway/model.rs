@@ -79,6 +79,9 @@ pub enum RejectReason {
     UnknownField,
     /// `devices/ID/status` carried something other than `online` / `offline`.
     BadStatus,
+    /// An object in the payload has the same key twice (at any depth): JSON parsers
+    /// disagree on which value counts, so the message is not taken.
+    DuplicateKey,
 }
 
 impl RejectReason {
@@ -94,6 +97,7 @@ impl RejectReason {
             RejectReason::OutOfRange => "out_of_range",
             RejectReason::UnknownField => "unknown_field",
             RejectReason::BadStatus => "bad_status",
+            RejectReason::DuplicateKey => "duplicate_key",
         }
     }
 }
@@ -104,29 +108,70 @@ impl fmt::Display for RejectReason {
     }
 }
 
+/// Cut `s` to at most `max` characters (on a char boundary), marking a cut with `…`.
+pub fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// Characters of a payload value a rejection detail quotes at most (then `…`).
+pub const QUOTED_CHARS: usize = 32;
+
+/// What a detail shows instead of a quoted value for a profile with privacy fields.
+pub const WITHHELD: &str = "<withheld>";
+
 /// A rejection with the detail branch IT needs to fix the device ("field `result`: ...").
+///
+/// The detail is stored, logged and shown by `branch-gateway devices`. It quotes at most one
+/// value the device sent (a field's value, an event type, a key), always through
+/// [`Rejection::quoting`], which bounds it to [`QUOTED_CHARS`] characters and remembers where
+/// it is, so [`Rejection::withhold_value`] can replace it for profiles with patron fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     pub reason: RejectReason,
     pub detail: String,
+    /// The bytes of `detail` that quote a value the device sent.
+    quoted: Option<std::ops::Range<usize>>,
 }
 
 impl Rejection {
+    /// A rejection whose detail quotes nothing the device sent.
     pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Rejection {
             reason,
             detail: detail.into(),
+            quoted: None,
         }
     }
-}
 
-impl Rejection {
-    /// The detail, unless it quotes a value the device sent (out-of-range and unknown-type
-    /// details do): logs never carry payload values, which may be patron data.
-    pub fn loggable_detail(&self) -> &str {
-        match self.reason {
-            RejectReason::OutOfRange | RejectReason::UnknownType => "(value withheld from logs)",
-            _ => &self.detail,
+    /// `before` + the device's `value` (cut to [`QUOTED_CHARS`] characters, then `…`) +
+    /// `after`. `debug` quotes the value as a string (`"on_fire"`); numbers go without.
+    pub fn quoting(
+        reason: RejectReason,
+        before: &str,
+        value: &str,
+        debug: bool,
+        after: &str,
+    ) -> Self {
+        let cut = truncate(value, QUOTED_CHARS);
+        let shown = match debug {
+            true => format!("{cut:?}"),
+            false => cut,
+        };
+        let start = before.len();
+        Rejection {
+            reason,
+            detail: format!("{before}{shown}{after}"),
+            quoted: Some(start..start + shown.len()),
+        }
+    }
+
+    /// Replace the quoted value (if any) by [`WITHHELD`].
+    pub fn withhold_value(&mut self) {
+        if let Some(range) = self.quoted.take() {
+            self.detail.replace_range(range, WITHHELD);
         }
     }
 }

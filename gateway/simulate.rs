@@ -1143,6 +1143,7 @@ mod tests {
             data_dir: "data".into(),
             profiles_dir: "device-profiles".into(),
             profiles,
+            raw: Default::default(),
         }
     }
 

@@ -86,11 +86,15 @@ pub fn tls_config(s: &UpstreamSection) -> Result<Option<Arc<rustls::ClientConfig
     if !s.addr().map(|a| a.tls).unwrap_or(false) {
         return Ok(None);
     }
+    // Regular files of at most 1 MiB (`MAX_PEM_BYTES`): a FIFO or `/dev/zero` named here
+    // is refused at start instead of blocking it or filling memory.
     let read = |key: &'static str, path: &PathBuf| -> Result<Vec<u8>, TlsError> {
-        std::fs::read(path).map_err(|e| TlsError::File {
-            key,
-            path: path.clone(),
-            message: e.to_string(),
+        crate::config::file::read(path, crate::config::file::MAX_PEM_BYTES).map_err(|e| {
+            TlsError::File {
+                key,
+                path: path.clone(),
+                message: e.to_string(),
+            }
         })
     };
     let mut roots = rustls::RootCertStore::empty();

@@ -7,8 +7,11 @@
 
 pub mod api;
 mod broker;
+pub mod file;
 pub mod profile;
 pub mod serial_spec;
+pub(crate) mod strict_json;
+mod toml_error;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -120,6 +123,12 @@ pub struct UpstreamAddr {
 
 impl UpstreamSection {
     pub fn addr(&self) -> Result<UpstreamAddr, String> {
+        if self.url.contains('@') {
+            // Errors and logs name the url: a password in it would be printed.
+            return Err(
+                "must not hold credentials: use upstream.username and upstream.password".into(),
+            );
+        }
         let (scheme, rest) = self
             .url
             .split_once("://")
@@ -212,11 +221,9 @@ mod humantime_serde_compat {
     use serde::{Deserialize, Deserializer};
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{s:?} is not a duration like \"7d\" or \"12h\": {e}"
-            ))
-        })
+        // The message names no part of the value (config errors quote no config text).
+        humantime::parse_duration(&s)
+            .map_err(|_| serde::de::Error::custom("is not a duration like \"7d\" or \"12h\""))
     }
 }
 
@@ -345,10 +352,10 @@ impl fmt::Display for Problem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read: {source}")]
+    #[error("{path}: {source}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        source: file::FileError,
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -380,8 +387,10 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 impl Config {
+    /// Parse a config file's text. An error names the line, column and key, never the
+    /// text itself (it may hold a password, the API token or `hmac_secret`).
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| toml_error::describe(text, &e))
     }
 
     /// Semantic checks; every problem is reported with its key.
@@ -630,13 +639,26 @@ pub struct Device {
 
 /// The configured devices by id. Shared read-mostly between the broker's protocol wrapper
 /// (auth, ACL) and intake (validation).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct DeviceTable {
     pub devices: HashMap<DeviceId, Device>,
     /// `[privacy] hmac_secret`: the key for fields marked `privacy: hash`.
     pub privacy_key: Option<Arc<[u8]>>,
     /// `[storage] rollups`: whether accepted messages carry rollup contributions.
     pub rollups: bool,
+}
+
+impl fmt::Debug for DeviceTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceTable")
+            .field("devices", &self.devices)
+            .field(
+                "privacy_key",
+                &self.privacy_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("rollups", &self.rollups)
+            .finish()
+    }
 }
 
 impl DeviceTable {
@@ -670,15 +692,21 @@ impl SharedDevices {
     }
 }
 
-/// The raw TOML of a config file, for comparing what a reload changes.
-pub fn raw_table(path: &Path) -> Result<toml::Table, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    text.parse::<toml::Table>().map_err(|e| e.to_string())
+/// The raw TOML of a config file, for comparing what a reload changes. Its `Debug` shows
+/// no values (they include the secrets).
+#[derive(Clone, Default, PartialEq)]
+pub struct RawConfig(pub toml::Table);
+
+impl fmt::Debug for RawConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// What a reload cannot apply: the sections (and serial devices, whose readers start
 /// with the process) that differ between the running config and the new one.
-pub fn needs_restart(running: &toml::Table, new: &toml::Table) -> Vec<String> {
+pub fn needs_restart(running: &RawConfig, new: &RawConfig) -> Vec<String> {
+    let (running, new) = (&running.0, &new.0);
     let mut out: Vec<String> = ["gateway", "broker", "storage", "upstream", "api"]
         .into_iter()
         .filter(|key| running.get(*key) != new.get(*key))
@@ -702,11 +730,8 @@ pub fn needs_restart(running: &toml::Table, new: &toml::Table) -> Vec<String> {
 
 /// Device ids added, removed and changed (profile, password, anything) between two
 /// config files.
-pub fn device_changes(
-    old: &toml::Table,
-    new: &toml::Table,
-) -> (Vec<String>, Vec<String>, Vec<String>) {
-    let (a, b) = (device_entries(old), device_entries(new));
+pub fn device_changes(old: &RawConfig, new: &RawConfig) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let (a, b) = (device_entries(&old.0), device_entries(&new.0));
     let added = b.keys().filter(|k| !a.contains_key(*k)).cloned().collect();
     let removed = a.keys().filter(|k| !b.contains_key(*k)).cloned().collect();
     let changed = b
@@ -734,6 +759,8 @@ pub struct Loaded {
     pub data_dir: PathBuf,
     pub profiles_dir: PathBuf,
     pub profiles: BTreeMap<String, Arc<Profile>>,
+    /// The file as read, for comparing what a reload changes.
+    pub raw: RawConfig,
 }
 
 impl Loaded {
@@ -801,16 +828,23 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     out
 }
 
-/// Read, parse and check a config file and every profile its devices use.
+/// Read, parse and check a config file and every profile its devices use. Every file is
+/// read once, and only if it is a regular file within its limit (see [`file`]).
 pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+    let text =
+        file::read_text(path, file::MAX_CONFIG_BYTES).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let parse_error = |message| ConfigError::Parse {
         path: path.to_path_buf(),
         message,
-    })?;
+    };
+    let config = Config::parse(&text).map_err(parse_error)?;
+    let raw = text
+        .parse::<toml::Table>()
+        .map(RawConfig)
+        .map_err(|e| parse_error(toml_error::describe(&text, &e)))?;
     let problems = config.check();
     if !problems.is_empty() {
         return Err(ConfigError::Invalid {
@@ -832,11 +866,17 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         ] {
             if let Some(f) = file {
                 *f = resolve(base, f);
-                if let Err(e) = std::fs::metadata(&*f) {
-                    problems.push(Problem {
+                // Read in full when TLS is set up (`upstream::tls_config`), at the same limit.
+                match file::check(f, file::MAX_PEM_BYTES) {
+                    Ok(()) => {}
+                    Err(file::FileError::Io(e)) => problems.push(Problem {
                         key: format!("upstream.{key}"),
                         message: format!("cannot read {}: {e}", f.display()),
-                    });
+                    }),
+                    Err(e) => problems.push(Problem {
+                        key: format!("upstream.{key}"),
+                        message: format!("{}: {e}", f.display()),
+                    }),
                 }
             }
         }
@@ -849,16 +889,20 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             continue;
         }
         let file = profiles_dir.join(format!("{}.json", d.profile));
-        let text = match std::fs::read_to_string(&file) {
+        let text = match file::read_text(&file, file::MAX_PROFILE_BYTES) {
             Ok(t) => t,
             Err(e) => {
-                problems.push(Problem {
-                    key: format!("devices[{i}].profile (id {:?})", d.id),
-                    message: format!(
+                let message = match e {
+                    file::FileError::Io(e) => format!(
                         "profile {:?}: cannot read {}: {e}",
                         d.profile,
                         file.display()
                     ),
+                    e => format!("profile {:?}: {}: {e}", d.profile, file.display()),
+                };
+                problems.push(Problem {
+                    key: format!("devices[{i}].profile (id {:?})", d.id),
+                    message,
                 });
                 continue;
             }
@@ -938,6 +982,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         data_dir,
         profiles_dir,
         profiles,
+        raw,
     })
 }
 
@@ -986,6 +1031,57 @@ mod tests {
                 "devices[1].password (id \"k1\")"
             ]
         );
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("device-profiles")).unwrap();
+        std::fs::write(
+            dir.path().join("device-profiles/p.json"),
+            r#"{"name":"p","description":"","telemetry":{"max_bytes":100}}"#,
+        )
+        .unwrap();
+        let text = MINIMAL.replace("secret", "device-pw-planted")
+            + "[api]\nlisten = \"127.0.0.1:8080\"\ntoken = \"api-token-planted-0123\"\n\
+               [privacy]\nhmac_secret = \"hmac-secret-planted-0123\"\n\
+               [upstream]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"c\"\ntopic_prefix = \"p\"\n\
+               username = \"u\"\npassword = \"upstream-pw-planted\"\n";
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).unwrap();
+        let loaded = load(&path).unwrap();
+        let shown = format!("{loaded:?} {:?} {:?}", loaded.device_table(), loaded.raw);
+        assert!(shown.contains("Loaded"), "{shown}");
+        for planted in [
+            "device-pw-planted",
+            "api-token-planted",
+            "hmac-secret-planted",
+            "upstream-pw-planted",
+        ] {
+            assert!(!shown.contains(planted), "{planted} in {shown}");
+        }
+        // Nor as bytes (the privacy key is held as `[u8]`).
+        let bytes = format!("{:?}", b"hmac-secret-planted");
+        assert!(!shown.contains(bytes.trim_end_matches(']')), "{shown}");
+        // The same secrets with a syntax error next to them: the error names no value.
+        let broken = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"api-token-planted-0123\"", "\"api-token-planted-0123\" x");
+        std::fs::write(&path, broken).unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("line 12, column 34, key `api.token`"), "{err}");
+        assert!(!err.contains("planted"), "{err}");
+    }
+
+    #[test]
+    fn credentials_in_the_upstream_url_are_refused_unquoted() {
+        let text = format!(
+            "{MINIMAL}\n[upstream]\nurl = \"mqtt://u:pw-in-url@127.0.0.1:x\"\nclient_id = \"c\"\ntopic_prefix = \"p\"\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        let problems = c.check();
+        assert_eq!(problems[0].key, "upstream.url");
+        assert!(!problems[0].message.contains("pw-in-url"), "{problems:?}");
     }
 
     #[test]

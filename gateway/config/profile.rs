@@ -347,7 +347,8 @@ impl Profile {
         self.validate_with(kind, payload, None)
     }
 
-    /// Whether any field carries a privacy rule (then refused payloads keep no excerpt).
+    /// Whether any field carries a privacy rule (then refused payloads keep no excerpt and
+    /// their details quote no value).
     pub fn has_privacy_fields(&self) -> bool {
         [&self.telemetry, &self.events]
             .into_iter()
@@ -407,7 +408,14 @@ impl Profile {
                 format!("profile `{}` declares no `{kind}`", self.name),
             ));
         };
-        spec.validate(payload, key)
+        spec.validate(payload, key).map_err(|mut r| {
+            // A refused message of a profile with patron fields may carry them anywhere
+            // (a card number typed into a free-text field): its detail quotes nothing.
+            if self.has_privacy_fields() {
+                r.withhold_value();
+            }
+            r
+        })
     }
 }
 
@@ -481,8 +489,21 @@ impl KindSpec {
                 format!("{} bytes, limit {}", payload.len(), self.max_bytes),
             ));
         }
-        let value: Value = serde_json::from_slice(payload)
-            .map_err(|e| Rejection::new(RejectReason::NotJson, truncate(&e.to_string(), 120)))?;
+        // One parse, which also refuses a key repeated in any object (see `strict_json`).
+        let value = super::strict_json::parse(payload).map_err(|e| match e {
+            super::strict_json::StrictError::Syntax(e) => {
+                Rejection::new(RejectReason::NotJson, truncate(&e.to_string(), 120))
+            }
+            super::strict_json::StrictError::DuplicateKey { key, line, column } => {
+                Rejection::quoting(
+                    RejectReason::DuplicateKey,
+                    "key ",
+                    &key,
+                    true,
+                    &format!(" appears twice in one object (line {line}, column {column})"),
+                )
+            }
+        })?;
         let Value::Object(mut obj) = value else {
             return Err(Rejection::new(
                 RejectReason::NotObject,
@@ -509,9 +530,12 @@ impl KindSpec {
                 match self.types.get(t) {
                     Some(spec) => Some(&spec.fields),
                     None => {
-                        return Err(Rejection::new(
+                        return Err(Rejection::quoting(
                             RejectReason::UnknownType,
-                            format!("`{tf}` = {:?} is not a declared type", truncate(t, 40)),
+                            &format!("`{tf}` = "),
+                            t,
+                            true,
+                            " is not a declared type",
                         ))
                     }
                 }
@@ -565,9 +589,12 @@ impl KindSpec {
         if let Some(first) = unknown.first() {
             match self.unknown_fields {
                 UnknownFields::Reject => {
-                    return Err(Rejection::new(
+                    return Err(Rejection::quoting(
                         RejectReason::UnknownField,
-                        format!("field `{}` is not in the profile", truncate(first, 40)),
+                        "field ",
+                        first,
+                        true,
+                        " is not in the profile",
                     ))
                 }
                 UnknownFields::Drop => {
@@ -673,15 +700,29 @@ impl FieldSpec {
             ));
         }
         let out_of_range = |what: String| Err(Rejection::new(RejectReason::OutOfRange, what));
+        // The value itself, quoted (bounded; withheld later for privacy profiles).
+        let value_is = |after: String| {
+            let (text, debug) = match v {
+                Value::String(s) => (s.clone(), true),
+                other => (other.to_string(), false),
+            };
+            Err(Rejection::quoting(
+                RejectReason::OutOfRange,
+                &format!("field `{name}` = "),
+                &text,
+                debug,
+                &after,
+            ))
+        };
         if let Some(x) = v.as_f64() {
             if let Some(lo) = self.min {
                 if x < lo {
-                    return out_of_range(format!("field `{name}` = {x} is below {lo}"));
+                    return value_is(format!(" is below {lo}"));
                 }
             }
             if let Some(hi) = self.max {
                 if x > hi {
-                    return out_of_range(format!("field `{name}` = {x} is above {hi}"));
+                    return value_is(format!(" is above {hi}"));
                 }
             }
         }
@@ -704,13 +745,7 @@ impl FieldSpec {
         }
         if let Some(allowed) = &self.allowed {
             if !allowed.iter().any(|a| a == v || numbers_equal(a, v)) {
-                let shown = match v {
-                    Value::String(s) => format!("{:?}", truncate(s, 40)),
-                    other => other.to_string(),
-                };
-                return out_of_range(format!(
-                    "field `{name}` = {shown} is not one of the allowed values"
-                ));
+                return value_is(" is not one of the allowed values".into());
             }
         }
         Ok(())
@@ -733,13 +768,7 @@ fn json_type(v: &Value) -> &'static str {
     }
 }
 
-/// Cut `s` to at most `max` characters (on a char boundary).
-pub fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
-}
+pub use crate::model::truncate;
 
 #[cfg(test)]
 mod tests {
@@ -849,6 +878,11 @@ mod tests {
                 UnknownField,
             ),
             (Kind::Status, "maybe", BadStatus),
+            (
+                Kind::Telemetry,
+                r#"{"uptime_s":"EVIL","uptime_s":1,"printer":"ok"}"#,
+                DuplicateKey,
+            ),
         ];
         for (kind, payload, want) in cases {
             assert_eq!(reason(&p, kind, payload), Some(want), "{payload}");
@@ -858,6 +892,120 @@ mod tests {
             "x".repeat(300)
         );
         assert_eq!(reason(&p, Kind::Telemetry, &big), Some(TooLarge));
+    }
+
+    #[test]
+    fn repeated_keys_are_refused_at_any_depth() {
+        let p = Profile::from_json(
+            r#"{"name":"n","description":"","telemetry":{"max_bytes":300,"fields":{
+                "n":{"type":"integer"},
+                "meta":{"type":"object","required":false},
+                "list":{"type":"array","required":false}}}}"#,
+        )
+        .unwrap();
+        let detail = |payload: &str| {
+            p.validate(Kind::Telemetry, payload.as_bytes())
+                .map_err(|r| (r.reason, r.detail))
+        };
+        // serde_json alone would keep the last value and accept each of these.
+        for payload in [
+            r#"{"n":"EVIL","n":1}"#,
+            r#"{"n":1,"meta":{"a":1,"a":2}}"#,
+            r#"{"n":1,"list":[{"b":{"c":1,"c":"x"}}]}"#,
+            r#"{"n":1,"\u006e":2}"#,
+        ] {
+            assert_eq!(
+                detail(payload).err().map(|e| e.0),
+                Some(RejectReason::DuplicateKey),
+                "{payload}"
+            );
+        }
+        assert_eq!(
+            detail(r#"{"n":1,"meta":{"a":1,"a":2}}"#).unwrap_err().1,
+            "key \"a\" appears twice in one object (line 1, column 24)"
+        );
+        // The same key in different objects is no repetition.
+        assert!(detail(r#"{"n":1,"meta":{"n":1,"m":{"n":2}},"list":[{"n":1},{"n":2}]}"#).is_ok());
+    }
+
+    #[test]
+    fn details_quote_values_bounded_and_withhold_them_for_privacy_profiles() {
+        let long = "4111111111111111-and-some-more-text-after-it";
+        let p = kiosk();
+        let r = p
+            .validate(
+                Kind::Telemetry,
+                format!(r#"{{"uptime_s":1,"printer":"{long}"}}"#).as_bytes(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            r.detail,
+            "field `printer` = \"4111111111111111-and-some-more-t…\" is not one of the allowed values"
+        );
+        let r = p
+            .validate(
+                Kind::Telemetry,
+                format!(r#"{{"uptime_s":1,"printer":"ok","{long}":1}}"#).as_bytes(),
+            )
+            .unwrap_err();
+        assert_eq!(
+            (r.reason, r.detail.as_str()),
+            (
+                RejectReason::UnknownField,
+                "field \"4111111111111111-and-some-more-t…\" is not in the profile"
+            )
+        );
+        let r = p
+            .validate(
+                Kind::Telemetry,
+                br#"{"uptime_s":-4111111111111111,"printer":"ok"}"#,
+            )
+            .unwrap_err();
+        assert_eq!(r.detail, "field `uptime_s` = -4111111111111111 is below 0");
+
+        // The same profile with one privacy-marked field: no detail quotes a value, whichever
+        // field carries it.
+        let mut private = kiosk();
+        private
+            .events
+            .as_mut()
+            .unwrap()
+            .fields
+            .get_mut("session_ref")
+            .unwrap()
+            .privacy = Some(Privacy::Drop);
+        for (kind, payload, reason) in [
+            (
+                Kind::Telemetry,
+                format!(r#"{{"uptime_s":1,"printer":"{long}"}}"#),
+                RejectReason::OutOfRange,
+            ),
+            (
+                Kind::Telemetry,
+                format!(r#"{{"uptime_s":1,"printer":"ok","{long}":1}}"#),
+                RejectReason::UnknownField,
+            ),
+            (
+                Kind::Telemetry,
+                r#"{"uptime_s":-4111111111111111,"printer":"ok"}"#.to_owned(),
+                RejectReason::OutOfRange,
+            ),
+            (
+                Kind::Events,
+                format!(r#"{{"event":"{long}","session_ref":"a"}}"#),
+                RejectReason::UnknownType,
+            ),
+            (
+                Kind::Telemetry,
+                format!(r#"{{"uptime_s":1,"printer":"ok","{long}":1,"{long}":2}}"#),
+                RejectReason::DuplicateKey,
+            ),
+        ] {
+            let r = private.validate(kind, payload.as_bytes()).unwrap_err();
+            assert_eq!(r.reason, reason, "{payload}");
+            assert!(r.detail.contains("<withheld>"), "{}", r.detail);
+            assert!(!r.detail.contains("411111"), "{}", r.detail);
+        }
     }
 
     #[test]
