@@ -74,7 +74,8 @@ pub enum Write {
     Accepted(Accepted),
     Rejected(Rejected),
     Presence(Presence),
-    /// The broker refused something of this device (`what` is a stable counter name).
+    /// The broker or intake refused something of this device (`what` is a stable counter
+    /// name, e.g. `publish_denied`, `rate_limited`).
     Denied {
         device: DeviceId,
         what: &'static str,
@@ -1594,6 +1595,11 @@ impl Outbox {
         rows.collect()
     }
 
+    /// Messages refused for a profile's rate limit, per device (see [`rate_limited`]).
+    pub fn rate_limited(&mut self) -> rusqlite::Result<Vec<(String, i64)>> {
+        rate_limited(&self.conn)
+    }
+
     /// Undelivered messages and the receive time of the oldest.
     pub fn backlog(&mut self) -> rusqlite::Result<(i64, Option<i64>)> {
         self.conn.query_row(
@@ -1636,6 +1642,8 @@ pub struct BufferReport {
     pub rejected_kept: i64,
     /// (device, kind, count) dropped by the disk cap.
     pub drops: Vec<(String, String, i64)>,
+    /// (device, count) refused for their profile's rate limit.
+    pub rate_limited: Vec<(String, i64)>,
     pub devices_online: i64,
     pub devices_configured: i64,
 }
@@ -1663,6 +1671,17 @@ pub fn last_telemetry(conn: &Connection, device: &str) -> rusqlite::Result<Optio
         |r| r.get(0),
     )
     .optional()
+}
+
+/// Messages refused because their device was over its profile's rate limit, per device
+/// (totals since the database was created): (device, count), by device.
+pub fn rate_limited(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT device, value FROM device_counters WHERE counter = 'rate_limited' AND value > 0
+         ORDER BY device",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
 }
 
 pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferReport> {
@@ -1694,6 +1713,7 @@ pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferR
         )?,
         rejected_kept: one("SELECT COUNT(*) FROM rejected")?.unwrap_or(0),
         drops,
+        rate_limited: rate_limited(conn)?,
         devices_online: one("SELECT COUNT(*) FROM devices WHERE online = 1 AND configured = 1")?
             .unwrap_or(0),
         devices_configured: one("SELECT COUNT(*) FROM devices WHERE configured = 1")?.unwrap_or(0),
@@ -1722,6 +1742,8 @@ pub struct DeviceRow {
     pub accepted: i64,
     pub rejected: i64,
     pub denied: i64,
+    /// Messages refused for the profile's rate limit.
+    pub rate_limited: i64,
     pub last_reject_reason: Option<String>,
     pub last_reject_detail: Option<String>,
 }
@@ -1735,7 +1757,8 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
                 COALESCE((SELECT SUM(value) FROM device_counters WHERE device = d.id
                           AND (counter LIKE 'connect\\_%' ESCAPE '\\' OR counter LIKE '%\\_denied' ESCAPE '\\'
                                OR counter IN ('packet_too_large', 'malformed_packet'))), 0),
-                d.last_reject_reason, d.last_reject_detail
+                d.last_reject_reason, d.last_reject_detail,
+                COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'rate_limited'), 0)
          FROM devices d ORDER BY d.configured DESC, d.id",
     )?;
     let rows = st.query_map([], |r| {
@@ -1749,6 +1772,7 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
             accepted: r.get(6)?,
             rejected: r.get(7)?,
             denied: r.get(8)?,
+            rate_limited: r.get(11)?,
             last_reject_reason: r.get(9)?,
             last_reject_detail: r.get(10)?,
         })

@@ -6,6 +6,7 @@
 //! devices use, so `check-config` and `run` accept exactly the same files.
 
 pub mod profile;
+pub mod rate_limit;
 pub mod serial_spec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
