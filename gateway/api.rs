@@ -416,6 +416,7 @@ async fn devices(State(api): State<Api>, headers: HeaderMap) -> Response {
                 "accepted": d.accepted,
                 "rejected": d.rejected,
                 "denied": d.denied,
+                "rate_limited": d.rate_limited,
                 "last_rejection": d.last_reject_reason,
             })
         })
@@ -490,6 +491,10 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
                 "{outcome=\"rejected\"}".into(),
                 i.rejected.load(Ordering::Relaxed) as f64,
             ),
+            (
+                "{outcome=\"rate_limited\"}".into(),
+                i.rate_limited.load(Ordering::Relaxed) as f64,
+            ),
         ],
     );
     if let Some(u) = &state.upstream {
@@ -535,6 +540,17 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
             "Undelivered messages removed by the disk cap.",
             "counter",
             &drops,
+        );
+        let limited: Vec<(String, f64)> = r
+            .rate_limited
+            .iter()
+            .map(|(d, n)| (format!("{{device=\"{d}\"}}"), *n as f64))
+            .collect();
+        metric(
+            "branch_gateway_rate_limited_total",
+            "Device messages refused for their profile's rate limit, since the database was created.",
+            "counter",
+            &limited,
         );
     }
     metric(

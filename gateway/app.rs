@@ -376,6 +376,8 @@ fn start_serial(
             let now = crate::model::now_ms();
             let (device, up, reason) = match ev {
                 SerialEvent::Telemetry { device, payload } => {
+                    // Through the profile's rate limit like any device message; a refused
+                    // line is counted (`rate_limited`), as a refused MQTT publish is.
                     sink.submit(
                         format!("devices/{device}/telemetry").as_bytes(),
                         payload.as_bytes(),
@@ -402,7 +404,8 @@ fn start_serial(
             }
             tracing::info!(device = %device, online = up, reason = %reason, "device presence");
             let status: &[u8] = if up { b"online" } else { b"offline" };
-            sink.submit(format!("devices/{device}/status").as_bytes(), status);
+            // The gateway's own word on the line, not the device's: never rate-limited.
+            sink.submit_own(format!("devices/{device}/status").as_bytes(), status);
             let presence = Presence {
                 device,
                 online: up,

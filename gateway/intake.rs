@@ -6,15 +6,24 @@
 //! device and reason (in the buffer), stored in the bounded `rejected` table, and logged
 //! once per burst. When the writer's queue is full, the calling connection waits: the
 //! device's acknowledgements are held back, nothing is dropped.
+//!
+//! A device whose profile sets a `rate_limit` is checked first, before validation: beyond
+//! its token buckets ([`crate::limit`]) a message is refused as `rate_limited` (counted
+//! per device, logged once per burst), never queued for storage. Devices of profiles
+//! without a limit skip the check entirely.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use crate::buffer::{BufferStats, Write};
 use crate::burst::BurstLimiter;
-use crate::config::{DeviceTable, SharedDevices};
+use crate::config::rate_limit::RateLimit;
+use crate::config::{Device, DeviceTable, SharedDevices};
+use crate::limit::DeviceLimiter;
 use crate::model::{
     now_ms, Accepted, Capture, DeviceId, Kind, PublishSink, RejectReason, Rejected, Rejection,
 };
@@ -34,6 +43,8 @@ pub struct IntakeStats {
     /// Messages dropped because the queue was full on a runtime that cannot wait
     /// (never in the daemon, which runs a multi-thread runtime).
     pub dropped_full: AtomicU64,
+    /// Messages refused because their device was over its profile's `rate_limit`.
+    pub rate_limited: AtomicU64,
 }
 
 /// What one message became. Pure: no I/O.
@@ -47,16 +58,30 @@ pub enum Outcome {
 
 /// Check one broker message. `received_ms` is the gateway's receive time.
 pub fn classify(table: &DeviceTable, topic: &[u8], payload: &[u8], received_ms: i64) -> Outcome {
-    let Some((device, kind_name)) = std::str::from_utf8(topic)
-        .ok()
-        .and_then(|t| t.strip_prefix("devices/"))
-        .and_then(|t| t.split_once('/'))
-    else {
-        return Outcome::Ignored;
-    };
-    let Some(entry) = table.get(device) else {
-        return Outcome::Ignored;
-    };
+    match device_topic(table, topic) {
+        Some((entry, kind_name)) => classify_for(table, entry, kind_name, payload, received_ms),
+        None => Outcome::Ignored,
+    }
+}
+
+/// The configured device and the kind segment of `devices/ID/KIND`.
+fn device_topic<'t, 'a>(table: &'t DeviceTable, topic: &'a [u8]) -> Option<(&'t Device, &'a str)> {
+    let (device, kind_name) = std::str::from_utf8(topic)
+        .ok()?
+        .strip_prefix("devices/")?
+        .split_once('/')?;
+    Some((table.get(device)?, kind_name))
+}
+
+/// [`classify`] for a message of a configured device.
+fn classify_for(
+    table: &DeviceTable,
+    entry: &Device,
+    kind_name: &str,
+    payload: &[u8],
+    received_ms: i64,
+) -> Outcome {
+    let device = entry.id.as_str();
     let result = match Kind::parse(kind_name) {
         Some(kind) => entry
             .profile
@@ -125,6 +150,7 @@ pub struct IntakeSink {
     buffer: Arc<BufferStats>,
     stats: Arc<IntakeStats>,
     log: Mutex<BurstLimiter<(DeviceId, RejectReason)>>,
+    limits: Mutex<Limits>,
     last_wait_log_ms: AtomicI64,
     /// Set first by [`IntakeSink::close`]: connections waiting for room give up, so
     /// closing never waits on a writer that cannot commit.
@@ -144,6 +170,7 @@ impl IntakeSink {
             buffer,
             stats,
             log: Mutex::new(BurstLimiter::new(10_000, 4096)),
+            limits: Mutex::new(Limits::default()),
             last_wait_log_ms: AtomicI64::new(i64::MIN / 2),
             closing: AtomicBool::new(false),
         }
@@ -157,12 +184,32 @@ impl IntakeSink {
         }
     }
 
-    /// Validate one message and queue it for the writer. False when it was not queued
-    /// because intake is closed (stopping): it must not be acknowledged.
-    pub fn submit(&self, topic: &[u8], payload: &[u8]) -> bool {
+    /// Check one device message against its device's rate limit, validate it and queue it
+    /// for the writer. [`Capture::Closing`] when it was not queued because intake is
+    /// closed (stopping): it must not be acknowledged.
+    pub fn submit(&self, topic: &[u8], payload: &[u8]) -> Capture {
+        self.take(topic, payload, true)
+    }
+
+    /// [`IntakeSink::submit`] for what the gateway itself says about a device (a serial
+    /// line's presence): never rate-limited.
+    pub fn submit_own(&self, topic: &[u8], payload: &[u8]) -> Capture {
+        self.take(topic, payload, false)
+    }
+
+    fn take(&self, topic: &[u8], payload: &[u8], limited: bool) -> Capture {
         let table = self.devices.load();
         let now = now_ms();
-        let write = match classify(&table, topic, payload, now) {
+        let Some((entry, kind_name)) = device_topic(&table, topic) else {
+            self.stats.unknown_device.fetch_add(1, Ordering::Relaxed);
+            return Capture::Taken;
+        };
+        if let (true, Some(limit)) = (limited, &entry.profile.rate_limit) {
+            if !self.within_limit(&table, &entry.id, limit, payload.len(), now) {
+                return self.refuse(&entry.id, now);
+            }
+        }
+        let write = match classify_for(&table, entry, kind_name, payload, now) {
             Outcome::Accepted(m) => {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 Write::Accepted(m)
@@ -174,10 +221,56 @@ impl IntakeSink {
             }
             Outcome::Ignored => {
                 self.stats.unknown_device.fetch_add(1, Ordering::Relaxed);
-                return true;
+                return Capture::Taken;
             }
         };
-        self.send(write)
+        if self.send(write) {
+            Capture::Taken
+        } else {
+            Capture::Closing
+        }
+    }
+
+    /// Whether `device` may send a message of `bytes` now (and if so, pay for it).
+    fn within_limit(
+        &self,
+        table: &DeviceTable,
+        device: &str,
+        limit: &RateLimit,
+        bytes: usize,
+        now_ms: i64,
+    ) -> bool {
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        limits.forget_removed(table, now_ms);
+        limits.try_take(device, limit, bytes, Instant::now())
+    }
+
+    /// Count a message refused for its device's rate limit (in the buffer, like every
+    /// other refusal) and log it once per burst.
+    fn refuse(&self, device: &str, now: i64) -> Capture {
+        self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+        let report = {
+            let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+            limits.log.hit(&device.to_owned(), now)
+        };
+        if let Some(suppressed) = report {
+            tracing::warn!(
+                device = %device,
+                suppressed_since_last_report = suppressed,
+                "message refused: device over its profile's rate limit (rate_limited)"
+            );
+        }
+        let counted = Write::Denied {
+            device: device.to_owned(),
+            what: "rate_limited",
+            count: 1,
+            at_ms: now,
+        };
+        if self.send(counted) {
+            Capture::RateLimited
+        } else {
+            Capture::Closing
+        }
     }
 
     fn log_rejection(&self, r: &Rejected, now: i64) {
@@ -268,11 +361,58 @@ impl IntakeSink {
 
 impl PublishSink for IntakeSink {
     fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture {
-        if self.submit(topic, payload) {
-            Capture::Taken
-        } else {
-            Capture::Closing
+        self.submit(topic, payload)
+    }
+}
+
+/// The token buckets of the devices whose profile sets a `rate_limit`, each with the
+/// limit it was made for (a reload that changes the limit starts the device afresh).
+#[derive(Debug)]
+struct Limits {
+    buckets: HashMap<DeviceId, (RateLimit, DeviceLimiter)>,
+    log: BurstLimiter<DeviceId>,
+    /// When devices no longer configured were last forgotten.
+    swept_ms: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            buckets: HashMap::new(),
+            log: BurstLimiter::new(10_000, 4096),
+            swept_ms: i64::MIN / 2,
         }
+    }
+}
+
+impl Limits {
+    fn try_take(&mut self, device: &str, limit: &RateLimit, bytes: usize, now: Instant) -> bool {
+        let fresh = || DeviceLimiter::new(limit.messages(), limit.bytes(), now);
+        match self.buckets.get_mut(device) {
+            Some((made_for, bucket)) => {
+                if made_for != limit {
+                    *made_for = *limit;
+                    *bucket = fresh();
+                }
+                bucket.try_take(bytes, now)
+            }
+            None => {
+                let mut bucket = fresh();
+                let ok = bucket.try_take(bytes, now);
+                self.buckets.insert(device.to_owned(), (*limit, bucket));
+                ok
+            }
+        }
+    }
+
+    /// Bounded by the configured devices: at most once a minute, and only when there are
+    /// more buckets than devices, forget those of devices a reload removed.
+    fn forget_removed(&mut self, table: &DeviceTable, now_ms: i64) {
+        if self.buckets.len() <= table.devices.len() || now_ms - self.swept_ms < 60_000 {
+            return;
+        }
+        self.swept_ms = now_ms;
+        self.buckets.retain(|id, _| table.get(id).is_some());
     }
 }
 
@@ -442,6 +582,71 @@ mod tests {
         assert_eq!(
             (r.rejection.reason, r.kind.as_str()),
             (RejectReason::UnknownKind, "commands")
+        );
+    }
+
+    /// A device over its profile's limit is refused before validation and counted once
+    /// per message; a device of a profile without a limit and the gateway's own status
+    /// for a device are never held back; a reload that changes the limit starts afresh.
+    #[test]
+    fn rate_limited_devices_are_refused_and_counted() {
+        let limited = table_with(
+            r#"{"name":"p","description":"","telemetry":{"max_bytes":100,"fields":{"n":{"type":"integer"}}},
+                "rate_limit":{"messages_per_s":0.001,"burst_messages":3}}"#,
+        );
+        let shared = SharedDevices::new(limited);
+        let (tx, mut rx) = mpsc::channel(1000);
+        let stats = Arc::new(IntakeStats::default());
+        let sink = IntakeSink::new(shared.clone(), tx, Arc::default(), stats.clone());
+        let outcomes: Vec<Capture> = (0..10)
+            .map(|_| sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#))
+            .collect();
+        assert_eq!(outcomes[..3], [Capture::Taken; 3]);
+        assert_eq!(outcomes[3..], [Capture::RateLimited; 7]);
+        // Invalid messages count against the limit too: refused before validation.
+        assert_eq!(
+            sink.capture(b"devices/k1/telemetry", b"not json"),
+            Capture::RateLimited
+        );
+        assert_eq!(
+            sink.submit_own(b"devices/k1/status", b"offline"),
+            Capture::Taken
+        );
+        assert_eq!(stats.rate_limited.load(Ordering::Relaxed), 8);
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 0);
+        let mut writes = Vec::new();
+        while let Ok(w) = rx.try_recv() {
+            writes.push(w);
+        }
+        let counted = writes
+            .iter()
+            .filter(|w| matches!(w, Write::Denied { device, what: "rate_limited", .. } if device == "k1"))
+            .count();
+        let stored = writes
+            .iter()
+            .filter(|w| matches!(w, Write::Accepted(_)))
+            .count();
+        assert_eq!((counted, stored, writes.len()), (8, 4, 12));
+        // Without a limit (a reload removed it) nothing is refused.
+        shared.store(table());
+        for _ in 0..20 {
+            assert_eq!(
+                sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#),
+                Capture::Taken
+            );
+        }
+        // A new limit: a full bucket of its own.
+        shared.store(table_with(
+            r#"{"name":"p","description":"","telemetry":{"max_bytes":100,"fields":{"n":{"type":"integer"}}},
+                "rate_limit":{"messages_per_s":0.001,"burst_messages":1}}"#,
+        ));
+        assert_eq!(
+            sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#),
+            Capture::Taken
+        );
+        assert_eq!(
+            sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#),
+            Capture::RateLimited
         );
     }
 

@@ -20,6 +20,7 @@
 //! - [`summary`]: rollup arithmetic (what a message adds to which hour and day).
 //! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
 //! - [`burst`]: "once per burst" log limiting.
+//! - [`limit`]: token buckets for the per-device rate limits of profiles.
 //! - [`api`]: HTTP for the central server: summaries, devices, health, metrics; its own
 //!   accept loop with bounded connections, time and requests, and a few shared SQLite readers.
 //! - [`service`]: systemd integration: readiness, watchdog (with liveness probes), status.
@@ -32,6 +33,7 @@ pub mod buffer;
 pub mod burst;
 pub mod config;
 pub mod intake;
+pub mod limit;
 pub mod model;
 pub mod serial;
 pub mod service;

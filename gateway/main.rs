@@ -392,8 +392,8 @@ fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
     let rows = buffer::device_report(&conn).context("cannot read the devices table")?;
     let now = model::now_ms();
     println!(
-        "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7}  LAST REJECTION",
-        "DEVICE", "PROFILE", "STATE", "LAST SEEN", "ACCEPTED", "REJECTED", "DENIED"
+        "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7} {:>8}  LAST REJECTION",
+        "DEVICE", "PROFILE", "STATE", "LAST SEEN", "ACCEPTED", "REJECTED", "DENIED", "LIMITED"
     );
     for r in rows {
         let state = match (r.configured, r.online) {
@@ -410,8 +410,16 @@ fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
             _ => "-".into(),
         };
         println!(
-            "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7}  {}",
-            r.id, r.profile, state, seen, r.accepted, r.rejected, r.denied, rejection
+            "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7} {:>8}  {}",
+            r.id,
+            r.profile,
+            state,
+            seen,
+            r.accepted,
+            r.rejected,
+            r.denied,
+            r.rate_limited,
+            rejection
         );
     }
     Ok(())
@@ -487,6 +495,20 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
             .collect();
         println!(
             "drops       {total} undelivered messages removed by the disk cap: {}",
+            detail.join(", ")
+        );
+    }
+    if r.rate_limited.is_empty() {
+        println!("limited     none");
+    } else {
+        let total: i64 = r.rate_limited.iter().map(|d| d.1).sum();
+        let detail: Vec<String> = r
+            .rate_limited
+            .iter()
+            .map(|(d, n)| format!("{d} {n}"))
+            .collect();
+        println!(
+            "limited     {total} messages refused for their profile's rate limit (rate_limited): {}",
             detail.join(", ")
         );
     }

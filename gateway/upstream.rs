@@ -208,13 +208,18 @@ impl Forwarder {
         .to_string()
     }
 
-    /// `{prefix}/gateway/health`: backlog, drops per device and kind (totals since the
-    /// database was created), devices online.
-    fn health_payload(
-        &self,
-        drops: &[(String, String, i64)],
-        incidents: &[(i64, String, String)],
-    ) -> String {
+    /// `{prefix}/gateway/health`: backlog, drops per device and kind and messages refused
+    /// for rate limits per device (totals since the database was created), devices online.
+    fn health_payload(&self, rows: &HealthRows) -> String {
+        let HealthRows {
+            drops,
+            rate_limited,
+            incidents,
+        } = rows;
+        let rate_limited: serde_json::Map<String, serde_json::Value> = rate_limited
+            .iter()
+            .map(|(device, n)| (device.clone(), serde_json::json!(n)))
+            .collect();
         let mut by_device = serde_json::Map::new();
         for (device, kind, count) in drops {
             let entry = by_device
@@ -231,6 +236,7 @@ impl Forwarder {
                 ms => serde_json::json!(crate::model::format_ms(ms)),
             },
             "dropped": by_device,
+            "rate_limited": rate_limited,
             "incidents": incidents
                 .iter()
                 .map(|(at, kind, detail)| serde_json::json!({
@@ -482,12 +488,11 @@ impl Forwarder {
                 _ = health_tick.tick() => health_due = true,
                 _ = std::future::ready(()), if health_due && room => {
                     health_due = false;
-                    let (drops, incidents) = match drops(&mut outbox).await {
-                        Some(d) => d,
-                        None => continue,
+                    let Some(rows) = health_rows(&mut outbox).await else {
+                        continue;
                     };
                     let topic = format!("{}/gateway/health", self.settings.topic_prefix);
-                    if client.try_publish(topic, QoS::AtLeastOnce, false, self.health_payload(&drops, &incidents)).is_ok() {
+                    if client.try_publish(topic, QoS::AtLeastOnce, false, self.health_payload(&rows)).is_ok() {
                         queued.push_back(Sent::GatewayStatus);
                     }
                 }
@@ -805,13 +810,26 @@ async fn fetch(
     rows
 }
 
-/// Disk-cap drops per device and kind, and recent incidents, for the health message.
-type HealthRows = (Vec<(String, String, i64)>, Vec<(i64, String, String)>);
+/// What the health message reports from the database.
+struct HealthRows {
+    /// Disk-cap drops: (device, kind, count).
+    drops: Vec<(String, String, i64)>,
+    /// Refused for rate limits: (device, count).
+    rate_limited: Vec<(String, i64)>,
+    /// Recent incidents: (at_ms, kind, detail).
+    incidents: Vec<(i64, String, String)>,
+}
 
-async fn drops(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
+async fn health_rows(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
     let mut ob = outbox.take()?;
     let (ob, r) = tokio::task::spawn_blocking(move || {
-        let r = ob.drops().and_then(|d| Ok((d, ob.incidents()?)));
+        let r = (|| {
+            Ok::<_, rusqlite::Error>(HealthRows {
+                drops: ob.drops()?,
+                rate_limited: ob.rate_limited()?,
+                incidents: ob.incidents()?,
+            })
+        })();
         (ob, r)
     })
     .await

@@ -23,6 +23,7 @@ struct Row {
     accepted: i64,
     rejected: i64,
     denied: i64,
+    limited: i64,
     last_rejection: String,
 }
 
@@ -84,6 +85,7 @@ fn devices_table(branch: &Branch) -> Vec<Row> {
             "ACCEPTED",
             "REJECTED",
             "DENIED",
+            "LIMITED",
             "LAST REJECTION"
         ],
         "{stdout}"
@@ -108,7 +110,7 @@ fn devices_table(branch: &Branch) -> Vec<Row> {
                     .unwrap_or_else(|e| panic!("column {i} of {line:?}: {e}"))
             };
             let rest_at = w
-                .get(next + 3)
+                .get(next + 4)
                 .map(|(at, _)| *at)
                 .unwrap_or_else(|| panic!("no LAST REJECTION in {line:?}"));
             Row {
@@ -119,6 +121,7 @@ fn devices_table(branch: &Branch) -> Vec<Row> {
                 accepted: number(next),
                 rejected: number(next + 1),
                 denied: number(next + 2),
+                limited: number(next + 3),
                 last_rejection: line[rest_at..].trim_end().to_owned(),
             }
         })
@@ -148,6 +151,7 @@ fn never_seen(id: &str, state: &str, denied: i64) -> Row {
         accepted: 0,
         rejected: 0,
         denied,
+        limited: 0,
         last_rejection: "-".into(),
     }
 }
@@ -238,6 +242,7 @@ async fn devices_table_before_during_and_after_a_run() {
         accepted: 3,
         rejected: 1,
         denied: 0,
+        limited: 0,
         last_rejection: REJECTION.into(),
     };
     assert_eq!(rows[0], k1_online);

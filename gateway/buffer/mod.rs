@@ -20,6 +20,14 @@
 //!   increasing and never reused, even after rows are pruned or the gateway restarts.
 //! - **Bounded tables.** `rejected` keeps the newest `storage.rejected_keep` rows (pruned
 //!   in the same transaction that adds rows).
+//! - **Disk cap.** Database plus WAL stay under `storage.max_bytes`: past 75% of it the
+//!   writer makes room down to 60%, first from delivered messages (oldest first), then from
+//!   undelivered ones **from the device holding the most bytes first**, down to the
+//!   others' level (oldest first, telemetry before events before status within a device;
+//!   the gateway's summaries never). One flooding device thus loses its own oldest
+//!   messages, not everyone's backlog. Each drop is counted per device and kind in the
+//!   transaction that deletes it and logged once per burst. The rule, why bytes, and how
+//!   the per-device figures are kept without a scan per deleted chunk: `buffer/cap.rs`.
 //! - **Delivery.** After each commit the writer hands the rows it just added to the
 //!   forwarder ([`LiveRows`], a channel of [`LIVE_BATCHES`]), so live traffic is not read
 //!   back from SQLite. **When full** the batch is not sent and the forwarder is woken to
@@ -28,6 +36,7 @@
 //!   committed without waiting for fsync: a delivery mark lost to a power cut only means
 //!   the message is sent again (the central side drops duplicates by `seq`).
 
+mod cap;
 pub mod schema;
 
 use std::collections::HashMap;
@@ -65,8 +74,9 @@ pub enum Write {
     Accepted(Accepted),
     Rejected(Rejected),
     Presence(Presence),
-    /// The broker refused something of this device `count` times (`what` is a stable
-    /// counter name; the empty device id counts what concerns no configured device).
+    /// The broker or intake refused something of this device `count` times (`what` is a
+    /// stable counter name, e.g. `publish_denied`, `rate_limited`; the empty device id
+    /// counts what concerns no configured device).
     Denied {
         device: DeviceId,
         what: &'static str,
@@ -287,6 +297,8 @@ impl Buffer {
             rollup_tz: options.rollup_tz,
             rollups_enabled: options.rollups,
             rollup_version: 0,
+            tally: None,
+            cap_log: cap::CapLog::default(),
             known_distinct: KnownDistinct::default(),
             bucket_cache: BucketCache::default(),
             last_handed: last_seq,
@@ -455,6 +467,7 @@ fn replace_corrupt(
 /// passed them may have been delivered since).
 fn prune_delivered(
     conn: &Connection,
+    tally: &mut Option<cap::Tally>,
     cursor: &mut i64,
     cutoff: i64,
     scan: i64,
@@ -479,7 +492,9 @@ fn prune_delivered(
         )
         .optional()?;
     let upto = end.map(|(seq, _)| seq).unwrap_or(i64::MAX);
-    let pruned = conn.execute(
+    let pruned = cap::delete_tracked(
+        conn,
+        tally,
         "DELETE FROM messages WHERE seq > ?1 AND seq <= ?2
            AND delivered_ms IS NOT NULL AND delivered_ms < ?3",
         params![from, upto, cutoff],
@@ -527,6 +542,10 @@ struct Writer {
     rollups_enabled: bool,
     /// Newest version given to a changed rollup row (the pull API's cursor).
     rollup_version: i64,
+    /// Stored rows and bytes per device and kind, for the disk cap (see `cap`): `None`
+    /// until the cap first has to drop undelivered messages.
+    tally: Option<cap::Tally>,
+    cap_log: cap::CapLog,
     /// Distinct values known to be stored (committed) per rollup key, so a value seen
     /// again costs a hash lookup instead of an `INSERT OR IGNORE`.
     known_distinct: KnownDistinct,
@@ -556,6 +575,10 @@ fn incoming_bytes(batch: &[Write]) -> u64 {
 const CAP_HIGH: f64 = 0.75;
 /// ... down to this share.
 const CAP_LOW: f64 = 0.60;
+/// Room for a batch about to be committed is never made below this share: a batch that
+/// needs more does not fit under the cap in any case, and emptying the buffer for it would
+/// only cost every device its backlog.
+const CAP_FLOOR: f64 = 0.25;
 /// Rows deleted per step while making room: small steps keep the WAL small and drop no
 /// more than needed.
 const CAP_CHUNK: i64 = 500;
@@ -580,11 +603,6 @@ impl Writer {
         self.size_on_disk() > self.high_water()
     }
 
-    /// Retention, then the disk cap. Policy when the cap is reached: delivered messages
-    /// go first (oldest first), then undelivered telemetry (oldest first), and only then
-    /// undelivered events and status (oldest first). Every undelivered message dropped is
-    /// counted per device and kind in `drops` and logged.
-    /// `reserve`: room to leave for a batch about to be committed.
     /// Forget the distinct keys of buckets no message can reach any more, at most one day
     /// of buckets per pass (a database from before the pruning may hold a year of them):
     /// each pass stays short and its WAL small. A failure is logged, not returned, so it
@@ -602,6 +620,12 @@ impl Writer {
         }
     }
 
+    /// Retention, then the disk cap. Policy when the cap is reached: delivered messages
+    /// go first (oldest first); then undelivered ones by the rule in [`cap`]: from the
+    /// device holding the most bytes first, down to the others' level, oldest first and
+    /// telemetry before events before status within a device. Every undelivered message
+    /// dropped is counted per device and kind and logged (once per burst).
+    /// `reserve`: room to leave for a batch about to be committed.
     fn maintain(&mut self, reserve: u64) -> rusqlite::Result<()> {
         // The background checkpoint waits while maintenance truncates the WAL.
         let lock = self.checkpoint_lock.clone();
@@ -618,59 +642,79 @@ impl Writer {
             tracing::debug!(pruned, "delivered messages past retention pruned");
         }
         if self.size_on_disk() + reserve <= self.high_water() {
+            self.report_cap(&cap::Dropped::new(), now, None);
             if pruned > 0 {
                 self.shrink()?;
             }
             return Ok(());
         }
         let target = ((self.max_bytes as f64 * CAP_LOW) as u64)
-            .min(self.high_water().saturating_sub(reserve));
+            .min(self.high_water().saturating_sub(reserve))
+            .max((self.max_bytes as f64 * CAP_FLOOR) as u64);
         let before = self.size_on_disk();
         // Start with an empty WAL: deleting rows writes pages to it.
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         let mut freed_delivered = 0usize;
-        let mut dropped: HashMap<(String, String), i64> = HashMap::new();
-        for step in ["delivered", "telemetry", "events", "status"] {
-            loop {
-                // Long work, but progress: the watchdog must not take it for a hang.
-                self.beat();
-                if self.logical_size()? <= target {
-                    break;
-                }
-                let n = if step == "delivered" {
-                    let n = self.conn.execute(
-                        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages
-                           WHERE delivered_ms IS NOT NULL ORDER BY seq LIMIT ?1)",
-                        params![CAP_CHUNK],
-                    )?;
-                    freed_delivered += n;
-                    n
-                } else {
-                    self.drop_undelivered(step, &mut dropped)?
-                };
-                if n == 0 {
-                    break;
-                }
-                // Give the pages back and empty the WAL after every step, so neither the
-                // file nor the WAL grows while making room.
-                self.shrink()?;
+        loop {
+            // Long work, but progress: the watchdog must not take it for a hang.
+            self.beat();
+            if self.logical_size()? <= target {
+                break;
             }
+            let n = cap::delete_tracked(
+                &self.conn,
+                &mut self.tally,
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages
+                   WHERE delivered_ms IS NOT NULL ORDER BY seq LIMIT ?1)",
+                params![CAP_CHUNK],
+            )?;
+            freed_delivered += n;
+            if n == 0 {
+                break;
+            }
+            // Give the pages back and empty the WAL after every step, so neither the
+            // file nor the WAL grows while making room.
+            self.shrink()?;
         }
+        let mut dropped = cap::Dropped::new();
+        // Whatever is dropped is counted in its own transaction, even if a later step fails.
+        let result = self.drop_fairly(target, &mut dropped);
         self.shrink()?;
         let after = self.size_on_disk();
-        let lost: i64 = dropped.values().sum();
-        if lost > 0 {
+        self.report_cap(&dropped, now, Some((before, after, freed_delivered)));
+        #[cfg(test)]
+        if let Some(t) = &self.tally {
+            assert_eq!(
+                *t,
+                cap::Tally::scan(&self.conn, || {})?,
+                "the tally drifted"
+            );
+        }
+        result
+    }
+
+    /// Log the cap's work: pruning delivered messages early as a warning each time; drops
+    /// of undelivered ones as an error, once per burst ([`cap::CapLog`]) with the totals
+    /// per device and kind since the last report. `sizes`: (before, after, freed delivered)
+    /// of this pass, if it made room.
+    fn report_cap(&mut self, dropped: &cap::Dropped, now: i64, sizes: Option<(u64, u64, usize)>) {
+        if let Some(report) = self.cap_log.pass(dropped, now) {
+            let lost: i64 = report.dropped.values().sum();
+            let mut by_device_kind: Vec<_> = report.dropped.into_iter().collect();
+            by_device_kind.sort();
             tracing::error!(
                 max_bytes = self.max_bytes,
-                before_bytes = before,
-                after_bytes = after,
-                freed_delivered,
+                before_bytes = sizes.map(|s| s.0),
+                after_bytes = sizes.map(|s| s.1),
+                passes = report.passes,
                 dropped_undelivered = lost,
-                by_device_kind = ?dropped,
-                "buffer disk cap reached: oldest undelivered messages dropped (telemetry first)"
+                by_device_kind = ?by_device_kind,
+                "buffer disk cap reached: undelivered messages dropped, from the devices holding most first (oldest first, telemetry first)"
             );
-        } else {
+        } else if let Some((before, after, freed_delivered)) =
+            sizes.filter(|s| dropped.is_empty() && s.2 > 0)
+        {
             tracing::warn!(
                 max_bytes = self.max_bytes,
                 before_bytes = before,
@@ -679,13 +723,18 @@ impl Writer {
                 "buffer disk cap reached: delivered messages pruned early"
             );
         }
-        Ok(())
     }
 
     /// Retention (see [`prune_delivered`]), one walk step per maintenance pass.
     fn prune_delivered(&mut self, cutoff: i64) -> rusqlite::Result<usize> {
         self.beat();
-        prune_delivered(&self.conn, &mut self.prune_cursor, cutoff, PRUNE_SCAN)
+        prune_delivered(
+            &self.conn,
+            &mut self.tally,
+            &mut self.prune_cursor,
+            cutoff,
+            PRUNE_SCAN,
+        )
     }
 
     /// Pages in use (the file shrinks only after `shrink`).
@@ -698,47 +747,6 @@ impl Writer {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
         Ok(((count - free).max(0) * size) as u64)
-    }
-
-    /// Drop the oldest chunk of undelivered messages of `kind`, counting them.
-    fn drop_undelivered(
-        &mut self,
-        kind: &str,
-        dropped: &mut HashMap<(String, String), i64>,
-    ) -> rusqlite::Result<usize> {
-        let now = crate::model::now_ms();
-        let tx = self.conn.transaction()?;
-        let counts: Vec<(String, i64)> = {
-            let mut st = tx.prepare(
-                "SELECT device, COUNT(*) FROM (SELECT device FROM messages
-                   WHERE delivered_ms IS NULL AND kind = ?1 ORDER BY seq LIMIT ?2) GROUP BY device",
-            )?;
-            let rows = st.query_map(params![kind, CAP_CHUNK], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        };
-        let n = tx.execute(
-            "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages
-               WHERE delivered_ms IS NULL AND kind = ?1 ORDER BY seq LIMIT ?2)",
-            params![kind, CAP_CHUNK],
-        )?;
-        for (device, count) in &counts {
-            tx.execute(
-                "INSERT INTO drops (device, kind, count, first_ms, last_ms) VALUES (?1, ?2, ?3, ?4, ?4)
-                 ON CONFLICT(device, kind) DO UPDATE SET count = count + excluded.count, last_ms = excluded.last_ms",
-                params![device, kind, count, now],
-            )?;
-            tx.execute(
-                "INSERT INTO device_counters (device, counter, value, last_ms) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(device, counter) DO UPDATE SET value = value + excluded.value, last_ms = excluded.last_ms",
-                params![device, format!("dropped_{kind}"), count, now],
-            )?;
-            *dropped
-                .entry((device.clone(), kind.to_owned()))
-                .or_default() += count;
-        }
-        tx.commit()?;
-        self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
     }
 
     /// Give freed pages back to the file system and truncate the WAL.
@@ -832,6 +840,13 @@ impl Drop for Checkpointer {
     }
 }
 
+/// Tell the watchdog the writer is alive ([`BufferStats::heartbeat_ms`]).
+fn beat(stats: &BufferStats) {
+    stats
+        .heartbeat_ms
+        .store(crate::model::now_ms(), Ordering::Relaxed);
+}
+
 /// Per-device changes gathered over one batch, applied with one statement per device.
 #[derive(Default)]
 struct DeviceDelta {
@@ -840,6 +855,8 @@ struct DeviceDelta {
     status: Option<(String, i64)>,
     last_rejection: Option<(String, String, i64)>,
     counters: HashMap<&'static str, (i64, i64)>,
+    /// Rows stored, per kind the cap may drop (for its tally).
+    stored: [cap::Share; 3],
 }
 
 impl Writer {
@@ -887,9 +904,7 @@ impl Writer {
     }
 
     fn beat(&self) {
-        self.stats
-            .heartbeat_ms
-            .store(crate::model::now_ms(), Ordering::Relaxed);
+        beat(&self.stats);
     }
 
     /// For the watchdog test only: with `BRANCH_GATEWAY_TEST_WEDGE_FILE` set in the
@@ -1070,6 +1085,9 @@ impl Writer {
                         let d = devices.entry(&m.device).or_default();
                         d.last_seen_ms = d.last_seen_ms.max(Some(m.received_ms));
                         bump(d, "accepted", m.received_ms);
+                        if let Some(i) = cap::slot(m.kind) {
+                            d.stored[i].add(m.payload.len() as u64);
+                        }
                         if m.kind == crate::model::Kind::Status {
                             d.status = Some((m.payload.clone(), m.received_ms));
                         }
@@ -1191,6 +1209,11 @@ impl Writer {
         }
         tx.commit()?;
         self.known_distinct.committed();
+        if let Some(tally) = self.tally.as_mut() {
+            for (device, d) in &devices {
+                tally.add_shares(device, &d.stored);
+            }
+        }
         self.stats
             .messages_committed
             .fetch_add(messages, Ordering::Relaxed);
@@ -1588,6 +1611,11 @@ impl Outbox {
         rows.collect()
     }
 
+    /// Messages refused for a profile's rate limit, per device (see [`rate_limited`]).
+    pub fn rate_limited(&mut self) -> rusqlite::Result<Vec<(String, i64)>> {
+        rate_limited(&self.conn)
+    }
+
     /// Undelivered messages and the receive time of the oldest.
     pub fn backlog(&mut self) -> rusqlite::Result<(i64, Option<i64>)> {
         self.conn.query_row(
@@ -1630,6 +1658,8 @@ pub struct BufferReport {
     pub rejected_kept: i64,
     /// (device, kind, count) dropped by the disk cap.
     pub drops: Vec<(String, String, i64)>,
+    /// (device, count) refused for their profile's rate limit.
+    pub rate_limited: Vec<(String, i64)>,
     pub devices_online: i64,
     pub devices_configured: i64,
 }
@@ -1657,6 +1687,17 @@ pub fn last_telemetry(conn: &Connection, device: &str) -> rusqlite::Result<Optio
         |r| r.get(0),
     )
     .optional()
+}
+
+/// Messages refused because their device was over its profile's rate limit, per device
+/// (totals since the database was created): (device, count), by device.
+pub fn rate_limited(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT device, value FROM device_counters WHERE counter = 'rate_limited' AND value > 0
+         ORDER BY device",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
 }
 
 pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferReport> {
@@ -1688,6 +1729,7 @@ pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferR
         )?,
         rejected_kept: one("SELECT COUNT(*) FROM rejected")?.unwrap_or(0),
         drops,
+        rate_limited: rate_limited(conn)?,
         devices_online: one("SELECT COUNT(*) FROM devices WHERE online = 1 AND configured = 1")?
             .unwrap_or(0),
         devices_configured: one("SELECT COUNT(*) FROM devices WHERE configured = 1")?.unwrap_or(0),
@@ -1716,6 +1758,8 @@ pub struct DeviceRow {
     pub accepted: i64,
     pub rejected: i64,
     pub denied: i64,
+    /// Messages refused for the profile's rate limit.
+    pub rate_limited: i64,
     pub last_reject_reason: Option<String>,
     pub last_reject_detail: Option<String>,
 }
@@ -1729,7 +1773,8 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
                 COALESCE((SELECT SUM(value) FROM device_counters WHERE device = d.id
                           AND (counter LIKE 'connect\\_%' ESCAPE '\\' OR counter LIKE '%\\_denied' ESCAPE '\\'
                                OR counter IN ('packet_too_large', 'malformed_packet'))), 0),
-                d.last_reject_reason, d.last_reject_detail
+                d.last_reject_reason, d.last_reject_detail,
+                COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'rate_limited'), 0)
          FROM devices d ORDER BY d.configured DESC, d.id",
     )?;
     let rows = st.query_map([], |r| {
@@ -1743,6 +1788,7 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
             accepted: r.get(6)?,
             rejected: r.get(7)?,
             denied: r.get(8)?,
+            rate_limited: r.get(11)?,
             last_reject_reason: r.get(9)?,
             last_reject_detail: r.get(10)?,
         })
@@ -1881,14 +1927,23 @@ mod tests {
             .unwrap();
             let cutoff = now - 7 * DAY;
             let mut cursor = 0;
-            assert_eq!(prune_delivered(&conn, &mut cursor, cutoff, 3).unwrap(), 1);
+            assert_eq!(
+                prune_delivered(&conn, &mut None, &mut cursor, cutoff, 3).unwrap(),
+                1
+            );
             assert_eq!(cursor, 8, "the first window is 6, 7, 8");
-            assert_eq!(prune_delivered(&conn, &mut cursor, cutoff, 3).unwrap(), 1);
+            assert_eq!(
+                prune_delivered(&conn, &mut None, &mut cursor, cutoff, 3).unwrap(),
+                1
+            );
             assert_eq!(
                 cursor, 0,
                 "10, 11, 12: reached rows received after the cutoff"
             );
-            assert_eq!(prune_delivered(&conn, &mut cursor, cutoff, 3).unwrap(), 0);
+            assert_eq!(
+                prune_delivered(&conn, &mut None, &mut cursor, cutoff, 3).unwrap(),
+                0
+            );
         }
         assert_eq!(seqs_left(&path), vec![6, 7, 11, 12, 13, 14, 15]);
         let report = buffer_report(&open_read_only(&path).unwrap(), now).unwrap();
@@ -2070,6 +2125,119 @@ mod tests {
         assert_eq!(known.values, 1, "started over");
         assert!(known.contains("gate-1", key(0), u64::MAX));
         assert!(!known.contains("gate-1", key(0), 1));
+    }
+
+    /// The disk cap takes from the device holding the most bytes (oldest first), and
+    /// the writer's tally stays equal to what is stored through inserts, retention and
+    /// the cap itself (checked after every pass in test builds).
+    #[test]
+    fn disk_cap_takes_from_the_biggest_holder_first() {
+        let dir = std::env::temp_dir().join(format!("bgw-fair-cap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("buffer.sqlite");
+        let options = BufferOptions {
+            synchronous: Synchronous::Normal,
+            rejected_keep: 100,
+            queue_capacity: 64,
+            max_bytes: 2 << 20,
+            keep_delivered: Duration::ZERO,
+            live: None,
+            rollup_tz: jiff::tz::TimeZone::UTC,
+            rollups: false,
+        };
+        let configured = [
+            ("flood".to_owned(), "p".to_owned()),
+            ("canary".to_owned(), "p".to_owned()),
+        ];
+        let buffer = Buffer::open(&path, options, &configured).unwrap();
+        let tx = buffer.sender();
+        let now = crate::model::now_ms();
+        let msg = |device: &str, kind: Kind, n: usize, pad: usize| {
+            Write::Accepted(Accepted {
+                device: device.into(),
+                profile: "p".into(),
+                kind,
+                received_ms: now,
+                payload: format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(pad)),
+                rollup_ms: None,
+                contributions: Default::default(),
+            })
+        };
+        // The canary's backlog is older than all of the flood.
+        for n in 0..200 {
+            tx.blocking_send(msg("canary", Kind::Telemetry, n, 20))
+                .unwrap();
+        }
+        for n in 0..20 {
+            tx.blocking_send(msg("canary", Kind::Events, n, 20))
+                .unwrap();
+        }
+        for n in 0..6_000 {
+            tx.blocking_send(msg("flood", Kind::Telemetry, n, 1_000))
+                .unwrap();
+        }
+        // Deliver everything so far: retention (keep 0) prunes it, tracked by the tally.
+        let last = buffer.stats.last_seq.load(Ordering::Relaxed);
+        let wait_last = |want: u64| {
+            while buffer.stats.last_seq.load(Ordering::Relaxed) < want {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        };
+        wait_last(6_220);
+        tx.blocking_send(Write::Delivered {
+            seqs: (1..=last.max(6_220) as i64).collect(),
+            at_ms: now - 1,
+        })
+        .unwrap();
+        tx.blocking_send(Write::Maintain).unwrap();
+        // A second outage: the canary's modest backlog, then the flood again.
+        for n in 0..100 {
+            tx.blocking_send(msg("canary", Kind::Telemetry, n, 20))
+                .unwrap();
+        }
+        for n in 0..6_000 {
+            tx.blocking_send(msg("flood", Kind::Events, n, 1_000))
+                .unwrap();
+        }
+        tx.blocking_send(Write::Maintain).unwrap();
+        drop(tx);
+        let stats = buffer.stats();
+        buffer.close().unwrap();
+
+        let conn = open_read_only(&path).unwrap();
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            count("SELECT COUNT(*) FROM messages WHERE device = 'canary' AND delivered_ms IS NULL"),
+            100,
+            "the canary lost nothing"
+        );
+        assert_eq!(
+            count("SELECT COUNT(*) FROM drops WHERE device = 'canary'"),
+            0
+        );
+        let dropped = count("SELECT count FROM drops WHERE device = 'flood' AND kind = 'events'");
+        let kept =
+            count("SELECT COUNT(*) FROM messages WHERE device = 'flood' AND kind = 'events'");
+        assert!(dropped > 0);
+        assert_eq!(dropped + kept, 6_000);
+        // Oldest first: the flood's newest events are what is left.
+        assert_eq!(
+            count("SELECT MIN(json_extract(payload, '$.n')) FROM messages WHERE device = 'flood' AND kind = 'events'"),
+            dropped
+        );
+        let dropped_telemetry = count(
+            "SELECT COALESCE((SELECT count FROM drops WHERE device = 'flood' AND kind = 'telemetry'), 0)",
+        );
+        assert_eq!(
+            stats.dropped.load(Ordering::Relaxed) as i64,
+            dropped + dropped_telemetry
+        );
+        assert_eq!(
+            count("SELECT value FROM device_counters WHERE device = 'flood' AND counter = 'dropped_events'"),
+            dropped
+        );
+        assert!(size_on_disk(&path) <= 2 << 20);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

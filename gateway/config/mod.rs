@@ -9,6 +9,7 @@ pub mod api;
 mod broker;
 pub mod file;
 pub mod profile;
+pub mod rate_limit;
 pub mod serial_spec;
 pub(crate) mod strict_json;
 mod toml_error;

@@ -35,6 +35,10 @@ pub struct Profile {
     /// its own (past) hour.
     #[serde(default)]
     pub time_field: Option<String>,
+    /// Messages and bytes per second each device of this profile may send (intake
+    /// refuses the rest as `rate_limited`); none by default.
+    #[serde(default)]
+    pub rate_limit: Option<super::rate_limit::RateLimit>,
 }
 
 /// One summary metric fed by this profile's messages.
@@ -266,6 +270,9 @@ impl Profile {
         }
         for (i, r) in self.rollups.iter().enumerate() {
             self.check_rollup(&format!("rollups[{i}]"), r, &mut problems);
+        }
+        if let Some(limit) = &self.rate_limit {
+            limit.check(self.max_bytes(), &mut problems);
         }
         problems
     }
