@@ -303,63 +303,6 @@ fn worker(port: u16, seed: u64, stop: Arc<AtomicBool>, counts: Arc<Counts>, rece
     }
 }
 
-/// The canary: one device publishing at QoS 1 throughout; returns the acknowledged `n`s.
-fn canary(port: u16, stop: Arc<AtomicBool>, failures: Arc<AtomicU64>) -> (Vec<u64>, Vec<u64>) {
-    let mut acked = Vec::new();
-    let mut latencies_us = Vec::new();
-    let mut n = 0u64;
-    'connect: while !stop.load(Ordering::Relaxed) {
-        let Ok(mut s) = mqtt::tcp_from(LOCAL, port) else {
-            failures.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        };
-        let c = mqtt::connect(&Connect {
-            v5: false,
-            client_id: "canary",
-            login: Some(("canary", "canary-pw")),
-            keep_alive: 30,
-            clean: true,
-            will: None,
-            properties: &[],
-        });
-        if s.write_all(&c).is_err()
-            || mqtt::read_packet(&mut s, Duration::from_secs(5)) != Some((0x20, vec![0, 0]))
-        {
-            failures.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        while !stop.load(Ordering::Relaxed) {
-            n += 1;
-            let pkid = (n % 60_000 + 1) as u16;
-            let p = mqtt::publish(
-                b"devices/canary/telemetry",
-                format!(r#"{{"n":{n}}}"#).as_bytes(),
-                1,
-                pkid,
-                None,
-            );
-            let sent = Instant::now();
-            if s.write_all(&p).is_err() {
-                failures.fetch_add(1, Ordering::Relaxed);
-                continue 'connect;
-            }
-            match mqtt::read_packet(&mut s, Duration::from_secs(5)) {
-                Some((0x40, body)) if body == pkid.to_be_bytes() => {
-                    acked.push(n);
-                    latencies_us.push(sent.elapsed().as_micros() as u64);
-                }
-                _ => {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                    continue 'connect;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    (acked, latencies_us)
-}
-
 fn main() {
     let seconds: u64 = arg("--seconds", 60);
     let connections: usize = arg("--connections", 16);
@@ -405,11 +348,7 @@ fn main() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
-    let failures = Arc::new(AtomicU64::new(0));
-    let canary_thread = {
-        let (stop, failures) = (stop.clone(), failures.clone());
-        std::thread::spawn(move || canary(port, stop, failures))
-    };
+    let canary = support::canary::Canary::start(port);
     let mut recents = Vec::new();
     let workers: Vec<_> = (0..connections)
         .map(|i| {
@@ -455,7 +394,7 @@ fn main() {
     for w in workers {
         let _ = w.join();
     }
-    let (acked, mut latencies) = canary_thread.join().unwrap();
+    let report = canary.stop_after(1, Duration::from_secs(5));
     let rss_mb = vm_hwm_kb(gw.id()) as f64 / 1024.0;
     // SIGTERM: every acknowledged canary message must be in the database afterwards.
     // SAFETY: kill(2) on our own child's pid.
@@ -471,35 +410,31 @@ fn main() {
             |r| r.get(0),
         )
         .unwrap();
-    latencies.sort_unstable();
-    let p99 = latencies
-        .get(latencies.len().saturating_sub(1) * 99 / 100)
-        .copied()
-        .unwrap_or(0);
+    let p99 = report.percentile(99);
     println!(
         "alive for {seconds} s: {} connections ({} logged in), {} packets; canary {} acknowledged, {} stored, p99 {:.1} ms, {} reconnects; peak RSS {rss_mb:.1} MiB; exit {status}",
         counts.connections.load(Ordering::Relaxed),
         counts.logged_in.load(Ordering::Relaxed),
         counts.packets.load(Ordering::Relaxed),
-        acked.len(),
+        report.acked.len(),
         stored,
-        p99 as f64 / 1000.0,
-        failures.load(Ordering::Relaxed),
+        p99.as_secs_f64() * 1000.0,
+        report.failures,
     );
     let mut failed = Vec::new();
     if !status.success() {
         failed.push(format!("the gateway did not stop cleanly: {status}"));
     }
-    if stored < acked.len() as i64 {
+    if stored < report.acked.len() as i64 {
         failed.push(format!(
             "{} acknowledged canary messages are not stored",
-            acked.len() as i64 - stored
+            report.acked.len() as i64 - stored
         ));
     }
-    if acked.is_empty() {
+    if report.acked.is_empty() {
         failed.push("the canary was never acknowledged".into());
     }
-    if failures.load(Ordering::Relaxed) > 0 {
+    if report.failures > 0 {
         failed.push("the canary lost its connection or waited over 5 s for a PUBACK".into());
     }
     if !failed.is_empty() {

@@ -139,7 +139,7 @@ fn server_only_packets_close_one_connection() {
     assert!(gw.is_running());
     assert_eq!(branch.wait_counter("k1", "protocol_error", 12), 12);
     assert_eq!(branch.wait_counter("", "protocol_error", 6), 6);
-    canary.finish(&branch);
+    finish_canary(canary, &branch);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }
@@ -231,7 +231,7 @@ fn immediate_same_id_reconnects() {
         presence_lines <= 4,
         "{presence_lines} presence lines for k1"
     );
-    canary.finish(&branch);
+    finish_canary(canary, &branch);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }
@@ -298,7 +298,7 @@ fn failed_logins_are_throttled() {
     let throttled = branch.counter("kiosk", "connect_throttled");
     assert!((1..=7).contains(&checked), "{checked} password checks ran");
     assert!(throttled >= 16, "{throttled} attempts throttled");
-    canary.finish(&branch);
+    finish_canary(canary, &branch);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
     assert!(!log.contains("guess-"), "a password reached the log");
@@ -393,7 +393,7 @@ fn subscription_floods_are_capped() {
         "RSS {rss_during} KiB during the flood"
     );
     assert!(after < 96 * 1024, "RSS {after} KiB after it");
-    canary.finish(&branch);
+    finish_canary(canary, &branch);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }
@@ -463,7 +463,7 @@ fn connection_limits() {
     assert!(branch.wait_counter("", "connect_connections_full", 1) >= 1);
     drop(idle);
     assert!(gw.is_running());
-    canary.finish(&branch);
+    finish_canary(canary, &branch);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }
@@ -532,7 +532,7 @@ fn stalled_packets_and_silence_time_out() {
     assert_eq!(until_closed(&mut s, WAIT), Some(vec![0xe0, 0x01, 0x8d]));
     assert!(started.elapsed() >= Duration::from_millis(1400));
     assert_eq!(branch.wait_counter("k1", "keepalive_timeout", 1), 1);
-    canary.finish(&branch);
+    finish_canary(canary, &branch);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }

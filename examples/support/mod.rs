@@ -1,6 +1,7 @@
 //! Helpers shared by the benchmark commands in `examples/`.
 #![allow(dead_code)]
 
+pub mod canary;
 pub mod mqtt;
 
 use std::time::{Duration, Instant};

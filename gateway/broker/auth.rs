@@ -5,7 +5,8 @@
 //!   device costs one argon2 verification in all, and it is never throttled.
 //! - Every other attempt first waits out its throttle ([`super::throttle`]): consecutive
 //!   failures of a device and of a source address each impose a growing wait; an attempt
-//!   during the wait is refused without checking the password.
+//!   during the wait is refused without checking the password, and so is one while an
+//!   argon2 check of the same device runs.
 //! - Argon2 verifications run on the blocking pool, at most `max_verifications` at once
 //!   (memory is per verification: `m` KiB of the PHC string each); an attempt that cannot
 //!   get a turn before its connect deadline is refused as busy.
@@ -120,16 +121,17 @@ impl Auth {
         let now = now_ms();
         {
             let mut devices = lock(&self.throttle_devices);
-            let mut addrs = lock(&self.throttle_addrs);
             let wait = devices
                 .wait_ms(&device.id, now)
-                .max(addrs.wait_ms(&addr, now));
+                .max(lock(&self.throttle_addrs).wait_ms(&addr, now));
             if wait > 0 {
                 return Err((Refusal::Throttled, hold(wait)));
             }
-            // Until this check ends, other attempts of the device or the address wait.
-            devices.begin(&device.id, now);
-            addrs.begin(&addr, now);
+            // Until this (slow) check ends, other attempts of the device wait: parallel
+            // guesses cannot all slip in before the first failure is known.
+            if matches!(device.password, Password::Argon2(_)) {
+                devices.begin(&device.id, now);
+            }
         }
         let ok = match &device.password {
             Password::Argon2(hash) => {
@@ -138,7 +140,6 @@ impl Auth {
                         .await
                 else {
                     lock(&self.throttle_devices).abandon(&device.id);
-                    lock(&self.throttle_addrs).abandon(&addr);
                     return Err((Refusal::Busy, Duration::ZERO));
                 };
                 let password_check = device.password.clone();

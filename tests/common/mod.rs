@@ -626,139 +626,38 @@ pub fn upstream_section(port: u16, prefix: &str) -> String {
 #[path = "../../examples/support/mqtt.rs"]
 pub mod mqtt;
 
-/// A device that publishes `{"n": i}` at QoS 1 every 20 ms throughout an attack, over
-/// MQTT 3.1.1 from 127.0.0.1, and records which messages were acknowledged and how long
-/// each acknowledgement took. [`Canary::finish`] checks every acknowledged one is stored.
-pub struct Canary {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    thread: Option<std::thread::JoinHandle<CanaryReport>>,
-}
-
-#[derive(Debug, Default)]
-pub struct CanaryReport {
-    pub acked: Vec<u64>,
-    pub latencies: Vec<Duration>,
-    /// Connections lost or PUBACKs not received within 5 s.
-    pub failures: u64,
-}
-
-impl CanaryReport {
-    pub fn percentile(&self, p: usize) -> Duration {
-        let mut l = self.latencies.clone();
-        l.sort();
-        l.get(l.len().saturating_sub(1) * p / 100)
-            .copied()
-            .unwrap_or_default()
-    }
-}
+/// The canary device of the attack tests (shared with the attack benchmark).
+#[path = "../../examples/support/canary.rs"]
+pub mod canary;
+pub use canary::{Canary, CanaryReport};
 
 /// The device a [`Canary`] logs in as (add it to the branch's devices).
 pub fn canary_device() -> Device {
     device("canary", "test-sensor")
 }
 
-impl Canary {
-    pub fn start(port: u16) -> Canary {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let acked_count = acked.clone();
-        let thread = std::thread::spawn(move || {
-            let mut r = CanaryReport::default();
-            let mut n = 0u64;
-            'connect: while !flag.load(Ordering::Relaxed) {
-                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-                    r.failures += 1;
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                };
-                let _ = s.set_nodelay(true);
-                let c = mqtt::connect(&mqtt::Connect {
-                    v5: false,
-                    client_id: "canary",
-                    login: Some(("canary", "canary-pw")),
-                    keep_alive: 30,
-                    clean: true,
-                    will: None,
-                    properties: &[],
-                });
-                if s.write_all(&c).is_err()
-                    || mqtt::read_packet(&mut s, Duration::from_secs(5)) != Some((0x20, vec![0, 0]))
-                {
-                    r.failures += 1;
-                    continue;
-                }
-                while !flag.load(Ordering::Relaxed) {
-                    n += 1;
-                    let pkid = (n % 60_000 + 1) as u16;
-                    let body = format!(r#"{{"n":{n},"device":"canary"}}"#);
-                    let p =
-                        mqtt::publish(b"devices/canary/telemetry", body.as_bytes(), 1, pkid, None);
-                    let sent = Instant::now();
-                    if s.write_all(&p).is_err() {
-                        r.failures += 1;
-                        continue 'connect;
-                    }
-                    match mqtt::read_packet(&mut s, Duration::from_secs(5)) {
-                        Some((0x40, b)) if b == pkid.to_be_bytes() => {
-                            r.acked.push(n);
-                            acked_count.fetch_add(1, Ordering::Relaxed);
-                            r.latencies.push(sent.elapsed());
-                        }
-                        _ => {
-                            r.failures += 1;
-                            continue 'connect;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            r
-        });
-        Canary {
-            stop,
-            acked,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stop (after its fifth acknowledgement at least); assert the canary was never cut
-    /// off and every acknowledged message is stored.
-    pub fn finish(mut self, branch: &Branch) -> CanaryReport {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.acked.load(std::sync::atomic::Ordering::Relaxed) < 5 && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let r = self.thread.take().unwrap().join().unwrap();
-        assert!(
-            r.acked.len() >= 5,
-            "the canary was barely acknowledged: {r:?}"
-        );
-        assert_eq!(r.failures, 0, "the canary lost its connection or an ack");
-        let last = *r.acked.last().unwrap() as i64;
-        let stored = branch.wait_count(
-            &format!(
-                "SELECT COUNT(DISTINCT json_extract(payload, '$.n')) FROM messages \
-                 WHERE device = 'canary' AND json_extract(payload, '$.n') <= {last}"
-            ),
-            r.acked.len() as i64,
-            Duration::from_secs(10),
-        );
-        assert_eq!(
-            stored,
-            r.acked.len() as i64,
-            "acknowledged canary messages missing"
-        );
-        r
-    }
-}
-
-impl Drop for Canary {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
+/// Stop `canary` (after its fifth acknowledgement at least); assert it was never cut off
+/// and every message it was acknowledged is stored.
+pub fn finish_canary(canary: Canary, branch: &Branch) -> CanaryReport {
+    let r = canary.stop_after(5, Duration::from_secs(10));
+    assert!(
+        r.acked.len() >= 5,
+        "the canary was barely acknowledged: {r:?}"
+    );
+    assert_eq!(r.failures, 0, "the canary lost its connection or an ack");
+    let last = *r.acked.last().unwrap() as i64;
+    let stored = branch.wait_count(
+        &format!(
+            "SELECT COUNT(DISTINCT json_extract(payload, '$.n')) FROM messages \
+             WHERE device = 'canary' AND json_extract(payload, '$.n') <= {last}"
+        ),
+        r.acked.len() as i64,
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        stored,
+        r.acked.len() as i64,
+        "acknowledged canary messages missing"
+    );
+    r
 }
