@@ -552,6 +552,17 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
             "counter",
             &limited,
         );
+        let refused: Vec<(String, f64)> = r
+            .refused
+            .iter()
+            .map(|(d, reason, n)| (format!("{{device=\"{d}\",reason=\"{reason}\"}}"), *n as f64))
+            .collect();
+        metric(
+            "branch_gateway_broker_refused_total",
+            "Connections and packets the device broker refused, by device (empty: no configured device) and reason, since the database was created.",
+            "counter",
+            &refused,
+        );
     }
     metric(
         "branch_gateway_devices_online",

@@ -43,8 +43,6 @@ pub enum AppError {
 #[derive(Debug, Default)]
 pub struct Figures {
     pub intake: Arc<IntakeStats>,
-    /// The broker's refusals by reason since start.
-    pub refusals: Arc<crate::model::ReasonCounts>,
     pub devices_online: Arc<AtomicUsize>,
     pub upstream: Arc<UpstreamStats>,
 }
@@ -134,13 +132,8 @@ pub async fn run(
         buffer_stats.clone(),
         figures.intake.clone(),
     ));
-    let (broker, branch_publisher, router_probe) = Broker::start(
-        settings.clone(),
-        devices.clone(),
-        sink.clone(),
-        figures.refusals.clone(),
-    )
-    .await?;
+    let (broker, branch_publisher, router_probe) =
+        Broker::start(settings.clone(), devices.clone(), sink.clone()).await?;
 
     let tasks = tokio_util::task::TaskTracker::new();
     let presence = tasks.spawn(record_broker_events(

@@ -354,24 +354,6 @@ pub enum Capture {
     Closing,
 }
 
-/// Process-wide counts of refusals by reason (e.g. `connect_bad_password`), for the API's
-/// `/metrics` and the upstream health message. The reasons are a fixed set of names.
-#[derive(Debug, Default)]
-pub struct ReasonCounts(std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>);
-
-impl ReasonCounts {
-    pub fn add(&self, reason: &'static str) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(reason).or_default() += 1;
-    }
-
-    /// Every reason counted so far, by name.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.iter().map(|(k, v)| (*k, *v)).collect()
-    }
-}
-
 /// Milliseconds since the Unix epoch from the system clock.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -214,8 +214,18 @@ impl Forwarder {
         let HealthRows {
             drops,
             rate_limited,
+            refused,
             incidents,
         } = rows;
+        // reason -> device ("-": no configured device) -> count
+        let mut refusals = serde_json::Map::new();
+        for (device, reason, count) in refused {
+            let who = if device.is_empty() { "-" } else { device };
+            let entry = refusals
+                .entry(reason.clone())
+                .or_insert_with(|| serde_json::json!({}));
+            entry[who] = serde_json::json!(count);
+        }
         let rate_limited: serde_json::Map<String, serde_json::Value> = rate_limited
             .iter()
             .map(|(device, n)| (device.clone(), serde_json::json!(n)))
@@ -237,6 +247,7 @@ impl Forwarder {
             },
             "dropped": by_device,
             "rate_limited": rate_limited,
+            "refused": refusals,
             "incidents": incidents
                 .iter()
                 .map(|(at, kind, detail)| serde_json::json!({
@@ -816,6 +827,8 @@ struct HealthRows {
     drops: Vec<(String, String, i64)>,
     /// Refused for rate limits: (device, count).
     rate_limited: Vec<(String, i64)>,
+    /// Refused by the broker: (device, reason, count).
+    refused: Vec<(String, String, i64)>,
     /// Recent incidents: (at_ms, kind, detail).
     incidents: Vec<(i64, String, String)>,
 }
@@ -827,6 +840,7 @@ async fn health_rows(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
             Ok::<_, rusqlite::Error>(HealthRows {
                 drops: ob.drops()?,
                 rate_limited: ob.rate_limited()?,
+                refused: ob.broker_refusals()?,
                 incidents: ob.incidents()?,
             })
         })();

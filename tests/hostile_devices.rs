@@ -646,3 +646,91 @@ fn listen_backlog() {
     let (status, _) = gw.terminate();
     assert!(status.success());
 }
+
+/// Every refusal is counted once, per device and reason, and shows in `status`, in
+/// `/metrics` and in the health message sent upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_show_in_status_metrics_and_the_health_message() {
+    const PREFIX: &str = "library/refusals";
+    const TOKEN: &str = "refusals-test-token-0123456789";
+    let mut central = Central::start();
+    let mut consumer = Consumer::start(central.port, PREFIX).await;
+    let api_port = free_port();
+    let branch = Branch::with_extra(
+        &[device("k1", "test-sensor")],
+        &format!(
+            "{}[api]\nlisten = \"127.0.0.1:{api_port}\"\ntoken = \"{TOKEN}\"\n",
+            upstream_section(central.port, PREFIX)
+        ),
+    );
+    let gw = branch.start();
+    let port = branch.port;
+    tokio::task::spawn_blocking(move || {
+        // An unknown user name, a wrong password, a foreign subscription.
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&login(false, "a", "nobody", "x")).unwrap();
+        assert_eq!(mqtt::read_packet(&mut s, WAIT), Some((0x20, vec![0, 0x04])));
+        let mut s = mqtt::tcp_from(HOSTILE, port).unwrap();
+        s.write_all(&login(false, "b", "k1", "wrong")).unwrap();
+        assert_eq!(mqtt::read_packet(&mut s, WAIT), Some((0x20, vec![0, 0x04])));
+        let mut s = logged_in(port, false, "c", "k1");
+        assert_eq!(suback(&mut s, 1, false, &["#".to_string()]), [0x80]);
+    })
+    .await
+    .unwrap();
+    assert_eq!(branch.wait_counter("", "connect_unknown_device", 1), 1);
+    assert_eq!(branch.wait_counter("k1", "connect_bad_password", 1), 1);
+    assert_eq!(branch.wait_counter("k1", "subscribe_denied", 1), 1);
+
+    let (ok, out, err) = branch.cli(&["status"]);
+    assert!(ok.success(), "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("refused"))
+        .unwrap_or_default();
+    assert_eq!(
+        line,
+        "refused     3 by the broker: connect_bad_password 1 (k1 1); connect_unknown_device 1 (- 1); subscribe_denied 1 (k1 1)"
+    );
+    let (status, metrics) = http_get(api_port, "/metrics", Some(TOKEN));
+    assert_eq!(status, 200);
+    for sample in [
+        "branch_gateway_broker_refused_total{device=\"\",reason=\"connect_unknown_device\"} 1",
+        "branch_gateway_broker_refused_total{device=\"k1\",reason=\"connect_bad_password\"} 1",
+        "branch_gateway_broker_refused_total{device=\"k1\",reason=\"subscribe_denied\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == sample),
+            "no {sample:?} in\n{metrics}"
+        );
+    }
+    // A reconnect sends the health message at once.
+    central.stop();
+    central.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let health = loop {
+        let next = tokio::time::timeout_at(deadline, consumer.rx.recv())
+            .await
+            .expect("a health message with the refusals");
+        let Some((topic, body)) = next else {
+            panic!("consumer ended")
+        };
+        if !topic.ends_with("/gateway/health") {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["refused"].as_object().is_some_and(|r| !r.is_empty()) {
+            break v;
+        }
+    };
+    assert_eq!(
+        health["refused"],
+        serde_json::json!({
+            "connect_bad_password": {"k1": 1},
+            "connect_unknown_device": {"-": 1},
+            "subscribe_denied": {"k1": 1},
+        })
+    );
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+}

@@ -37,7 +37,7 @@ use rumqttd::{Notification, RouterConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SharedDevices;
-use crate::model::{PublishSink, ReasonCounts};
+use crate::model::PublishSink;
 pub use presence::PresenceBoard;
 pub use shared::{BrokerStats, Denial, DenialBoard, Shared};
 
@@ -249,7 +249,6 @@ impl Broker {
         settings: BrokerSettings,
         devices: SharedDevices,
         sink: Arc<dyn PublishSink>,
-        refusals: Arc<ReasonCounts>,
     ) -> Result<(Broker, BranchPublisher, RouterProbe), BrokerError> {
         let bind_error = |source| BrokerError::Bind {
             addr: settings.listen,
@@ -293,13 +292,7 @@ impl Broker {
         // Password checks block for tens of milliseconds: they run on the gateway's
         // runtime, so connections held by a full writer queue never delay them.
         let helpers = tokio::runtime::Handle::current();
-        let shared = Arc::new(Shared::new(
-            settings.clone(),
-            devices,
-            sink,
-            refusals,
-            helpers,
-        ));
+        let shared = Arc::new(Shared::new(settings.clone(), devices, sink, helpers));
         let connections = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name("devices")

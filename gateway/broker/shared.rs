@@ -14,7 +14,7 @@ use super::registry::{CloseReason, Limits, Registry};
 use super::BrokerSettings;
 use crate::burst::BurstLimiter;
 use crate::config::SharedDevices;
-use crate::model::{now_ms, DeviceId, PublishSink, ReasonCounts};
+use crate::model::{now_ms, DeviceId, PublishSink};
 
 /// Refusals counted per device (`None`: no configured device) and reason until the app
 /// takes them. Bounded: only configured devices' names are ever keys.
@@ -136,8 +136,6 @@ pub struct Shared {
     pub sink: Arc<dyn PublishSink>,
     pub presence: PresenceBoard,
     pub stats: BrokerStats,
-    /// Refusals by reason since start, for `/metrics` and the health message.
-    pub refusals: Arc<ReasonCounts>,
     /// Refusals per device and reason, until the app records them.
     pub denials: DenialBoard,
     pub(crate) settings: BrokerSettings,
@@ -162,7 +160,6 @@ impl Shared {
         settings: BrokerSettings,
         devices: SharedDevices,
         sink: Arc<dyn PublishSink>,
-        refusals: Arc<ReasonCounts>,
         helpers: tokio::runtime::Handle,
     ) -> Self {
         let auth = Auth::new(
@@ -183,7 +180,6 @@ impl Shared {
             sink,
             presence: PresenceBoard::default(),
             stats: BrokerStats::default(),
-            refusals,
             denials: DenialBoard::default(),
             settings,
             auth,
@@ -208,7 +204,6 @@ impl Shared {
     /// Count and report a refusal; logged once per burst per device and reason. `detail`
     /// must hold nothing a device chose that could be a secret (no user names).
     pub(crate) fn deny(&self, device: Option<&str>, what: Denial, detail: &str) {
-        self.refusals.add(what.as_str());
         let key = (device.map(str::to_owned), what);
         if let Some(suppressed) = lock(&self.log).hit(&key, now_ms()) {
             tracing::warn!(

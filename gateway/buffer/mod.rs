@@ -1616,6 +1616,11 @@ impl Outbox {
         rate_limited(&self.conn)
     }
 
+    /// The broker's refusals (see [`broker_refusals`]).
+    pub fn broker_refusals(&mut self) -> rusqlite::Result<Vec<(String, String, i64)>> {
+        broker_refusals(&self.conn)
+    }
+
     /// Undelivered messages and the receive time of the oldest.
     pub fn backlog(&mut self) -> rusqlite::Result<(i64, Option<i64>)> {
         self.conn.query_row(
@@ -1660,6 +1665,8 @@ pub struct BufferReport {
     pub drops: Vec<(String, String, i64)>,
     /// (device, count) refused for their profile's rate limit.
     pub rate_limited: Vec<(String, i64)>,
+    /// (device, reason, count) refused by the broker (see [`broker_refusals`]).
+    pub refused: Vec<(String, String, i64)>,
     pub devices_online: i64,
     pub devices_configured: i64,
 }
@@ -1691,6 +1698,24 @@ pub fn last_telemetry(conn: &Connection, device: &str) -> rusqlite::Result<Optio
 
 /// Messages refused because their device was over its profile's rate limit, per device
 /// (totals since the database was created): (device, count), by device.
+/// The device counters that are the broker's refusals (names from `broker::Denial`):
+/// `connect_*` refuse a connection, `*_denied` a packet, the rest close a connection that
+/// broke the protocol or a deadline. The empty device id holds those of no configured device.
+const BROKER_REFUSALS: &str =
+    "(counter LIKE 'connect\\_%' ESCAPE '\\' OR counter LIKE '%\\_denied' ESCAPE '\\'
+     OR counter IN ('packet_too_large', 'malformed_packet', 'protocol_error', 'packet_timeout',
+                    'keepalive_timeout', 'write_timeout'))";
+
+/// The broker's refusals: (device, reason, count), by reason then device.
+pub fn broker_refusals(conn: &Connection) -> rusqlite::Result<Vec<(String, String, i64)>> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT device, counter, value FROM device_counters WHERE {BROKER_REFUSALS} AND value > 0
+         ORDER BY counter, device"
+    ))?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
 pub fn rate_limited(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
     let mut st = conn.prepare_cached(
         "SELECT device, value FROM device_counters WHERE counter = 'rate_limited' AND value > 0
@@ -1730,6 +1755,7 @@ pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferR
         rejected_kept: one("SELECT COUNT(*) FROM rejected")?.unwrap_or(0),
         drops,
         rate_limited: rate_limited(conn)?,
+        refused: broker_refusals(conn)?,
         devices_online: one("SELECT COUNT(*) FROM devices WHERE online = 1 AND configured = 1")?
             .unwrap_or(0),
         devices_configured: one("SELECT COUNT(*) FROM devices WHERE configured = 1")?.unwrap_or(0),
@@ -1766,17 +1792,16 @@ pub struct DeviceRow {
 
 /// Every device known to the database, configured ones first, by id.
 pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
-    let mut st = conn.prepare(
+    let mut st = conn.prepare(&format!(
         "SELECT d.id, d.profile, d.configured, d.online, d.last_seen_ms, d.reported_status,
                 COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'accepted'), 0),
                 COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'rejected'), 0),
                 COALESCE((SELECT SUM(value) FROM device_counters WHERE device = d.id
-                          AND (counter LIKE 'connect\\_%' ESCAPE '\\' OR counter LIKE '%\\_denied' ESCAPE '\\'
-                               OR counter IN ('packet_too_large', 'malformed_packet'))), 0),
+                          AND {BROKER_REFUSALS}), 0),
                 d.last_reject_reason, d.last_reject_detail,
                 COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'rate_limited'), 0)
-         FROM devices d ORDER BY d.configured DESC, d.id",
-    )?;
+         FROM devices d ORDER BY d.configured DESC, d.id"
+    ))?;
     let rows = st.query_map([], |r| {
         Ok(DeviceRow {
             id: r.get(0)?,
