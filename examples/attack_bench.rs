@@ -20,6 +20,7 @@
 //! - `disk`: one device publishes 1 KB QoS 1 messages as fast as acknowledgements allow,
 //!   central is down, the disk cap is 64 MiB (the only setting changed, so the cap is
 //!   reached within the run).
+//!
 //! Attackers connect from 127.0.0.2-127.0.0.4 (loopback), the canary and the legitimate
 //! clients from 127.0.0.1.
 
