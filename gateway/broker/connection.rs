@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{self, v4::V4, v5::V5, Packet, Protocol};
 use rumqttd::Notification;
@@ -25,7 +25,7 @@ use super::auth::Refusal;
 use super::encode::{self, code, ConnackProperties, ConnackRefusal};
 use super::frame::{self, ConnectError, FrameError, Kind, Peek};
 use super::registry::{self, CloseReason, Refused, Ticket};
-use super::session::{Closing, Env, Session, SessionLimits};
+use super::session::{next_packet, Closing, Env, Next, Session, SessionLimits};
 use super::shared::{Denial, Pending, Shared};
 use super::Connector;
 use crate::model::Capture;
@@ -390,51 +390,11 @@ impl Conn {
     ) -> Result<Drained, Closing> {
         let max = self.shared.settings.max_packet_bytes;
         while self.wbuf.len() < WRITE_FLUSH {
-            let header = match frame::peek(&self.rbuf, max) {
-                Err(e) => {
-                    return Err(Closing::violation(
-                        e.reason(),
-                        frame_denial(e),
-                        "packet refused before decoding",
-                    ))
-                }
-                Ok(Peek::Incomplete { started }) => return Ok(Drained::Incomplete { started }),
-                Ok(Peek::Ready(h)) => h,
+            let (packet, meta) = match next_packet(&mut self.rbuf, li.v5, max)? {
+                Next::Incomplete { started } => return Ok(Drained::Incomplete { started }),
+                Next::Packet(packet, meta) => (packet, meta),
             };
             *last_packet = Instant::now();
-            if header.kind == Kind::Disconnect {
-                // rumqttd's MQTT 5 reader takes a DISCONNECT with only a reason code for
-                // an incomplete packet: read it here (0x04: publish the will).
-                let reason = self.rbuf.get(header.header_len).copied();
-                self.rbuf.advance(header.frame_len());
-                if !li.v5 && header.remaining > 0 {
-                    return Err(Closing::violation(
-                        code::MALFORMED,
-                        Denial::Malformed,
-                        "DISCONNECT with a body",
-                    ));
-                }
-                return Err(Closing {
-                    reason: None,
-                    denial: None,
-                    will: reason == Some(0x04),
-                });
-            }
-            let meta = match header.kind {
-                Kind::Publish => Some(frame::publish_meta(&header, &self.rbuf).ok_or(
-                    Closing::violation(code::MALFORMED, Denial::Malformed, "PUBLISH is truncated"),
-                )?),
-                _ => None,
-            };
-            let decoded = if li.v5 {
-                V5.read_mut(&mut self.rbuf, max)
-            } else {
-                V4.read_mut(&mut self.rbuf, max)
-            };
-            let packet = decoded.map_err(|e: protocol::Error| {
-                let _ = e;
-                Closing::violation(code::MALFORMED, Denial::Malformed, "packet does not parse")
-            })?;
             if let Some(p) = li
                 .session
                 .on_device(&*self.shared, packet, meta, &mut self.wbuf)?

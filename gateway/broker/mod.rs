@@ -39,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::SharedDevices;
 use crate::model::PublishSink;
 pub use presence::PresenceBoard;
+#[doc(hidden)]
+pub use session::fuzz_device_bytes;
 pub use shared::{BrokerStats, Denial, DenialBoard, Shared};
 
 /// A router link: what the router gives a registered connection.

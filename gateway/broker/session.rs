@@ -42,6 +42,130 @@ const MAX_UNACKED_DELIVERIES: usize = 1024;
 /// device's packet ids are never 0); its SUBACK is not sent to the device.
 const RESTORE_PKID: u16 = 0;
 
+/// What [`next_packet`] found in a connection's read buffer.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per packet, on the stack, never stored
+pub(crate) enum Next {
+    /// No whole packet yet; `started`: part of one has arrived.
+    Incomplete { started: bool },
+    /// A packet taken off the buffer, with its PUBLISH fields.
+    Packet(Packet, Option<PublishMeta>),
+}
+
+/// Take the next packet of a logged-in connection off `buf`: the frame checks first, then
+/// rumqttd's codec; a DISCONNECT is read here (rumqttd's MQTT 5 reader takes one with only
+/// a reason code for an incomplete packet) and ends the connection (0x04: with its will).
+pub(crate) fn next_packet(buf: &mut BytesMut, v5: bool, max: usize) -> Result<Next, Closing> {
+    use super::frame::{self, Kind, Peek};
+    let header = match frame::peek(buf, max) {
+        Err(e) => {
+            let denial = match e {
+                frame::FrameError::TooLarge(_) => Denial::Oversized,
+                frame::FrameError::Length => Denial::Malformed,
+                _ => Denial::ProtocolError,
+            };
+            return Err(Closing::violation(
+                e.reason(),
+                denial,
+                "packet refused before decoding",
+            ));
+        }
+        Ok(Peek::Incomplete { started }) => return Ok(Next::Incomplete { started }),
+        Ok(Peek::Ready(h)) => h,
+    };
+    if header.kind == Kind::Disconnect {
+        let reason = buf.get(header.header_len).copied();
+        let _ = buf.split_to(header.frame_len());
+        if !v5 && header.remaining > 0 {
+            return Err(Closing::violation(
+                code::MALFORMED,
+                Denial::Malformed,
+                "DISCONNECT with a body",
+            ));
+        }
+        return Err(Closing {
+            reason: None,
+            denial: None,
+            will: reason == Some(0x04),
+        });
+    }
+    let meta = match header.kind {
+        Kind::Publish => Some(frame::publish_meta(&header, buf).ok_or(Closing::violation(
+            code::MALFORMED,
+            Denial::Malformed,
+            "PUBLISH is truncated",
+        ))?),
+        _ => None,
+    };
+    let decoded = if v5 {
+        V5.read_mut(buf, max)
+    } else {
+        V4.read_mut(buf, max)
+    };
+    match decoded {
+        Ok(packet) => Ok(Next::Packet(packet, meta)),
+        Err(_) => Err(Closing::violation(
+            code::MALFORMED,
+            Denial::Malformed,
+            "packet does not parse",
+        )),
+    }
+}
+
+/// For fuzzers and property tests: `bytes` from a device through what a connection does
+/// with them (a CONNECT's checks and decoding, then every packet's frame checks, decoding
+/// and session), with nothing behind (intake takes everything, the router answers
+/// nothing). Must never panic, whatever the bytes.
+#[doc(hidden)]
+pub fn fuzz_device_bytes(bytes: &[u8]) {
+    struct Nothing;
+    impl Env for Nothing {
+        fn capture(&self, _: &[u8], _: &[u8]) -> Capture {
+            Capture::Taken
+        }
+        fn deny(&self, _: &str, _: Denial, _: &str) {}
+        fn admit_filter(&self, _: &str) -> bool {
+            true
+        }
+    }
+    use super::frame::{self, Kind, Peek};
+    let mut buf = BytesMut::from(bytes);
+    const MAX: usize = 1 << 16;
+    // A CONNECT first, as the connection reads it; its level picks the codec.
+    let v5 = match frame::peek(&buf, MAX) {
+        Ok(Peek::Ready(h)) if h.kind == Kind::Connect => {
+            let Ok(meta) = frame::connect_meta(&h, &buf) else {
+                return;
+            };
+            let v5 = meta.level == 5;
+            let decoded = if v5 {
+                V5.read_mut(&mut buf, MAX)
+            } else {
+                V4.read_mut(&mut buf, MAX)
+            };
+            if !matches!(decoded, Ok(Packet::Connect(..))) {
+                return;
+            }
+            v5
+        }
+        _ => bytes.first().is_some_and(|b| b & 1 == 1),
+    };
+    let limits = SessionLimits {
+        max_subscriptions: 8,
+        max_filter_bytes: 256,
+        receive_maximum: 4,
+        topic_alias_maximum: 4,
+    };
+    let mut session = Session::new("fz", v5, limits);
+    let mut out = BytesMut::new();
+    while let Ok(Next::Packet(packet, meta)) = next_packet(&mut buf, v5, MAX) {
+        if session.on_device(&Nothing, packet, meta, &mut out).is_err() {
+            return;
+        }
+        out.clear();
+    }
+}
+
 /// The limits of one connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SessionLimits {
@@ -811,6 +935,28 @@ mod tests {
             .on_device(&e, subscribe(3, &["branch/a"]), None, &mut out)
             .unwrap()
             .is_some());
+    }
+
+    proptest::proptest! {
+        /// Random bytes, and valid packets with a byte changed, never panic the path a
+        /// connection's bytes take (the fuzz target runs the same function longer).
+        #[test]
+        fn device_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            at in 0usize..64,
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            fuzz_device_bytes(&bytes);
+            // A v5 CONNECT, then a SUBSCRIBE and a PUBLISH, one byte replaced.
+            let mut stream = vec![
+                0x10, 0x11, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30, 0, 0, 2, b'i', b'd',
+                0, 0, 0x82, 0x0b, 0, 1, 0, 0, 6, b'b', b'/', b'a', b'/', b'#', 1,
+                0x32, 0x0a, 0, 3, b'a', b'/', b'b', 0, 7, 0, b'{', b'}',
+            ];
+            let i = at % stream.len();
+            stream[i] = byte;
+            fuzz_device_bytes(&stream);
+        }
     }
 
     #[test]
