@@ -35,7 +35,7 @@ const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 const DEVICES: &[&str] = &["fz-0", "fz-1", "fz-2", "fz-3"];
 
 const PROFILE: &str = r#"{"name": "fuzz-sensor", "description": "fuzzing",
-  "telemetry": {"max_bytes": 2048, "fields": {"n": {"type": "integer"}, "s": {"type": "string", "required": false}}},
+  "telemetry": {"max_bytes": 2048, "fields": {"n": {"type": "integer"}, "s": {"type": "string", "required": false}, "device": {"type": "string", "required": false}}},
   "events": {"max_bytes": 2048, "type_field": "event", "types": {"e": {"fields": {"n": {"type": "integer"}}}}}}"#;
 
 fn topics(device: &str) -> Vec<Vec<u8>> {
