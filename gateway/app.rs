@@ -118,6 +118,7 @@ pub async fn run(
         max_subscriptions: b.max_subscriptions,
         max_filter_bytes: b.max_filter_bytes,
         max_filters: b.max_filters,
+        max_filters_per_device: b.max_filters_per_device,
         max_login_verifications: b.max_login_verifications,
         login_failure_delay: Duration::from_millis(b.login_failure_delay_ms),
         login_failure_delay_max: Duration::from_millis(b.login_failure_delay_max_ms),

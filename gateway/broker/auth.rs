@@ -168,10 +168,18 @@ impl Auth {
         }
     }
 
-    /// Count a failure against the address (and the device, if one was named).
+    /// Count a failure against the address (and the device, if one was named). An
+    /// address already waiting keeps its wait: attempts that cost nothing (unknown user
+    /// names) cannot drive it to the longest wait for other devices behind it.
     fn failed(&self, device: Option<&DeviceId>, addr: IpAddr) -> Duration {
         let now = now_ms();
-        let mut wait = lock(&self.throttle_addrs).fail(&addr, now);
+        let mut wait = {
+            let mut addrs = lock(&self.throttle_addrs);
+            match addrs.wait_ms(&addr, now) {
+                0 => addrs.fail(&addr, now),
+                waiting => waiting,
+            }
+        };
         if let Some(d) = device {
             wait = wait.max(lock(&self.throttle_devices).fail(d, now));
         }

@@ -56,15 +56,16 @@ impl Env for Shared {
     fn deny(&self, device: &str, what: Denial, detail: &str) {
         Shared::deny(self, Some(device), what, detail)
     }
-    fn admit_filter(&self, filter: &str) -> bool {
-        Shared::admit_filter(self, filter)
+    fn admit_filter(&self, device: &str, filter: &str) -> bool {
+        Shared::admit_filter(self, device, filter)
     }
 }
 
 /// Where [`Conn::drain`] stopped.
 enum Drained {
-    /// No whole packet is left; `started`: part of one has arrived.
-    Incomplete { started: bool },
+    /// No whole packet is left; `started`: part of one has arrived; `took`: at least one
+    /// whole packet was handled first.
+    Incomplete { started: bool, took: bool },
     /// The replies filled the write buffer: write them, then go on.
     WriteBufferFull,
 }
@@ -195,6 +196,10 @@ impl Conn {
             }
             tokio::select! {
                 _ = shared.closing.cancelled() => return None,
+                _ = pending.evicted.cancelled() => {
+                    shared.deny(None, Denial::Evicted, "closed to make room for a newer connection");
+                    return None;
+                }
                 r = self.read(Some(deadline)) => match r {
                     Ok(()) => {}
                     Err(true) => {
@@ -232,6 +237,8 @@ impl Conn {
             Some(l) => (Some(l.username.as_str()), l.password.as_str()),
             None => (None, ""),
         };
+        // A reload revoking the device while this login is checked refuses it below.
+        let revision = username.map_or(0, |u| shared.registry.revision(u));
         let device = match shared
             .auth
             .login(username, password, self.peer.ip(), deadline)
@@ -255,6 +262,7 @@ impl Conn {
                 tokio::select! {
                     _ = tokio::time::sleep(hold) => {}
                     _ = shared.closing.cancelled() => return None,
+                    _ = pending.evicted.cancelled() => return None,
                 }
                 self.refuse(v5, answer).await;
                 return None;
@@ -275,9 +283,15 @@ impl Conn {
             // A device that has already gone must not take a session over.
             return None;
         }
+        // MQTT 5: a session that expires when the connection ends is kept nowhere.
+        let expiry = props
+            .as_ref()
+            .and_then(|p| p.session_expiry_interval)
+            .unwrap_or(0);
+        let clean = connect.clean_session || (v5 && expiry == 0);
         let opened = match shared
             .registry
-            .open(&device, &connect.client_id, connect.clean_session)
+            .open(&device, &connect.client_id, clean, revision)
         {
             Ok(o) => o,
             Err(refused) => {
@@ -297,6 +311,11 @@ impl Conn {
                         ConnackRefusal::ClientId,
                         "client id refused",
                     ),
+                    Refused::Revoked => (
+                        Denial::Revoked,
+                        ConnackRefusal::NotAuthorized,
+                        "removed or changed by a reload during its login",
+                    ),
                 };
                 shared.deny(Some(&device), denial, detail);
                 self.refuse(v5, answer).await;
@@ -304,6 +323,10 @@ impl Conn {
             }
         };
         let ticket = opened.ticket;
+        if shared.closing.is_cancelled() {
+            // The stop began after the check above: this one was never told to close.
+            return None;
+        }
         if let Some(previous) = opened.previous {
             shared.stats.takeovers.fetch_add(1, Ordering::Relaxed);
             // The router must see the old connection leave before this one comes. Taken
@@ -327,7 +350,7 @@ impl Conn {
                 return None;
             }
         };
-        let session_present = opened.restored.is_some();
+        let session_present = opened.session_present;
         let connack = ConnackProperties {
             receive_maximum: RECEIVE_MAXIMUM,
             maximum_packet_size: u32::try_from(max).unwrap_or(u32::MAX),
@@ -351,14 +374,15 @@ impl Conn {
             v5,
             keep_alive: (connect.keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
+            // Copies: the packet's bytes are a slice of the read buffer.
             will: will.map(|w| {
                 let delay = will_props.and_then(|p| p.delay_interval).unwrap_or(0);
-                let expiry = props
-                    .as_ref()
-                    .and_then(|p| p.session_expiry_interval)
-                    .unwrap_or(0);
                 let delay = Duration::from_secs(u64::from(delay.min(expiry)));
-                (w.topic, w.message, delay.min(MAX_WILL_DELAY))
+                (
+                    bytes::Bytes::copy_from_slice(&w.topic),
+                    bytes::Bytes::copy_from_slice(&w.message),
+                    delay.min(MAX_WILL_DELAY),
+                )
             }),
             ticket,
             tx,
@@ -374,8 +398,12 @@ impl Conn {
         }
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         shared.presence.update(&logged_in.device, true);
-        if let Some(subscribe) = opened.restored.and_then(|f| logged_in.session.restore(f)) {
-            let _ = logged_in.tx.send(subscribe).await;
+        // Read only now: a connection taken over has saved its subscriptions.
+        if session_present {
+            let filters = logged_in.ticket.session_filters();
+            if let Some(subscribe) = logged_in.session.restore(filters) {
+                let _ = logged_in.tx.send(subscribe).await;
+            }
         }
         Some(logged_in)
     }
@@ -389,11 +417,13 @@ impl Conn {
         last_packet: &mut Instant,
     ) -> Result<Drained, Closing> {
         let max = self.shared.settings.max_packet_bytes;
+        let mut took = false;
         while self.wbuf.len() < WRITE_FLUSH {
             let (packet, meta) = match next_packet(&mut self.rbuf, li.v5, max)? {
-                Next::Incomplete { started } => return Ok(Drained::Incomplete { started }),
+                Next::Incomplete { started } => return Ok(Drained::Incomplete { started, took }),
                 Next::Packet(packet, meta) => (packet, meta),
             };
+            took = true;
             *last_packet = Instant::now();
             if let Some(p) = li
                 .session
@@ -454,10 +484,12 @@ impl Conn {
         let mut to_router = Vec::new();
         let closing = loop {
             let more = match self.drain(&mut li, &mut to_router, &mut last_packet) {
-                Ok(Drained::Incomplete { started }) => {
+                Ok(Drained::Incomplete { started, took }) => {
+                    // The packet timeout runs from the first byte of the packet now
+                    // incomplete, not of one completed since.
                     started_at = match (started, started_at) {
-                        (true, Some(t)) => Some(t),
-                        (true, None) => Some(Instant::now()),
+                        (true, Some(t)) if !took => Some(t),
+                        (true, _) => Some(Instant::now()),
                         (false, _) => None,
                     };
                     false
@@ -465,10 +497,10 @@ impl Conn {
                 Ok(Drained::WriteBufferFull) => true,
                 Err(c) => break c,
             };
-            for p in to_router.drain(..) {
-                if li.tx.send(p).await.is_err() {
-                    break;
-                }
+            // One router event for all of them (its channel is shared by every device).
+            if let Some(last) = to_router.pop() {
+                li.tx.buffer().extend(to_router.drain(..));
+                let _ = li.tx.send(last).await;
             }
             match self.flush(settings.write_timeout).await {
                 Ok(()) => {}
@@ -491,6 +523,7 @@ impl Conn {
                 (a, b) => a.or(b),
             };
             tokio::select! {
+                biased;
                 reason = li.ticket.control.closed() => {
                     break match reason {
                         CloseReason::Shutdown => Closing::shutdown(),
@@ -583,7 +616,8 @@ fn disconnect_packet() -> Packet {
 }
 
 /// Hand a device's last will to intake, after its delay unless the same client has
-/// connected again meanwhile.
+/// connected again meanwhile (a device has at most `max_sessions_per_device` waiting; past
+/// that, one is published at once).
 fn publish_will(
     shared: Arc<Shared>,
     device: String,
@@ -592,17 +626,21 @@ fn publish_will(
     message: bytes::Bytes,
     delay: Duration,
 ) {
-    if delay.is_zero() {
+    let wait = (!delay.is_zero())
+        .then(|| shared.registry.delay_will(&device, &client_id))
+        .flatten();
+    let Some(cancelled) = wait else {
         shared.sink.capture(&topic, &message);
         return;
-    }
+    };
     tokio::spawn(async move {
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shared.closing.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {
+                shared.sink.capture(&topic, &message);
+            }
+            _ = cancelled.cancelled() => {}
+            _ = shared.closing.cancelled() => {}
         }
-        if !shared.registry.is_open(&device, &client_id) {
-            shared.sink.capture(&topic, &message);
-        }
+        shared.registry.will_done(&device, &cancelled);
     });
 }

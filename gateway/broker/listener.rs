@@ -6,6 +6,9 @@
 //!   (`connect_connections_full`);
 //! - `max_pending_per_address` connections of the same address not logged in yet: closed
 //!   at accept (`connect_address_limit`);
+//! - half of `max_connections` not logged in yet (from any addresses), or all places
+//!   taken while some are not logged in: the oldest of those is closed to make room
+//!   (`connect_evicted`);
 //! - accept fails (out of file descriptors, memory): accepting pauses 50 ms, doubling to
 //!   1 s while it keeps failing, instead of spinning.
 
@@ -43,6 +46,9 @@ fn keepalive(stream: &tokio::net::TcpStream) {
         .with_retries(3);
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
 }
+
+/// How long a new connection waits for the place of one closed to make room.
+const EVICTION_WAIT: Duration = Duration::from_millis(200);
 
 /// Accept until `stop`.
 pub(crate) async fn run(
@@ -82,9 +88,22 @@ pub(crate) async fn run(
                 continue;
             }
         };
-        let Ok(place) = places.clone().try_acquire_owned() else {
-            shared.deny(None, Denial::ConnectionsFull, "max_connections reached");
-            continue;
+        let place = match places.clone().try_acquire_owned() {
+            Ok(p) => p,
+            // Full: the oldest connection not logged in yet makes room, if there is one.
+            Err(_) if shared.evict_oldest_pending() => {
+                match tokio::time::timeout(EVICTION_WAIT, places.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        shared.deny(None, Denial::ConnectionsFull, "max_connections reached");
+                        continue;
+                    }
+                }
+            }
+            Err(_) => {
+                shared.deny(None, Denial::ConnectionsFull, "max_connections reached");
+                continue;
+            }
         };
         let Some(pending) = shared.pending(peer.ip()) else {
             let detail = format!("max_pending_per_address reached by {}", peer.ip());

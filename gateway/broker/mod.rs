@@ -110,6 +110,7 @@ pub struct BrokerSettings {
     pub max_subscriptions: usize,
     pub max_filter_bytes: usize,
     pub max_filters: usize,
+    pub max_filters_per_device: usize,
     pub max_login_verifications: usize,
     pub login_failure_delay: Duration,
     pub login_failure_delay_max: Duration,

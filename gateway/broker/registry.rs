@@ -78,6 +78,8 @@ pub(crate) enum Refused {
     /// Empty client id with a persistent session, or one too long or with characters
     /// the router refuses.
     ClientId,
+    /// A reload removed or changed the device while this login was being checked.
+    Revoked,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -99,8 +101,12 @@ struct Open {
 #[derive(Default)]
 struct DeviceConnections {
     open: Vec<Open>,
-    /// Persistent sessions: client id and its subscriptions.
+    /// Persistent sessions, least recently used first: client id and its subscriptions.
     sessions: Vec<(String, Vec<Filter>)>,
+    /// Last wills waiting out their MQTT 5 delay: client id, and how to cancel one.
+    wills: Vec<(String, CancellationToken)>,
+    /// Bumped by every reload that revokes the device.
+    revision: u64,
 }
 
 /// Longest client id accepted (MQTT requires servers to accept 23 characters).
@@ -111,8 +117,9 @@ pub(crate) struct Opened {
     pub ticket: Ticket,
     /// The connection it takes over, told to close.
     pub previous: Option<Arc<Control>>,
-    /// The subscriptions of the persistent session it resumes.
-    pub restored: Option<Vec<Filter>>,
+    /// It resumes a persistent session that existed (its subscriptions:
+    /// [`Ticket::session_filters`], once the connection taken over has saved them).
+    pub session_present: bool,
 }
 
 pub(crate) struct Registry {
@@ -134,6 +141,19 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
+    /// The subscriptions of the persistent session this connection resumes.
+    pub fn session_filters(&self) -> Vec<Filter> {
+        let Some(client_id) = &self.persistent else {
+            return Vec::new();
+        };
+        let devices = self.registry.lock();
+        devices
+            .get(&self.device)
+            .and_then(|d| d.sessions.iter().find(|(c, _)| c == client_id))
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default()
+    }
+
     /// Keep a persistent session's subscriptions for its next connection.
     pub fn save_session(&self, filters: Vec<Filter>) {
         let Some(client_id) = &self.persistent else {
@@ -153,9 +173,6 @@ impl Drop for Ticket {
         let mut devices = self.registry.lock();
         if let Some(d) = devices.get_mut(&self.device) {
             d.open.retain(|o| o.id != self.id);
-            if d.open.is_empty() && d.sessions.is_empty() {
-                devices.remove(&self.device);
-            }
         }
         drop(devices);
         self.control.finished.cancel();
@@ -175,15 +192,24 @@ impl Registry {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Take a place for a new connection of `device`. A connection open with the same
-    /// client id is told to close, and its [`Control`] returned so the caller can wait
-    /// for it to finish. For a persistent session that existed, its subscriptions are
-    /// returned too (MQTT's "session present"); a clean session discards a stored one.
+    /// The device's revision: [`Registry::open`] refuses a login checked before a reload
+    /// revoked the device.
+    pub fn revision(&self, device: &str) -> u64 {
+        self.lock().get(device).map_or(0, |d| d.revision)
+    }
+
+    /// Take a place for a new connection of `device`, whose login was checked at
+    /// `revision`. A connection open with the same client id is told to close, and its
+    /// [`Control`] returned so the caller can wait for it to finish. `clean`: no session
+    /// is kept (a stored one is discarded); otherwise the client id's session is resumed
+    /// or created, the least recently used one not open making room at `max_sessions`.
+    /// A last will of this client waiting out its delay is cancelled.
     pub fn open(
         self: &Arc<Self>,
         device: &str,
         client_id: &str,
         clean: bool,
+        revision: u64,
     ) -> Result<Opened, Refused> {
         if client_id.len() > MAX_CLIENT_ID
             || client_id.contains(['+', '#', '/', '$', '\0'])
@@ -193,6 +219,9 @@ impl Registry {
         }
         let mut devices = self.lock();
         let d = devices.entry(device.to_owned()).or_default();
+        if d.revision != revision {
+            return Err(Refused::Revoked);
+        }
         let previous = if client_id.is_empty() {
             None
         } else {
@@ -204,22 +233,6 @@ impl Registry {
         if previous.is_none() && staying >= self.limits.max_per_device {
             return Err(Refused::TooManyConnections);
         }
-        let stored = d.sessions.iter().position(|(c, _)| c == client_id);
-        let restored = match (clean, stored) {
-            (true, Some(i)) => {
-                d.sessions.remove(i);
-                None
-            }
-            (true, None) => None,
-            (false, Some(i)) => Some(d.sessions[i].1.clone()),
-            (false, None) => {
-                if d.sessions.len() >= self.limits.max_sessions {
-                    return Err(Refused::TooManySessions);
-                }
-                d.sessions.push((client_id.to_owned(), Vec::new()));
-                None
-            }
-        };
         // Slots of connections still leaving stay taken; beyond twice the limit (a device
         // reconnecting in a storm) new ones wait until some have left.
         let Some(slot) =
@@ -227,6 +240,43 @@ impl Registry {
         else {
             return Err(Refused::TooManyConnections);
         };
+        let stored = d.sessions.iter().position(|(c, _)| c == client_id);
+        let session_present = match (clean, stored) {
+            (true, Some(i)) => {
+                d.sessions.remove(i);
+                false
+            }
+            (true, None) => false,
+            (false, Some(i)) => {
+                let s = d.sessions.remove(i);
+                d.sessions.push(s);
+                true
+            }
+            (false, None) => {
+                if d.sessions.len() >= self.limits.max_sessions {
+                    let open = &d.open;
+                    let idle = d
+                        .sessions
+                        .iter()
+                        .position(|(c, _)| !open.iter().any(|o| &o.client_id == c));
+                    match idle {
+                        Some(i) => {
+                            d.sessions.remove(i);
+                        }
+                        None => return Err(Refused::TooManySessions),
+                    }
+                }
+                d.sessions.push((client_id.to_owned(), Vec::new()));
+                false
+            }
+        };
+        d.wills.retain(|(c, cancel)| {
+            let same = c == client_id;
+            if same {
+                cancel.cancel();
+            }
+            !same
+        });
         let previous = previous.map(|i| {
             d.open[i].leaving = true;
             d.open[i].control.clone()
@@ -254,18 +304,48 @@ impl Registry {
                 control,
             },
             previous,
-            restored,
+            session_present,
         })
     }
 
-    /// Close every open connection of these devices.
+    /// A last will waits out its delay: the token to wait on (cancelled if the client
+    /// connects again), or `None` when the device has `max_sessions` waiting already
+    /// (then it is published at once).
+    pub fn delay_will(&self, device: &str, client_id: &str) -> Option<CancellationToken> {
+        let mut devices = self.lock();
+        let d = devices.get_mut(device)?;
+        d.wills.retain(|(c, cancel)| {
+            let same = c == client_id;
+            if same {
+                cancel.cancel();
+            }
+            !same && !cancel.is_cancelled()
+        });
+        if d.wills.len() >= self.limits.max_sessions {
+            return None;
+        }
+        let token = CancellationToken::new();
+        d.wills.push((client_id.to_owned(), token.clone()));
+        Some(token)
+    }
+
+    /// A delayed will has been handled (published or cancelled).
+    pub fn will_done(&self, device: &str, token: &CancellationToken) {
+        token.cancel();
+        if let Some(d) = self.lock().get_mut(device) {
+            d.wills.retain(|(_, t)| !t.is_cancelled());
+        }
+    }
+
+    /// Close every open connection of these devices (a reload revoked them); logins
+    /// checked before this are refused.
     pub fn close_devices(&self, devices: &[DeviceId], reason: CloseReason) {
-        let all = self.lock();
+        let mut all = self.lock();
         for d in devices {
-            if let Some(c) = all.get(d) {
-                for o in &c.open {
-                    o.control.close(reason);
-                }
+            let c = all.entry(d.clone()).or_default();
+            c.revision += 1;
+            for o in &c.open {
+                o.control.close(reason);
             }
         }
     }
@@ -280,6 +360,7 @@ impl Registry {
     }
 
     /// Whether `device` has a connection open with `client_id`.
+    #[cfg(test)]
     pub fn is_open(&self, device: &str, client_id: &str) -> bool {
         self.lock().get(device).is_some_and(|d| {
             d.open
@@ -315,7 +396,7 @@ mod tests {
     }
 
     fn open(r: &Arc<Registry>, device: &str, client: &str, clean: bool) -> Result<Opened, Refused> {
-        r.open(device, client, clean)
+        r.open(device, client, clean, r.revision(device))
     }
 
     #[test]
@@ -371,28 +452,68 @@ mod tests {
 
     #[test]
     fn persistent_sessions_keep_subscriptions_and_are_bounded_per_device() {
-        let r = registry();
+        let r = Registry::new(Limits {
+            max_per_device: 4,
+            max_sessions: 2,
+        });
         let a = open(&r, "k1", "s1", false).unwrap();
-        assert!(a.restored.is_none(), "a new session");
+        assert!(!a.session_present, "a new session");
         a.ticket.save_session(vec![filter("branch/#")]);
         drop(a);
         let again = open(&r, "k1", "s1", false).unwrap();
-        assert_eq!(again.restored, Some(vec![filter("branch/#")]));
-        drop(again);
-        let _b = open(&r, "k1", "s2", false).unwrap();
+        assert!(again.session_present);
+        assert_eq!(again.ticket.session_filters(), vec![filter("branch/#")]);
+        // Two sessions in use: a third is refused; once one is idle, it makes room.
+        let b = open(&r, "k1", "s2", false).unwrap();
         assert_eq!(
             open(&r, "k1", "s3", false).err(),
             Some(Refused::TooManySessions)
         );
+        drop(b);
+        let c = open(&r, "k1", "s3", false).unwrap();
+        assert!(!c.session_present);
+        drop((again, c));
+        assert!(
+            !open(&r, "k1", "s2", false).unwrap().session_present,
+            "s2 made room"
+        );
         // A clean session with the same client id discards the stored one.
         drop(open(&r, "k1", "s1", true).unwrap());
-        assert!(open(&r, "k1", "s1", false).unwrap().restored.is_none());
+        assert!(!open(&r, "k1", "s1", false).unwrap().session_present);
         assert_eq!(open(&r, "k1", "", false).err(), Some(Refused::ClientId));
         assert_eq!(open(&r, "k1", "a/b", true).err(), Some(Refused::ClientId));
         assert_eq!(
             open(&r, "k1", &"x".repeat(129), true).err(),
             Some(Refused::ClientId)
         );
+    }
+
+    #[test]
+    fn a_login_checked_before_a_revocation_is_refused() {
+        let r = registry();
+        let before = r.revision("k1");
+        r.close_devices(&["k1".to_owned()], CloseReason::Revoked);
+        assert_eq!(
+            r.open("k1", "a", true, before).err(),
+            Some(Refused::Revoked)
+        );
+        assert!(r.open("k1", "a", true, r.revision("k1")).is_ok());
+    }
+
+    #[test]
+    fn delayed_wills_are_bounded_and_cancelled_by_a_reconnect() {
+        let r = registry();
+        drop(open(&r, "k1", "a", true).unwrap());
+        let wa = r.delay_will("k1", "a").unwrap();
+        let wb = r.delay_will("k1", "b").unwrap();
+        assert!(r.delay_will("k1", "c").is_none(), "two waiting at most");
+        // The same client again replaces its own.
+        let wa2 = r.delay_will("k1", "a").unwrap();
+        assert!(wa.is_cancelled() && !wa2.is_cancelled());
+        drop(open(&r, "k1", "b", true).unwrap());
+        assert!(wb.is_cancelled(), "b connected again");
+        r.will_done("k1", &wa2);
+        assert!(r.delay_will("k1", "c").is_some());
     }
 
     #[tokio::test]

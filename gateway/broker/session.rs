@@ -6,11 +6,12 @@
 //! The device's own publishes never reach rumqttd's router: they go to intake
 //! ([`Env::capture`]) and are acknowledged here, in the order they arrived (PUBACK;
 //! PUBREC, then PUBCOMP on PUBREL, storing a QoS 2 message once however often it is resent
-//! before its PUBREL). The router sees only what it routes to the device: SUBSCRIBE and
-//! UNSUBSCRIBE (each filter checked first, every UNSUBACK written here), and the device's
-//! acknowledgements of what it delivered, passed on only when they are the ones the
-//! router waits for, in its order (it drops a connection over any other, and a link it
-//! dropped must never be woken again: rumqttd 0.20 panics on that).
+//! before its PUBREL). The router sees only SUBSCRIBE and UNSUBSCRIBE (each filter checked
+//! first, every UNSUBACK written here), and every subscription is granted at QoS 0: what
+//! the router delivers (the branch's live figures, published again every few seconds)
+//! needs no acknowledgement, so no device acknowledgement ever reaches the router. That
+//! matters: rumqttd 0.20 drops a connection over an acknowledgement it does not expect,
+//! and a link it has dropped must never be woken again (it panics on that).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -36,8 +37,6 @@ pub(crate) const MAX_TOPIC_BYTES: usize = 256;
 
 /// SUBSCRIBEs passed to the router and not yet answered, per connection.
 const MAX_PENDING_SUBACKS: usize = 64;
-/// Deliveries awaiting the device's acknowledgement (rumqttd's window is smaller).
-const MAX_UNACKED_DELIVERIES: usize = 1024;
 /// The packet id of the SUBSCRIBE that restores a persistent session's filters (a
 /// device's packet ids are never 0); its SUBACK is not sent to the device.
 const RESTORE_PKID: u16 = 0;
@@ -124,7 +123,7 @@ pub fn fuzz_device_bytes(bytes: &[u8]) {
             Capture::Taken
         }
         fn deny(&self, _: &str, _: Denial, _: &str) {}
-        fn admit_filter(&self, _: &str) -> bool {
+        fn admit_filter(&self, _: &str, _: &str) -> bool {
             true
         }
     }
@@ -180,7 +179,8 @@ pub(crate) struct SessionLimits {
 pub(crate) trait Env {
     fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture;
     fn deny(&self, device: &str, what: Denial, detail: &str);
-    fn admit_filter(&self, filter: &str) -> bool;
+    /// May `device` give the router `filter` (new filters count against its budget)?
+    fn admit_filter(&self, device: &str, filter: &str) -> bool;
 }
 
 /// The connection must close.
@@ -220,10 +220,6 @@ pub(crate) struct Session {
     /// Topic aliases the device set (MQTT 5): the topic, or `None` when it is refused.
     aliases: HashMap<u16, Option<Bytes>>,
     subscriptions: HashMap<String, Filter>,
-    /// Packet ids of QoS 1 and 2 deliveries awaiting PUBACK or PUBREC, oldest first.
-    delivered: VecDeque<u16>,
-    /// Packet ids of QoS 2 deliveries awaiting PUBCOMP, oldest first.
-    releasing: VecDeque<u16>,
     /// SUBSCRIBE packet id -> the codes decided here (`None`: the router's).
     pending_subacks: VecDeque<(u16, Vec<Option<u8>>)>,
     /// QoS 2 packet ids stored and awaiting PUBREL.
@@ -238,8 +234,6 @@ impl Session {
             limits,
             aliases: HashMap::new(),
             subscriptions: HashMap::new(),
-            delivered: VecDeque::new(),
-            releasing: VecDeque::new(),
             pending_subacks: VecDeque::new(),
             awaiting_release: HashSet::new(),
         }
@@ -247,9 +241,12 @@ impl Session {
 
     /// Resume a persistent session: its filters, as a SUBSCRIBE for the router (its SUBACK
     /// is kept from the device).
-    pub fn restore(&mut self, filters: Vec<Filter>) -> Option<Packet> {
+    pub fn restore(&mut self, mut filters: Vec<Filter>) -> Option<Packet> {
         if filters.is_empty() {
             return None;
+        }
+        for f in &mut filters {
+            f.qos = protocol::QoS::AtMostOnce;
         }
         for f in &filters {
             self.subscriptions.insert(f.path.clone(), f.clone());
@@ -326,16 +323,14 @@ impl Session {
                 denial: None,
                 will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
             }),
-            Packet::PubAck(ref a, _) => Ok(self.acknowledged(env, a.pkid, false).then_some(packet)),
-            Packet::PubRec(ref a, _) => Ok(self.acknowledged(env, a.pkid, true).then_some(packet)),
-            Packet::PubComp(ref a, _) => {
-                let expected = self.releasing.front() == Some(&a.pkid);
-                if expected {
-                    self.releasing.pop_front();
-                } else {
-                    self.unexpected_ack(env);
-                }
-                Ok(expected.then_some(packet))
+            // Nothing is delivered above QoS 0: an acknowledgement answers nothing.
+            Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) => {
+                env.deny(
+                    &self.device,
+                    Denial::ProtocolError,
+                    "acknowledgement of nothing delivered: ignored",
+                );
+                Ok(None)
             }
             Packet::Connect(..) => Err(Closing::violation(
                 code::PROTOCOL_ERROR,
@@ -348,31 +343,6 @@ impl Session {
                 "packet type a client never sends",
             )),
         }
-    }
-
-    /// A PUBACK (or, `received`, a PUBREC) from the device: passed to the router only if
-    /// it answers the oldest delivery, as the router requires.
-    fn acknowledged(&mut self, env: &dyn Env, pkid: u16, received: bool) -> bool {
-        if self.delivered.front() != Some(&pkid) {
-            self.unexpected_ack(env);
-            return false;
-        }
-        self.delivered.pop_front();
-        if received {
-            if self.releasing.len() >= MAX_UNACKED_DELIVERIES {
-                self.releasing.pop_front();
-            }
-            self.releasing.push_back(pkid);
-        }
-        true
-    }
-
-    fn unexpected_ack(&self, env: &dyn Env) {
-        env.deny(
-            &self.device,
-            Denial::ProtocolError,
-            "acknowledgement of nothing delivered, or out of order: ignored",
-        );
     }
 
     /// The topic a PUBLISH goes to, after its alias; `Ok(None)` when it is refused.
@@ -404,7 +374,8 @@ impl Session {
         let allowed = publish.topic.len() <= MAX_TOPIC_BYTES
             && std::str::from_utf8(&publish.topic)
                 .is_ok_and(|t| !t.contains('\0') && acl::may_publish(&self.device, t));
-        let topic = allowed.then(|| publish.topic.clone());
+        // A copy: the packet's bytes are a slice of the connection's read buffer.
+        let topic = allowed.then(|| Bytes::copy_from_slice(&publish.topic));
         if let Some(a) = alias {
             self.aliases.insert(a, topic.clone());
         }
@@ -474,8 +445,21 @@ impl Session {
         props: Option<protocol::SubscribeProperties>,
         out: &mut BytesMut,
     ) -> Option<Packet> {
+        if self.pending_subacks.len() >= MAX_PENDING_SUBACKS {
+            // SUBSCRIBEs pile up unanswered: refuse this one rather than forget one.
+            env.deny(
+                &self.device,
+                Denial::SubscribeQuota,
+                "too many SUBSCRIBEs unanswered",
+            );
+            let codes = vec![self.refusal(code::QUOTA_EXCEEDED); subscribe.filters.len()];
+            encode::suback(out, self.v5, subscribe.pkid, &codes);
+            return None;
+        }
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         for f in &mut subscribe.filters {
+            // Granted at QoS 0 (see the module note).
+            f.qos = protocol::QoS::AtMostOnce;
             let refused =
                 if f.path.len() > self.limits.max_filter_bytes || !acl::valid_filter(&f.path) {
                     Some((Denial::SubscribeInvalid, code::FILTER_INVALID))
@@ -483,7 +467,7 @@ impl Session {
                     Some((Denial::Subscribe, code::NOT_AUTHORIZED))
                 } else if (!self.subscriptions.contains_key(&f.path)
                     && self.subscriptions.len() >= self.limits.max_subscriptions)
-                    || !env.admit_filter(&f.path)
+                    || !env.admit_filter(&self.device, &f.path)
                 {
                     Some((Denial::SubscribeQuota, code::QUOTA_EXCEEDED))
                 } else {
@@ -508,9 +492,6 @@ impl Session {
             encode::suback(out, self.v5, subscribe.pkid, &codes);
             return None;
         }
-        if self.pending_subacks.len() >= MAX_PENDING_SUBACKS {
-            self.pending_subacks.pop_front();
-        }
         self.pending_subacks.push_back((subscribe.pkid, codes));
         Some(Packet::Subscribe(subscribe, props))
     }
@@ -522,11 +503,13 @@ impl Session {
     ) -> Option<Packet> {
         // rumqttd answers an UNSUBSCRIBE with one UNSUBACK per filter it held, and none
         // for a filter it did not: the device gets exactly one, from here.
+        let mut held = Vec::new();
         let reasons: Vec<u8> = unsubscribe
             .filters
-            .iter()
+            .into_iter()
             .map(|f| {
-                if self.subscriptions.remove(f).is_some() {
+                if self.subscriptions.remove(&f).is_some() {
+                    held.push(f);
                     code::SUCCESS
                 } else {
                     code::NO_SUBSCRIPTION_EXISTED
@@ -534,7 +517,16 @@ impl Session {
             })
             .collect();
         encode::unsuback(out, self.v5, unsubscribe.pkid, &reasons);
-        Some(Packet::Unsubscribe(unsubscribe, None))
+        // Only what the router holds goes to it.
+        (!held.is_empty()).then(|| {
+            Packet::Unsubscribe(
+                protocol::Unsubscribe {
+                    pkid: unsubscribe.pkid,
+                    filters: held,
+                },
+                None,
+            )
+        })
     }
 
     /// A packet the router sends toward the device: written to `out`, rewritten first
@@ -589,26 +581,7 @@ impl Session {
                         will: true,
                     });
                 }
-                self.track_delivery(&out[start..]);
                 Ok(())
-            }
-        }
-    }
-
-    /// Remember the packet id of a QoS 1 or 2 PUBLISH just written for the device.
-    fn track_delivery(&mut self, written: &[u8]) {
-        let Ok(super::frame::Peek::Ready(h)) = super::frame::peek(written, usize::MAX) else {
-            return;
-        };
-        if h.kind != super::frame::Kind::Publish {
-            return;
-        }
-        if let Some(meta) = super::frame::publish_meta(&h, written) {
-            if meta.qos > 0 {
-                if self.delivered.len() >= MAX_UNACKED_DELIVERIES {
-                    self.delivered.pop_front();
-                }
-                self.delivered.push_back(meta.pkid);
             }
         }
     }
@@ -668,7 +641,7 @@ mod tests {
         fn deny(&self, _device: &str, what: Denial, _detail: &str) {
             self.denied.borrow_mut().push(what);
         }
-        fn admit_filter(&self, filter: &str) -> bool {
+        fn admit_filter(&self, _device: &str, filter: &str) -> bool {
             let mut f = self.filters.borrow_mut();
             f.contains(filter) || (f.len() < self.max_filters && f.insert(filter.to_owned()))
         }

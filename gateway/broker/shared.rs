@@ -63,6 +63,8 @@ pub enum Denial {
     SessionLimit,
     /// An empty client id with a persistent session, or one too long or with `+#/$`.
     ClientId,
+    /// A reload removed or changed the device while its login was being checked.
+    Revoked,
     /// Not MQTT 3.1.1 or 5, or a CONNECT that breaks the protocol (reserved flag set).
     ConnectRefused,
     /// No complete CONNECT within `connect_timeout_ms`.
@@ -71,6 +73,8 @@ pub enum Denial {
     ConnectionsFull,
     /// `max_pending_per_address` connections of one address are not logged in yet.
     AddressLimit,
+    /// Not logged in yet, and closed to make room for a newer connection.
+    Evicted,
     Publish,
     Subscribe,
     /// A filter MQTT does not allow (`a#`, `a+/b`) or over `max_filter_bytes`.
@@ -103,10 +107,12 @@ impl Denial {
             Denial::DeviceLimit => "connect_device_limit",
             Denial::SessionLimit => "connect_session_limit",
             Denial::ClientId => "connect_client_id_invalid",
+            Denial::Revoked => "connect_revoked",
             Denial::ConnectRefused => "connect_protocol_refused",
             Denial::ConnectTimeout => "connect_timeout",
             Denial::ConnectionsFull => "connect_connections_full",
             Denial::AddressLimit => "connect_address_limit",
+            Denial::Evicted => "connect_evicted",
             Denial::Publish => "publish_denied",
             Denial::Subscribe => "subscribe_denied",
             Denial::SubscribeInvalid => "subscribe_invalid_denied",
@@ -145,9 +151,10 @@ pub struct Shared {
     pub(crate) closing: CancellationToken,
     /// Every device filter ever passed to the router (it keeps each one's log for good;
     /// the one filter denied subscriptions become is not counted).
-    filters: Mutex<HashSet<String>>,
+    /// With how many each device has brought (bounded by the configured devices).
+    filters: Mutex<(HashSet<String>, HashMap<DeviceId, usize>)>,
     /// Connections not yet logged in, per source address.
-    pending: Mutex<HashMap<IpAddr, usize>>,
+    pending: Mutex<PendingTable>,
     log: Mutex<BurstLimiter<(Option<DeviceId>, Denial)>>,
 }
 
@@ -185,8 +192,8 @@ impl Shared {
             auth,
             registry,
             closing: CancellationToken::new(),
-            filters: Mutex::new(HashSet::new()),
-            pending: Mutex::new(HashMap::new()),
+            filters: Mutex::new((HashSet::new(), HashMap::new())),
+            pending: Mutex::new(PendingTable::default()),
             log: Mutex::new(BurstLimiter::new(10_000, 4096)),
         }
     }
@@ -217,48 +224,87 @@ impl Shared {
         self.denials.add(device, what);
     }
 
-    /// May the router be given `filter`? Known filters always; a new one while fewer than
-    /// `max_filters` are known.
-    pub(crate) fn admit_filter(&self, filter: &str) -> bool {
+    /// May `device` give the router `filter`? A known filter always; a new one while fewer
+    /// than `max_filters` are known and the device has brought fewer than
+    /// `max_filters_per_device` (so one device cannot fill the table for the others).
+    pub(crate) fn admit_filter(&self, device: &str, filter: &str) -> bool {
         let mut known = lock(&self.filters);
-        if known.contains(filter) {
+        let (filters, per_device) = &mut *known;
+        if filters.contains(filter) {
             return true;
         }
-        if known.len() >= self.settings.max_filters {
+        let brought = per_device.get(device).copied().unwrap_or(0);
+        if filters.len() >= self.settings.max_filters
+            || brought >= self.settings.max_filters_per_device
+        {
             return false;
         }
-        known.insert(filter.to_owned());
+        filters.insert(filter.to_owned());
+        *per_device.entry(device.to_owned()).or_default() += 1;
         true
     }
 
-    /// Hold one of `addr`'s not-yet-logged-in places, or `None` at the limit.
+    /// Hold a place among the connections not logged in yet: `None` when `addr` has
+    /// `max_pending_per_address` of them. When all addresses together have half of
+    /// `max_connections`, the oldest of them is closed to make room (silent connections
+    /// from many addresses cannot keep devices out: a device's CONNECT comes at once).
     pub(crate) fn pending(self: &Arc<Self>, addr: IpAddr) -> Option<Pending> {
         let mut p = lock(&self.pending);
-        let n = p.entry(addr).or_default();
-        if *n >= self.settings.max_pending_per_address {
+        let n = p.per_address.get(&addr).copied().unwrap_or(0);
+        if n >= self.settings.max_pending_per_address {
             return None;
         }
-        *n += 1;
+        if p.waiting.len() >= (self.settings.max_connections / 2).max(1) {
+            if let Some((_, oldest)) = p.waiting.pop_first() {
+                oldest.cancel();
+            }
+        }
+        *p.per_address.entry(addr).or_default() += 1;
+        p.next += 1;
+        let id = p.next;
+        let evicted = CancellationToken::new();
+        p.waiting.insert(id, evicted.clone());
         Some(Pending {
             shared: self.clone(),
             addr,
+            id,
+            evicted,
         })
     }
+
+    /// Close the oldest connection not logged in yet (all places are taken); whether
+    /// there was one.
+    pub(crate) fn evict_oldest_pending(&self) -> bool {
+        let oldest = lock(&self.pending).waiting.pop_first();
+        oldest.map(|(_, t)| t.cancel()).is_some()
+    }
+}
+
+/// The connections not logged in yet: per address, and all of them oldest first.
+#[derive(Default)]
+struct PendingTable {
+    per_address: HashMap<IpAddr, usize>,
+    waiting: std::collections::BTreeMap<u64, CancellationToken>,
+    next: u64,
 }
 
 /// A connection of `addr` that has not logged in yet; dropped at login or close.
 pub(crate) struct Pending {
     shared: Arc<Shared>,
     addr: IpAddr,
+    id: u64,
+    /// Cancelled when the connection is closed to make room for a newer one.
+    pub evicted: CancellationToken,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
         let mut p = lock(&self.shared.pending);
-        if let Some(n) = p.get_mut(&self.addr) {
+        p.waiting.remove(&self.id);
+        if let Some(n) = p.per_address.get_mut(&self.addr) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                p.remove(&self.addr);
+                p.per_address.remove(&self.addr);
             }
         }
     }

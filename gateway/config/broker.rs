@@ -47,6 +47,9 @@ pub struct BrokerSection {
     /// every filter it has seen until the process ends).
     #[serde(default = "default_max_filters")]
     pub max_filters: usize,
+    /// Of those, how many new ones one device may bring.
+    #[serde(default = "default_max_filters_per_device")]
+    pub max_filters_per_device: usize,
     /// Argon2 password checks running at once (each takes the hash's `m` KiB of memory).
     #[serde(default = "default_max_login_verifications")]
     pub max_login_verifications: usize,
@@ -90,7 +93,10 @@ fn default_max_filter_bytes() -> usize {
     256
 }
 fn default_max_filters() -> usize {
-    1024
+    2048
+}
+fn default_max_filters_per_device() -> usize {
+    32
 }
 fn default_max_login_verifications() -> usize {
     2
@@ -147,6 +153,12 @@ impl BrokerSection {
         );
         range("max_filter_bytes", self.max_filter_bytes as u64, 16, 65_535);
         range("max_filters", self.max_filters as u64, 16, 1_000_000);
+        range(
+            "max_filters_per_device",
+            self.max_filters_per_device as u64,
+            1,
+            100_000,
+        );
         range(
             "max_login_verifications",
             self.max_login_verifications as u64,
