@@ -6,6 +6,7 @@ mod common;
 use common::mqtt::{self, Connect};
 use common::*;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::process::Command;
@@ -685,6 +686,100 @@ fn delayed_wills_are_bounded() {
     assert!(cut.elapsed() < Duration::from_secs(3), "too slow to test");
     assert_eq!(branch.wait_count(wills, 9, Duration::from_secs(10)), 9);
     assert_eq!(text(list), "1,2,3,4,5,6,7,8,9");
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// The properties of an MQTT 5 CONNACK body (after its flags and reason code):
+/// identifier -> value (integers as u32, strings as bytes).
+fn connack_properties(body: &[u8]) -> HashMap<u8, Vec<u8>> {
+    let mut len = 0usize;
+    let mut i = 2;
+    for shift in [0, 7, 14, 21] {
+        len |= usize::from(body[i] & 0x7f) << shift;
+        i += 1;
+        if body[i - 1] & 0x80 == 0 {
+            break;
+        }
+    }
+    let end = i + len;
+    let mut out = HashMap::new();
+    while i < end {
+        let id = body[i];
+        i += 1;
+        let n = match id {
+            0x21 | 0x22 => 2,
+            0x27 | 0x11 => 4,
+            0x24 | 0x25 | 0x28 | 0x29 | 0x2a => 1,
+            0x12 | 0x1f | 0x1a | 0x1c => {
+                2 + usize::from(u16::from_be_bytes([body[i], body[i + 1]]))
+            }
+            other => panic!("unexpected CONNACK property {other:#x}"),
+        };
+        let v = if n > 2 && matches!(id, 0x12 | 0x1f | 0x1a | 0x1c) {
+            body[i + 2..i + n].to_vec()
+        } else {
+            body[i..i + n].to_vec()
+        };
+        out.insert(id, v);
+        i += n;
+    }
+    assert_eq!(i, end, "CONNACK properties end where their length says");
+    out
+}
+
+/// MQTT 5's CONNACK states the real limits: Receive Maximum 128, Topic Alias Maximum
+/// 16, no shared subscriptions, and a Maximum Packet Size the gateway enforces (one
+/// byte more is DISCONNECT 0x95); an empty client id is assigned one. On 3.1.1 an
+/// empty client id with a persistent session is refused with CONNACK 0x02.
+#[test]
+fn mqtt5_connack_states_the_real_limits() {
+    let branch = Branch::new(&[device("k1", "test-sensor")]);
+    let gw = branch.start();
+    let mut s = TcpStream::connect(("127.0.0.1", branch.port)).unwrap();
+    s.write_all(&login(true, "", "k1", "k1-pw")).unwrap();
+    let (first, body) = mqtt::read_packet(&mut s, WAIT).expect("CONNACK");
+    assert_eq!((first, body[0], body[1]), (0x20, 0, 0));
+    let props = connack_properties(&body);
+    assert_eq!(props[&0x21], 128u16.to_be_bytes());
+    assert_eq!(props[&0x22], 16u16.to_be_bytes());
+    assert_eq!(props[&0x2a], [0]);
+    let assigned = String::from_utf8(props[&0x12].clone()).unwrap();
+    assert!(!assigned.is_empty(), "an assigned client identifier");
+    let max = u32::from_be_bytes(props[&0x27].clone().try_into().unwrap()) as usize;
+    assert!((1024..16 * 1024 * 1024).contains(&max), "{max}");
+    // A PUBLISH of exactly `max` bytes is read (and refused by the profile, acked); one
+    // byte more ends the connection with 0x95 at its fixed header.
+    let sized = |total: usize| {
+        let mut payload = vec![b'a'; total];
+        loop {
+            let p = mqtt::publish(b"devices/k1/telemetry", &payload, 1, 3, Some(&[]));
+            match p.len().cmp(&total) {
+                std::cmp::Ordering::Equal => return p,
+                std::cmp::Ordering::Greater => payload.truncate(payload.len() - (p.len() - total)),
+                std::cmp::Ordering::Less => payload.push(b'a'),
+            }
+        }
+    };
+    s.write_all(&sized(max)).unwrap();
+    assert_eq!(mqtt::read_packet(&mut s, WAIT).map(|p| p.0), Some(0x40));
+    s.write_all(&sized(max + 1)).unwrap();
+    assert_eq!(until_closed(&mut s, WAIT), Some(vec![0xe0, 0x01, 0x95]));
+    assert_eq!(branch.wait_counter("k1", "packet_too_large", 1), 1);
+    // 3.1.1: an empty client id must come with a clean session.
+    let mut s = TcpStream::connect(("127.0.0.1", branch.port)).unwrap();
+    s.write_all(&mqtt::connect(&Connect {
+        v5: false,
+        client_id: "",
+        login: Some(("k1", "k1-pw")),
+        keep_alive: 30,
+        clean: false,
+        will: None,
+        properties: &[],
+    }))
+    .unwrap();
+    assert_eq!(mqtt::read_packet(&mut s, WAIT), Some((0x20, vec![0, 0x02])));
+    assert_eq!(branch.wait_counter("k1", "connect_client_id_invalid", 1), 1);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }

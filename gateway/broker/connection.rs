@@ -367,6 +367,10 @@ impl Conn {
                     max_filter_bytes: settings.max_filter_bytes,
                     receive_maximum: RECEIVE_MAXIMUM,
                     topic_alias_maximum: TOPIC_ALIAS_MAXIMUM,
+                    peer_max_packet: props
+                        .as_ref()
+                        .and_then(|p| p.max_packet_size)
+                        .map_or(usize::MAX, |m| m as usize),
                 },
             ),
             device,
@@ -457,7 +461,8 @@ impl Conn {
                 Ok(Some(Notification::Unschedule)) => unscheduled = true,
                 Ok(Some(n)) => {
                     if let Some(packet) = Option::<Packet>::from(n) {
-                        li.session.on_router(packet, &mut self.wbuf)?;
+                        li.session
+                            .on_router(&*self.shared, packet, &mut self.wbuf)?;
                     }
                 }
                 Ok(None) => break,

@@ -154,6 +154,7 @@ pub fn fuzz_device_bytes(bytes: &[u8]) {
         max_filter_bytes: 256,
         receive_maximum: 4,
         topic_alias_maximum: 4,
+        peer_max_packet: usize::MAX,
     };
     let mut session = Session::new("fz", v5, limits);
     let mut out = BytesMut::new();
@@ -173,6 +174,9 @@ pub(crate) struct SessionLimits {
     /// QoS 2 messages awaiting PUBREL (MQTT 5: the Receive Maximum announced).
     pub receive_maximum: u16,
     pub topic_alias_maximum: u16,
+    /// The largest packet the device takes (MQTT 5 CONNECT's Maximum Packet Size;
+    /// otherwise unlimited): a larger one is not sent.
+    pub peer_max_packet: usize,
 }
 
 /// What the session needs from the gateway.
@@ -530,8 +534,14 @@ impl Session {
     }
 
     /// A packet the router sends toward the device: written to `out`, rewritten first
-    /// (SUBACK), or dropped (the router's UNSUBACKs).
-    pub fn on_router(&mut self, packet: Packet, out: &mut BytesMut) -> Result<(), Closing> {
+    /// (SUBACK), or dropped (the router's UNSUBACKs; a message larger than the device's
+    /// Maximum Packet Size, which MQTT 5 says to discard as if sent: counted).
+    pub fn on_router(
+        &mut self,
+        env: &impl Env,
+        packet: Packet,
+        out: &mut BytesMut,
+    ) -> Result<(), Closing> {
         match packet {
             Packet::SubAck(ack, _) => {
                 let decided = self
@@ -580,6 +590,14 @@ impl Session {
                         denial: None,
                         will: true,
                     });
+                }
+                if out.len() - start > self.limits.peer_max_packet {
+                    out.truncate(start);
+                    env.deny(
+                        &self.device,
+                        Denial::DeliveryTooLarge,
+                        "larger than the device's Maximum Packet Size: not sent",
+                    );
                 }
                 Ok(())
             }
@@ -652,6 +670,7 @@ mod tests {
         max_filter_bytes: 64,
         receive_maximum: 2,
         topic_alias_maximum: 4,
+        peer_max_packet: usize::MAX,
     };
 
     fn env() -> TestEnv {
@@ -839,7 +858,7 @@ mod tests {
             },
             None,
         );
-        s.on_router(router_ack, &mut out).unwrap();
+        s.on_router(&env(), router_ack, &mut out).unwrap();
         assert_eq!(&out[..], [0x90, 7, 0, 1, 0, 1, 0x87, 0x8f, 1]);
         assert_eq!(
             *e.denied.borrow(),
@@ -877,7 +896,7 @@ mod tests {
             },
             None,
         );
-        s.on_router(router_unsuback, &mut out).unwrap();
+        s.on_router(&env(), router_unsuback, &mut out).unwrap();
         assert!(out.is_empty());
         assert!(s
             .on_device(&e, subscribe(5, &["branch/c"]), None, &mut out)
@@ -956,5 +975,28 @@ mod tests {
             None,
         );
         assert!(!s.on_device(&e, normal, None, &mut out).unwrap_err().will);
+    }
+
+    /// MQTT 5: a message larger than the device's Maximum Packet Size is not sent (and
+    /// counted); one that fits is sent whole.
+    #[test]
+    fn router_messages_respect_the_peer_maximum_packet_size() {
+        let e = env();
+        let limits = SessionLimits {
+            peer_max_packet: 40,
+            ..LIMITS
+        };
+        let mut s = Session::new("k1", true, limits);
+        let mut out = BytesMut::new();
+        let small = protocol::Publish::new(b"branch/x".to_vec(), b"{}".to_vec(), false);
+        s.on_router(&e, Packet::Publish(small, None), &mut out)
+            .unwrap();
+        let sent = out.len();
+        assert!(sent > 0 && sent <= 40, "{sent}");
+        let big = protocol::Publish::new(b"branch/x".to_vec(), vec![b'a'; 64], false);
+        s.on_router(&e, Packet::Publish(big, None), &mut out)
+            .unwrap();
+        assert_eq!(out.len(), sent, "the large one is not written");
+        assert_eq!(*e.denied.borrow(), [Denial::DeliveryTooLarge]);
     }
 }

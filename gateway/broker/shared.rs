@@ -75,6 +75,8 @@ pub enum Denial {
     AddressLimit,
     /// Not logged in yet, and closed to make room for a newer connection.
     Evicted,
+    /// A message for the device larger than its MQTT 5 Maximum Packet Size: not sent.
+    DeliveryTooLarge,
     Publish,
     Subscribe,
     /// A filter MQTT does not allow (`a#`, `a+/b`) or over `max_filter_bytes`.
@@ -113,6 +115,7 @@ impl Denial {
             Denial::ConnectionsFull => "connect_connections_full",
             Denial::AddressLimit => "connect_address_limit",
             Denial::Evicted => "connect_evicted",
+            Denial::DeliveryTooLarge => "delivery_too_large",
             Denial::Publish => "publish_denied",
             Denial::Subscribe => "subscribe_denied",
             Denial::SubscribeInvalid => "subscribe_invalid_denied",
