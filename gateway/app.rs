@@ -375,6 +375,7 @@ fn start_serial(
                     sink.submit(
                         format!("devices/{device}/telemetry").as_bytes(),
                         payload.as_bytes(),
+                        None,
                     );
                     continue;
                 }
@@ -384,6 +385,7 @@ fn start_serial(
                         what,
                         count: 1,
                         at_ms: now,
+                        receipt: None,
                     };
                     let _ = writer.send(w).await;
                     continue;
@@ -470,7 +472,7 @@ async fn push_hourly_summaries(
             rollup_ms: None,
             contributions: Default::default(),
         };
-        if writer.send(Write::Accepted(summary)).await.is_err() {
+        if writer.send(Write::Accepted(summary, None)).await.is_err() {
             return;
         }
         tracing::info!(hour = %label, "hourly summary queued for upstream");
@@ -563,6 +565,7 @@ async fn record_broker_events(
                 what: what.as_str(),
                 count,
                 at_ms: now,
+                receipt: None,
             };
             if writer.send(w).await.is_err() {
                 return;

@@ -27,6 +27,7 @@ use crate::limit::DeviceLimiter;
 use crate::model::{
     now_ms, Accepted, Capture, DeviceId, Kind, PublishSink, RejectReason, Rejected, Rejection,
 };
+use crate::receipt::{Receipt, Receipts};
 
 /// Bytes of a rejected payload kept for branch IT to look at.
 pub const EXCERPT_BYTES: usize = 256;
@@ -187,45 +188,61 @@ impl IntakeSink {
     /// Check one device message against its device's rate limit, validate it and queue it
     /// for the writer. [`Capture::Closing`] when it was not queued because intake is
     /// closed (stopping): it must not be acknowledged.
-    pub fn submit(&self, topic: &[u8], payload: &[u8]) -> Capture {
-        self.take(topic, payload, true)
+    /// With `receipts` (a device connection's), what is queued carries its next receipt.
+    pub fn submit(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        receipts: Option<&Arc<Receipts>>,
+    ) -> Capture {
+        self.take(topic, payload, true, receipts)
     }
 
     /// [`IntakeSink::submit`] for what the gateway itself says about a device (a serial
     /// line's presence): never rate-limited.
     pub fn submit_own(&self, topic: &[u8], payload: &[u8]) -> Capture {
-        self.take(topic, payload, false)
+        self.take(topic, payload, false, None)
     }
 
-    fn take(&self, topic: &[u8], payload: &[u8], limited: bool) -> Capture {
+    fn take(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        limited: bool,
+        receipts: Option<&Arc<Receipts>>,
+    ) -> Capture {
         let table = self.devices.load();
         let now = now_ms();
         let Some((entry, kind_name)) = device_topic(&table, topic) else {
             self.stats.unknown_device.fetch_add(1, Ordering::Relaxed);
-            return Capture::Taken;
+            return Capture::Taken(0);
         };
         if let (true, Some(limit)) = (limited, &entry.profile.rate_limit) {
             if !self.within_limit(&table, &entry.id, limit, payload.len(), now) {
-                return self.refuse(&entry.id, now);
+                return self.refuse(&entry.id, now, receipts);
             }
         }
+        let receipt = receipts.map(Receipts::issue);
+        let number = receipt.as_ref().map_or(0, Receipt::number);
         let write = match classify_for(&table, entry, kind_name, payload, now) {
             Outcome::Accepted(m) => {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                Write::Accepted(m)
+                Write::Accepted(m, receipt)
             }
             Outcome::Rejected(r) => {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 self.log_rejection(&r, now);
-                Write::Rejected(r)
+                Write::Rejected(r, receipt)
             }
             Outcome::Ignored => {
+                // Unreachable (`device_topic` found the device); its receipt is never
+                // queued, so nothing may wait for it.
                 self.stats.unknown_device.fetch_add(1, Ordering::Relaxed);
-                return Capture::Taken;
+                return Capture::Taken(0);
             }
         };
         if self.send(write) {
-            Capture::Taken
+            Capture::Taken(number)
         } else {
             Capture::Closing
         }
@@ -247,7 +264,7 @@ impl IntakeSink {
 
     /// Count a message refused for its device's rate limit (in the buffer, like every
     /// other refusal) and log it once per burst.
-    fn refuse(&self, device: &str, now: i64) -> Capture {
+    fn refuse(&self, device: &str, now: i64, receipts: Option<&Arc<Receipts>>) -> Capture {
         self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
         let report = {
             let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
@@ -260,14 +277,17 @@ impl IntakeSink {
                 "message refused: device over its profile's rate limit (rate_limited)"
             );
         }
+        let receipt = receipts.map(Receipts::issue);
+        let number = receipt.as_ref().map_or(0, Receipt::number);
         let counted = Write::Denied {
             device: device.to_owned(),
             what: "rate_limited",
             count: 1,
             at_ms: now,
+            receipt,
         };
         if self.send(counted) {
-            Capture::RateLimited
+            Capture::RateLimited(number)
         } else {
             Capture::Closing
         }
@@ -360,8 +380,8 @@ impl IntakeSink {
 }
 
 impl PublishSink for IntakeSink {
-    fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture {
-        self.submit(topic, payload)
+    fn capture(&self, topic: &[u8], payload: &[u8], receipts: Option<&Arc<Receipts>>) -> Capture {
+        self.submit(topic, payload, receipts)
     }
 }
 
@@ -598,19 +618,24 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1000);
         let stats = Arc::new(IntakeStats::default());
         let sink = IntakeSink::new(shared.clone(), tx, Arc::default(), stats.clone());
+        // Each message queued for the connection carries its next receipt, refusals too.
+        let receipts = Receipts::new();
         let outcomes: Vec<Capture> = (0..10)
-            .map(|_| sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#))
+            .map(|_| sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#, Some(&receipts)))
             .collect();
-        assert_eq!(outcomes[..3], [Capture::Taken; 3]);
-        assert_eq!(outcomes[3..], [Capture::RateLimited; 7]);
+        assert_eq!(outcomes[..3], [1, 2, 3].map(Capture::Taken));
+        assert_eq!(
+            outcomes[3..],
+            [4, 5, 6, 7, 8, 9, 10].map(Capture::RateLimited)
+        );
         // Invalid messages count against the limit too: refused before validation.
         assert_eq!(
-            sink.capture(b"devices/k1/telemetry", b"not json"),
-            Capture::RateLimited
+            sink.capture(b"devices/k1/telemetry", b"not json", None),
+            Capture::RateLimited(0)
         );
         assert_eq!(
             sink.submit_own(b"devices/k1/status", b"offline"),
-            Capture::Taken
+            Capture::Taken(0)
         );
         assert_eq!(stats.rate_limited.load(Ordering::Relaxed), 8);
         assert_eq!(stats.rejected.load(Ordering::Relaxed), 0);
@@ -624,15 +649,15 @@ mod tests {
             .count();
         let stored = writes
             .iter()
-            .filter(|w| matches!(w, Write::Accepted(_)))
+            .filter(|w| matches!(w, Write::Accepted(..)))
             .count();
         assert_eq!((counted, stored, writes.len()), (8, 4, 12));
         // Without a limit (a reload removed it) nothing is refused.
         shared.store(table());
         for _ in 0..20 {
             assert_eq!(
-                sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#),
-                Capture::Taken
+                sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#, None),
+                Capture::Taken(0)
             );
         }
         // A new limit: a full bucket of its own.
@@ -641,12 +666,12 @@ mod tests {
                 "rate_limit":{"messages_per_s":0.001,"burst_messages":1}}"#,
         ));
         assert_eq!(
-            sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#),
-            Capture::Taken
+            sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#, None),
+            Capture::Taken(0)
         );
         assert_eq!(
-            sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#),
-            Capture::RateLimited
+            sink.capture(b"devices/k1/telemetry", br#"{"n":1}"#, None),
+            Capture::RateLimited(0)
         );
     }
 

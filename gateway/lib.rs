@@ -35,6 +35,7 @@ pub mod config;
 pub mod intake;
 pub mod limit;
 pub mod model;
+pub mod receipt;
 pub mod serial;
 pub mod service;
 pub mod simulate;

@@ -338,18 +338,27 @@ pub struct Presence {
 /// acknowledged to the device. An implementation may block (inside `block_in_place`) when
 /// its queue is full: that holds the device's connection, which is the backpressure.
 pub trait PublishSink: Send + Sync {
-    /// What became of one device message; see [`Capture`].
-    fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture;
+    /// What became of one device message; see [`Capture`]. With `receipts`, what is
+    /// queued carries the connection's next receipt (see [`crate::receipt`]).
+    fn capture(
+        &self,
+        topic: &[u8],
+        payload: &[u8],
+        receipts: Option<&std::sync::Arc<crate::receipt::Receipts>>,
+    ) -> Capture;
 }
 
 /// What intake did with a device message handed to it by the broker or a serial reader.
+/// The number is the receipt of what was queued for it (0 when nothing was queued, or
+/// without receipts): its acknowledgement waits for that commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Capture {
-    /// Queued for the writer: accepted or rejected by its profile, it will be committed.
-    Taken,
+    /// Accepted or rejected by its profile (or for no configured device, receipt 0):
+    /// it will be committed.
+    Taken(u64),
     /// Refused before queueing because the device is over its profile's rate limit;
     /// counted, never stored. MQTT 5 devices get PUBACK reason 0x96 (message rate too high).
-    RateLimited,
+    RateLimited(u64),
     /// Not taken: the gateway is stopping. The caller must not acknowledge it.
     Closing,
 }

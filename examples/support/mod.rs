@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod canary;
+pub mod kill;
 pub mod mqtt;
 
 use std::time::{Duration, Instant};

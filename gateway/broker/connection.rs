@@ -29,6 +29,7 @@ use super::session::{next_packet, Closing, Env, Next, Session, SessionLimits};
 use super::shared::{Denial, Pending, Shared};
 use super::Connector;
 use crate::model::Capture;
+use crate::receipt::{Receipts, WINDOW};
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -49,15 +50,24 @@ pub(crate) const RECEIVE_MAXIMUM: u16 = 128;
 /// Longest wait honoured for an MQTT 5 will delay.
 const MAX_WILL_DELAY: Duration = Duration::from_secs(300);
 
-impl Env for Shared {
+/// What a session of this connection needs: the gateway's shared parts and the
+/// connection's own commit receipts.
+struct ConnEnv<'a> {
+    shared: &'a Shared,
+    receipts: &'a Arc<Receipts>,
+}
+
+impl Env for ConnEnv<'_> {
     fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture {
-        self.sink.capture(topic, payload)
+        self.shared
+            .sink
+            .capture(topic, payload, Some(self.receipts))
     }
     fn deny(&self, device: &str, what: Denial, detail: &str) {
-        Shared::deny(self, Some(device), what, detail)
+        self.shared.deny(Some(device), what, detail)
     }
     fn admit_filter(&self, device: &str, filter: &str) -> bool {
-        Shared::admit_filter(self, device, filter)
+        self.shared.admit_filter(device, filter)
     }
 }
 
@@ -68,6 +78,9 @@ enum Drained {
     Incomplete { started: bool, took: bool },
     /// The replies filled the write buffer: write them, then go on.
     WriteBufferFull,
+    /// As many messages as [`WINDOW`] wait for their commit: read nothing more until
+    /// some are committed.
+    WindowFull,
 }
 
 /// A logged-in connection.
@@ -81,6 +94,19 @@ struct LoggedIn {
     tx: LinkTx,
     rx: LinkRx,
     session: Session,
+    receipts: Arc<Receipts>,
+}
+
+impl LoggedIn {
+    /// Whether the connection must wait for commits before it reads more.
+    fn window_full(&self) -> bool {
+        self.receipts.uncommitted() >= WINDOW || self.session.unacked() as u64 >= WINDOW
+    }
+
+    /// Write the acknowledgements whose messages are committed.
+    fn release(&mut self, out: &mut BytesMut) {
+        self.session.release(self.receipts.committed(), out);
+    }
 }
 
 struct Conn {
@@ -391,6 +417,7 @@ impl Conn {
             ticket,
             tx,
             rx,
+            receipts: Receipts::new(),
         };
         if connect.keep_alive == 0 {
             shared.stats.zero_keepalive.fetch_add(1, Ordering::Relaxed);
@@ -404,8 +431,8 @@ impl Conn {
         shared.presence.update(&logged_in.device, true);
         // Read only now: a connection taken over has saved its subscriptions.
         if session_present {
-            let filters = logged_in.ticket.session_filters();
-            if let Some(subscribe) = logged_in.session.restore(filters) {
+            let kept = logged_in.ticket.session_kept();
+            if let Some(subscribe) = logged_in.session.restore(kept) {
                 let _ = logged_in.tx.send(subscribe).await;
             }
         }
@@ -423,16 +450,20 @@ impl Conn {
         let max = self.shared.settings.max_packet_bytes;
         let mut took = false;
         while self.wbuf.len() < WRITE_FLUSH {
+            if li.window_full() {
+                return Ok(Drained::WindowFull);
+            }
             let (packet, meta) = match next_packet(&mut self.rbuf, li.v5, max)? {
                 Next::Incomplete { started } => return Ok(Drained::Incomplete { started, took }),
                 Next::Packet(packet, meta) => (packet, meta),
             };
             took = true;
             *last_packet = Instant::now();
-            if let Some(p) = li
-                .session
-                .on_device(&*self.shared, packet, meta, &mut self.wbuf)?
-            {
+            let env = ConnEnv {
+                shared: &self.shared,
+                receipts: &li.receipts,
+            };
+            if let Some(p) = li.session.on_device(&env, packet, meta, &mut self.wbuf)? {
                 to_router.push(p);
             }
         }
@@ -461,8 +492,11 @@ impl Conn {
                 Ok(Some(Notification::Unschedule)) => unscheduled = true,
                 Ok(Some(n)) => {
                     if let Some(packet) = Option::<Packet>::from(n) {
-                        li.session
-                            .on_router(&*self.shared, packet, &mut self.wbuf)?;
+                        let env = ConnEnv {
+                            shared: &self.shared,
+                            receipts: &li.receipts,
+                        };
+                        li.session.on_router(&env, packet, &mut self.wbuf)?;
                     }
                 }
                 Ok(None) => break,
@@ -499,9 +533,12 @@ impl Conn {
                     };
                     false
                 }
-                Ok(Drained::WriteBufferFull) => true,
+                Ok(Drained::WriteBufferFull | Drained::WindowFull) => true,
                 Err(c) => break c,
             };
+            li.release(&mut self.wbuf);
+            // Still full after what was released: nothing is read until commits advance.
+            let window_full = li.window_full();
             // One router event for all of them (its channel is shared by every device).
             if let Some(last) = to_router.pop() {
                 li.tx.buffer().extend(to_router.drain(..));
@@ -517,7 +554,7 @@ impl Conn {
                     }
                 }
             }
-            if more {
+            if more && !window_full {
                 // Whole packets may still be buffered: handle them before waiting.
                 continue;
             }
@@ -550,7 +587,9 @@ impl Conn {
                         }
                     };
                 }
-                r = self.read(deadline) => match r {
+                // What is committed meanwhile is acknowledged at the top of the loop.
+                _ = li.receipts.advanced() => {}
+                r = self.read(deadline), if !window_full => match r {
                     Ok(()) => {}
                     Err(false) => break Closing { reason: None, denial: None, will: true },
                     Err(true) => {
@@ -572,11 +611,22 @@ impl Conn {
         self.finish(li, closing).await;
     }
 
-    async fn finish(&mut self, li: LoggedIn, closing: Closing) {
+    async fn finish(&mut self, mut li: LoggedIn, closing: Closing) {
         let shared = self.shared.clone();
-        if let (true, Some(reason)) = (li.v5, closing.reason) {
-            self.wbuf.clear();
-            encode::disconnect(&mut self.wbuf, reason);
+        if let Some(reason) = closing.reason {
+            // The gateway closes a connection it can still write to: first acknowledge
+            // what commits within the goodbye time (a stop, a takeover), so the device
+            // does not send it again.
+            let settled = async {
+                while li.receipts.uncommitted() > 0 {
+                    li.receipts.advanced().await;
+                }
+            };
+            let _ = tokio::time::timeout(GOODBYE_WAIT, settled).await;
+            li.release(&mut self.wbuf);
+            if li.v5 {
+                encode::disconnect(&mut self.wbuf, reason);
+            }
             let _ = self.flush(GOODBYE_WAIT).await;
         }
         if let Some((denial, detail)) = closing.denial {
@@ -606,9 +656,9 @@ impl Conn {
     }
 }
 
-/// A persistent session keeps its subscriptions for the next connection.
+/// A persistent session keeps its state for the next connection.
 fn ticket_save(li: &LoggedIn) {
-    li.ticket.save_session(li.session.filters());
+    li.ticket.save_session(li.session.kept());
 }
 
 fn disconnect_packet() -> Packet {
@@ -635,13 +685,13 @@ fn publish_will(
         .then(|| shared.registry.delay_will(&device, &client_id))
         .flatten();
     let Some(cancelled) = wait else {
-        shared.sink.capture(&topic, &message);
+        shared.sink.capture(&topic, &message, None);
         return;
     };
     tokio::spawn(async move {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {
-                shared.sink.capture(&topic, &message);
+                shared.sink.capture(&topic, &message, None);
             }
             _ = cancelled.cancelled() => {}
             _ = shared.closing.cancelled() => {}

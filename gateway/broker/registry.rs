@@ -23,9 +23,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rumqttd::protocol::Filter;
 use tokio_util::sync::CancellationToken;
 
+use super::session::Kept;
 use crate::model::DeviceId;
 
 /// Why the gateway closes a connection from outside its own loop.
@@ -101,8 +101,9 @@ struct Open {
 #[derive(Default)]
 struct DeviceConnections {
     open: Vec<Open>,
-    /// Persistent sessions, least recently used first: client id and its subscriptions.
-    sessions: Vec<(String, Vec<Filter>)>,
+    /// Persistent sessions, least recently used first: client id and what the session
+    /// keeps (subscriptions, QoS 2 ids awaiting release, the last QoS 1 ids stored).
+    sessions: Vec<(String, Kept)>,
     /// Last wills waiting out their MQTT 5 delay: client id, and how to cancel one.
     wills: Vec<(String, CancellationToken)>,
     /// Bumped by every reload that revokes the device.
@@ -118,7 +119,7 @@ pub(crate) struct Opened {
     /// The connection it takes over, told to close.
     pub previous: Option<Arc<Control>>,
     /// It resumes a persistent session that existed (its subscriptions:
-    /// [`Ticket::session_filters`], once the connection taken over has saved them).
+    /// [`Ticket::session_kept`], once the connection taken over has saved them).
     pub session_present: bool,
 }
 
@@ -141,10 +142,10 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// The subscriptions of the persistent session this connection resumes.
-    pub fn session_filters(&self) -> Vec<Filter> {
+    /// What the persistent session this connection resumes kept.
+    pub fn session_kept(&self) -> Kept {
         let Some(client_id) = &self.persistent else {
-            return Vec::new();
+            return Kept::default();
         };
         let devices = self.registry.lock();
         devices
@@ -154,15 +155,15 @@ impl Ticket {
             .unwrap_or_default()
     }
 
-    /// Keep a persistent session's subscriptions for its next connection.
-    pub fn save_session(&self, filters: Vec<Filter>) {
+    /// Keep a persistent session's state for its next connection.
+    pub fn save_session(&self, kept: Kept) {
         let Some(client_id) = &self.persistent else {
             return;
         };
         let mut devices = self.registry.lock();
         if let Some(d) = devices.get_mut(&self.device) {
             if let Some(s) = d.sessions.iter_mut().find(|(c, _)| c == client_id) {
-                s.1 = filters;
+                s.1 = kept;
             }
         }
     }
@@ -266,7 +267,7 @@ impl Registry {
                         None => return Err(Refused::TooManySessions),
                     }
                 }
-                d.sessions.push((client_id.to_owned(), Vec::new()));
+                d.sessions.push((client_id.to_owned(), Kept::default()));
                 false
             }
         };
@@ -440,8 +441,8 @@ mod tests {
         assert_eq!(r.count("k1"), 2);
     }
 
-    fn filter(path: &str) -> Filter {
-        Filter {
+    fn filter(path: &str) -> rumqttd::protocol::Filter {
+        rumqttd::protocol::Filter {
             path: path.into(),
             qos: QoS::AtLeastOnce,
             nolocal: false,
@@ -458,11 +459,17 @@ mod tests {
         });
         let a = open(&r, "k1", "s1", false).unwrap();
         assert!(!a.session_present, "a new session");
-        a.ticket.save_session(vec![filter("branch/#")]);
+        a.ticket.save_session(Kept {
+            filters: vec![filter("branch/#")],
+            ..Kept::default()
+        });
         drop(a);
         let again = open(&r, "k1", "s1", false).unwrap();
         assert!(again.session_present);
-        assert_eq!(again.ticket.session_filters(), vec![filter("branch/#")]);
+        assert_eq!(
+            again.ticket.session_kept().filters,
+            vec![filter("branch/#")]
+        );
         // Two sessions in use: a third is refused; once one is idle, it makes room.
         let b = open(&r, "k1", "s2", false).unwrap();
         assert_eq!(

@@ -6,7 +6,10 @@
 //! The device's own publishes never reach rumqttd's router: they go to intake
 //! ([`Env::capture`]) and are acknowledged here, in the order they arrived (PUBACK;
 //! PUBREC, then PUBCOMP on PUBREL, storing a QoS 2 message once however often it is resent
-//! before its PUBREL). The router sees only SUBSCRIBE and UNSUBSCRIBE (each filter checked
+//! before its PUBREL), and only once durable: each acknowledgement waits for the commit
+//! receipt of its message (or, for one refused without storage, of the message before it)
+//! and is written by [`Session::release`] when the connection learns of that commit
+//! ([`crate::receipt`]). The router sees only SUBSCRIBE and UNSUBSCRIBE (each filter checked
 //! first, every UNSUBACK written here), and every subscription is granted at QoS 0: what
 //! the router delivers (the branch's live figures, published again every few seconds)
 //! needs no acknowledgement, so no device acknowledgement ever reaches the router. That
@@ -40,6 +43,51 @@ const MAX_PENDING_SUBACKS: usize = 64;
 /// The packet id of the SUBSCRIBE that restores a persistent session's filters (a
 /// device's packet ids are never 0); its SUBACK is not sent to the device.
 const RESTORE_PKID: u16 = 0;
+
+/// QoS 1 messages a session remembers for recognising resends ([`Recent`]).
+pub(crate) const RECENT_QOS1: usize = 256;
+
+/// What a persistent session keeps between its connections, in memory while the gateway
+/// runs (a restart forgets it: a resend after one is stored again).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Kept {
+    pub filters: Vec<Filter>,
+    /// QoS 2 packet ids stored and awaiting PUBREL.
+    pub awaiting_release: HashSet<u16>,
+    pub recent: Recent,
+}
+
+/// The last [`RECENT_QOS1`] QoS 1 messages taken from a session: packet id -> a hash of
+/// topic and payload. A PUBLISH with DUP=1 that matches one is a resend of a message
+/// already stored (its PUBACK was lost with the connection): acknowledged, not stored
+/// again, counted as `duplicate_resend`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Recent {
+    by_pkid: HashMap<u16, u64>,
+    order: VecDeque<u16>,
+}
+
+impl Recent {
+    fn hash(topic: &[u8], payload: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        foldhash::quality::FixedState::with_seed(0x6272_616e_6368).hash_one((topic, payload))
+    }
+
+    fn contains(&self, pkid: u16, hash: u64) -> bool {
+        self.by_pkid.get(&pkid) == Some(&hash)
+    }
+
+    fn insert(&mut self, pkid: u16, hash: u64) {
+        if self.by_pkid.insert(pkid, hash).is_none() {
+            self.order.push_back(pkid);
+        }
+        while self.order.len() > RECENT_QOS1 {
+            if let Some(old) = self.order.pop_front() {
+                self.by_pkid.remove(&old);
+            }
+        }
+    }
+}
 
 /// What [`next_packet`] found in a connection's read buffer.
 #[derive(Debug)]
@@ -120,7 +168,7 @@ pub fn fuzz_device_bytes(bytes: &[u8]) {
     struct Nothing;
     impl Env for Nothing {
         fn capture(&self, _: &[u8], _: &[u8]) -> Capture {
-            Capture::Taken
+            Capture::Taken(0)
         }
         fn deny(&self, _: &str, _: Denial, _: &str) {}
         fn admit_filter(&self, _: &str, _: &str) -> bool {
@@ -162,6 +210,7 @@ pub fn fuzz_device_bytes(bytes: &[u8]) {
         if session.on_device(&Nothing, packet, meta, &mut out).is_err() {
             return;
         }
+        session.release(u64::MAX, &mut out);
         out.clear();
     }
 }
@@ -181,6 +230,7 @@ pub(crate) struct SessionLimits {
 
 /// What the session needs from the gateway.
 pub(crate) trait Env {
+    /// Hand a device message to intake; its acknowledgement waits for the receipt returned.
     fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture;
     fn deny(&self, device: &str, what: Denial, detail: &str);
     /// May `device` give the router `filter` (new filters count against its budget)?
@@ -228,6 +278,20 @@ pub(crate) struct Session {
     pending_subacks: VecDeque<(u16, Vec<Option<u8>>)>,
     /// QoS 2 packet ids stored and awaiting PUBREL.
     awaiting_release: HashSet<u16>,
+    recent: Recent,
+    /// Acknowledgements waiting for a commit, in the order their publishes arrived.
+    unacked: VecDeque<Unacked>,
+    /// The highest receipt any publish of this connection waits for.
+    last_receipt: u64,
+}
+
+/// A PUBACK or PUBREC to write once the connection's messages up to `receipt` are committed.
+#[derive(Debug, Clone, Copy)]
+struct Unacked {
+    receipt: u64,
+    kind: AckKind,
+    pkid: u16,
+    reason: u8,
 }
 
 impl Session {
@@ -240,12 +304,52 @@ impl Session {
             subscriptions: HashMap::new(),
             pending_subacks: VecDeque::new(),
             awaiting_release: HashSet::new(),
+            recent: Recent::default(),
+            unacked: VecDeque::new(),
+            last_receipt: 0,
         }
     }
 
-    /// Resume a persistent session: its filters, as a SUBSCRIBE for the router (its SUBACK
-    /// is kept from the device).
-    pub fn restore(&mut self, mut filters: Vec<Filter>) -> Option<Packet> {
+    /// Write the acknowledgements whose messages are committed (every receipt up to
+    /// `committed`), in order.
+    pub fn release(&mut self, committed: u64, out: &mut BytesMut) {
+        while let Some(a) = self.unacked.front() {
+            if a.receipt > committed {
+                break;
+            }
+            encode::ack(out, self.v5, a.kind, a.pkid, a.reason);
+            self.unacked.pop_front();
+        }
+    }
+
+    /// Acknowledgements waiting for a commit.
+    pub fn unacked(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Queue an acknowledgement behind everything before it; with `receipt`, also behind
+    /// that message's commit.
+    fn acknowledge(&mut self, kind: AckKind, pkid: u16, reason: u8, receipt: u64) {
+        self.last_receipt = self.last_receipt.max(receipt);
+        self.unacked.push_back(Unacked {
+            receipt: self.last_receipt,
+            kind,
+            pkid,
+            reason,
+        });
+    }
+
+    /// Resume a persistent session: its QoS 2 messages awaiting release, its recent QoS 1
+    /// messages, and its filters, as a SUBSCRIBE for the router (its SUBACK is kept from
+    /// the device).
+    pub fn restore(&mut self, kept: Kept) -> Option<Packet> {
+        let Kept {
+            mut filters,
+            awaiting_release,
+            recent,
+        } = kept;
+        self.awaiting_release = awaiting_release;
+        self.recent = recent;
         if filters.is_empty() {
             return None;
         }
@@ -266,9 +370,13 @@ impl Session {
         ))
     }
 
-    /// The filters a persistent session keeps for its next connection.
-    pub fn filters(&self) -> Vec<Filter> {
-        self.subscriptions.values().cloned().collect()
+    /// What a persistent session keeps for its next connection.
+    pub fn kept(&self) -> Kept {
+        Kept {
+            filters: self.subscriptions.values().cloned().collect(),
+            awaiting_release: self.awaiting_release.clone(),
+            recent: self.recent.clone(),
+        }
     }
 
     /// A packet from the device. Replies go to `out`; a packet for the router is returned.
@@ -286,7 +394,7 @@ impl Session {
                     Denial::ProtocolError,
                     "publish without a packet id",
                 ))?;
-                self.publish(env, publish, props, meta, out)?;
+                self.publish(env, publish, props, meta)?;
                 Ok(None)
             }
             Packet::PubRel(rel, _) => {
@@ -392,30 +500,46 @@ impl Session {
         publish: protocol::Publish,
         props: Option<protocol::PublishProperties>,
         meta: PublishMeta,
-        out: &mut BytesMut,
     ) -> Result<(), Closing> {
         let topic = self.topic(&publish, props.as_ref())?;
         if meta.qos == 2 && self.awaiting_release.contains(&meta.pkid) {
-            // Sent again before its PUBREL: stored already.
-            encode::ack(out, self.v5, AckKind::PubRec, meta.pkid, code::SUCCESS);
+            // Sent again before its PUBREL: stored already (or about to be, in order).
+            self.acknowledge(AckKind::PubRec, meta.pkid, code::SUCCESS, 0);
             return Ok(());
         }
-        let reason = match topic {
+        let hash = (meta.qos == 1).then(|| Recent::hash(&publish.topic, &publish.payload));
+        if let (Some(h), true) = (hash, meta.dup) {
+            if topic.is_some() && self.recent.contains(meta.pkid, h) {
+                env.deny(
+                    &self.device,
+                    Denial::DuplicateResend,
+                    "acknowledged again, not stored again",
+                );
+                self.acknowledge(AckKind::PubAck, meta.pkid, code::SUCCESS, 0);
+                return Ok(());
+            }
+        }
+        let (reason, receipt) = match topic {
             Some(topic) => match env.capture(&topic, &publish.payload) {
-                Capture::Taken => code::SUCCESS,
-                Capture::RateLimited => code::RATE_TOO_HIGH,
+                Capture::Taken(n) => {
+                    if let Some(h) = hash {
+                        self.recent.insert(meta.pkid, h);
+                    }
+                    (code::SUCCESS, n)
+                }
+                Capture::RateLimited(n) => (code::RATE_TOO_HIGH, n),
                 Capture::Closing => return Err(Closing::shutdown()),
             },
             None => {
                 let shown = String::from_utf8_lossy(&publish.topic);
                 let detail = format!("topic {:?}", crate::config::profile::truncate(&shown, 80));
                 env.deny(&self.device, Denial::Publish, &detail);
-                code::NOT_AUTHORIZED
+                (code::NOT_AUTHORIZED, 0)
             }
         };
         match meta.qos {
-            0 => {}
-            1 => encode::ack(out, self.v5, AckKind::PubAck, meta.pkid, reason),
+            0 => self.last_receipt = self.last_receipt.max(receipt),
+            1 => self.acknowledge(AckKind::PubAck, meta.pkid, reason, receipt),
             _ => {
                 // MQTT 5: a PUBREC reason of 0x80 or more ends the exchange.
                 if !self.v5 || reason < 0x80 {
@@ -428,7 +552,7 @@ impl Session {
                     }
                     self.awaiting_release.insert(meta.pkid);
                 }
-                encode::ack(out, self.v5, AckKind::PubRec, meta.pkid, reason);
+                self.acknowledge(AckKind::PubRec, meta.pkid, reason, receipt);
             }
         }
         Ok(())
@@ -648,13 +772,13 @@ mod tests {
 
     impl Env for TestEnv {
         fn capture(&self, topic: &[u8], payload: &[u8]) -> Capture {
+            let mut captured = self.captured.borrow_mut();
             if self.rate_limited {
-                return Capture::RateLimited;
+                return Capture::RateLimited(0);
             }
-            self.captured
-                .borrow_mut()
-                .push((topic.to_vec(), payload.to_vec()));
-            Capture::Taken
+            captured.push((topic.to_vec(), payload.to_vec()));
+            // Receipts numbered as a connection's are: 1, 2, 3...
+            Capture::Taken(captured.len() as u64)
         }
         fn deny(&self, _device: &str, what: Denial, _detail: &str) {
             self.denied.borrow_mut().push(what);
@@ -696,10 +820,53 @@ mod tests {
         (Packet::Publish(p, props), meta)
     }
 
+    /// One packet, and everything it waits for committed at once.
     fn run(s: &mut Session, e: &TestEnv, (p, m): (Packet, PublishMeta)) -> Vec<u8> {
         let mut out = BytesMut::new();
         assert_eq!(s.on_device(e, p, Some(m), &mut out), Ok(None));
+        s.release(u64::MAX, &mut out);
         out.to_vec()
+    }
+
+    /// Acknowledgements wait for their messages' commits and leave in publish order, a
+    /// refused publish's behind the messages before it; QoS 0 messages are waited for by
+    /// what follows them; a PINGREQ is answered at once.
+    #[test]
+    fn acknowledgements_wait_for_the_commit_in_order() {
+        let e = env();
+        let mut s = Session::new("k1", true, LIMITS);
+        let mut out = BytesMut::new();
+        for (topic, qos, pkid) in [
+            ("devices/k1/events", 1, 1), // receipt 1
+            ("devices/k1/events", 0, 0), // receipt 2
+            ("devices/k2/events", 1, 2), // refused: waits for 2
+            ("devices/k1/events", 2, 3), // receipt 3
+            ("devices/k1/events", 1, 4), // receipt 4
+        ] {
+            let (p, m) = publish(topic, qos, pkid, None);
+            assert_eq!(s.on_device(&e, p, Some(m), &mut out), Ok(None));
+        }
+        let ping = Packet::PingReq(protocol::PingReq);
+        assert_eq!(s.on_device(&e, ping, None, &mut out), Ok(None));
+        assert_eq!(out.to_vec(), [0xD0, 0], "only the PINGRESP so far");
+        out.clear();
+        assert_eq!(s.unacked(), 4);
+        s.release(0, &mut out);
+        assert!(out.is_empty());
+        s.release(1, &mut out);
+        assert_eq!(out.to_vec(), [0x40, 2, 0, 1]);
+        out.clear();
+        s.release(3, &mut out);
+        assert_eq!(out.to_vec(), [0x40, 3, 0, 2, 0x87, 0x50, 2, 0, 3]);
+        out.clear();
+        // A resend of the unreleased QoS 2 message waits behind message 4.
+        let (p, mut m) = publish("devices/k1/events", 2, 3, None);
+        m.dup = true;
+        assert_eq!(s.on_device(&e, p, Some(m), &mut out), Ok(None));
+        assert!(out.is_empty());
+        s.release(4, &mut out);
+        assert_eq!(out.to_vec(), [0x40, 2, 0, 4, 0x50, 2, 0, 3]);
+        assert_eq!((s.unacked(), e.captured.borrow().len()), (0, 4));
     }
 
     #[test]

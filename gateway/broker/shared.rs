@@ -95,6 +95,9 @@ pub enum Denial {
     KeepAlive,
     /// Packets to the device not taken within `write_timeout_ms`.
     WriteTimeout,
+    /// Not a refusal: a QoS 1 resend (DUP=1) of a message already stored from the same
+    /// session, acknowledged without a second row.
+    DuplicateResend,
 }
 
 impl Denial {
@@ -126,6 +129,7 @@ impl Denial {
             Denial::PacketTimeout => "packet_timeout",
             Denial::KeepAlive => "keepalive_timeout",
             Denial::WriteTimeout => "write_timeout",
+            Denial::DuplicateResend => "duplicate_resend",
         }
     }
 }
@@ -216,13 +220,22 @@ impl Shared {
     pub(crate) fn deny(&self, device: Option<&str>, what: Denial, detail: &str) {
         let key = (device.map(str::to_owned), what);
         if let Some(suppressed) = lock(&self.log).hit(&key, now_ms()) {
-            tracing::warn!(
-                device = device.unwrap_or("-"),
-                reason = what.as_str(),
-                detail,
-                suppressed_since_last_report = suppressed,
-                "device refused"
-            );
+            if what == Denial::DuplicateResend {
+                tracing::info!(
+                    device = device.unwrap_or("-"),
+                    reason = what.as_str(),
+                    suppressed_since_last_report = suppressed,
+                    "resent message already stored: acknowledged, not stored again"
+                );
+            } else {
+                tracing::warn!(
+                    device = device.unwrap_or("-"),
+                    reason = what.as_str(),
+                    detail,
+                    suppressed_since_last_report = suppressed,
+                    "device refused"
+                );
+            }
         }
         self.denials.add(device, what);
     }

@@ -11,7 +11,9 @@
 //! - **What is durable when.** With `synchronous = full` (the default) a message is on
 //!   disk when its transaction commits; with `normal` it survives a crash of the process
 //!   but the last commits can roll back on power loss. Before the commit it exists only in
-//!   memory (the channel, the current batch), already acknowledged to the device.
+//!   memory (the channel, the current batch), and the device has not been acknowledged:
+//!   each message carries its connection's [`Receipt`], settled after the commit
+//!   ([`crate::receipt`]), and only then is its PUBACK or PUBREC written.
 //! - **When full.** The channel holds `storage.queue_capacity` commands. When it is full,
 //!   the device connection whose message does not fit waits (intake blocks in
 //!   `block_in_place`, on the broker's runtime, whose waiting threads are bounded), so the
@@ -50,6 +52,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Synchronous;
 use crate::model::{Accepted, DeviceId, Kind, Presence, Rejected, Stored, StoredRef};
+use crate::receipt::Receipt;
 
 /// Most commands applied in one transaction.
 pub const MAX_BATCH: usize = 2048;
@@ -71,8 +74,9 @@ pub struct LiveRows {
 /// A change for the writer thread.
 #[derive(Debug)]
 pub enum Write {
-    Accepted(Accepted),
-    Rejected(Rejected),
+    /// With the receipt of the device connection that waits for its commit to acknowledge it.
+    Accepted(Accepted, Option<Receipt>),
+    Rejected(Rejected, Option<Receipt>),
     Presence(Presence),
     /// The broker or intake refused something of this device `count` times (`what` is a
     /// stable counter name, e.g. `publish_denied`, `rate_limited`; the empty device id
@@ -82,6 +86,7 @@ pub enum Write {
         what: &'static str,
         count: u64,
         at_ms: i64,
+        receipt: Option<Receipt>,
     },
     /// The central broker acknowledged these messages (by `seq`).
     Delivered {
@@ -95,6 +100,18 @@ pub enum Write {
     /// Liveness probe for the service watchdog: it only makes the writer go round its loop
     /// (and so refresh [`BufferStats::heartbeat_ms`]).
     Probe,
+}
+
+impl Write {
+    /// The receipt a device connection waits on, taken out once its commit is done.
+    fn take_receipt(&mut self) -> Option<Receipt> {
+        match self {
+            Write::Accepted(_, r) | Write::Rejected(_, r) | Write::Denied { receipt: r, .. } => {
+                r.take()
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -563,8 +580,8 @@ fn incoming_bytes(batch: &[Write]) -> u64 {
     batch
         .iter()
         .map(|w| match w {
-            Write::Accepted(m) => 3 * (m.payload.len() + m.device.len() + 64) as u64,
-            Write::Rejected(r) => 3 * (r.excerpt.len() + r.rejection.detail.len() + 96) as u64,
+            Write::Accepted(m, _) => 3 * (m.payload.len() + m.device.len() + 64) as u64,
+            Write::Rejected(r, _) => 3 * (r.excerpt.len() + r.rejection.detail.len() + 96) as u64,
             _ => 64,
         })
         .sum()
@@ -940,6 +957,8 @@ impl Writer {
                     self.stats
                         .last_commit_failed
                         .store(false, Ordering::Relaxed);
+                    // Durable now: the devices waiting for these may be acknowledged.
+                    crate::receipt::settle(batch.iter_mut().filter_map(Write::take_receipt));
                     self.hand_live(batch);
                     batch.clear();
                     return;
@@ -962,7 +981,7 @@ impl Writer {
                             self.given_up_at_stop = true;
                             let lost = batch
                                 .iter()
-                                .filter(|w| matches!(w, Write::Accepted(_)))
+                                .filter(|w| matches!(w, Write::Accepted(..)))
                                 .count() as u64;
                             self.stats.lost_at_stop.fetch_add(lost, Ordering::Relaxed);
                             tracing::error!(
@@ -1017,7 +1036,7 @@ impl Writer {
         let rows: Vec<Stored> = batch
             .drain(..)
             .filter_map(|w| match w {
-                Write::Accepted(m) => Some(m),
+                Write::Accepted(m, _) => Some(m),
                 _ => None,
             })
             .zip(self.seqs.iter())
@@ -1065,7 +1084,7 @@ impl Writer {
             )?;
             for w in batch {
                 match w {
-                    Write::Accepted(m) => {
+                    Write::Accepted(m, _) => {
                         insert_msg.execute(params![
                             m.device,
                             m.profile,
@@ -1092,7 +1111,7 @@ impl Writer {
                             d.status = Some((m.payload.clone(), m.received_ms));
                         }
                     }
-                    Write::Rejected(r) => {
+                    Write::Rejected(r, _) => {
                         insert_rej.execute(params![
                             r.device,
                             r.kind,
@@ -1152,6 +1171,7 @@ impl Writer {
                         what,
                         count,
                         at_ms,
+                        ..
                     } => bump_by(
                         devices.entry(device).or_default(),
                         what,
@@ -1828,15 +1848,18 @@ mod tests {
     const DAY: i64 = 86_400_000;
 
     fn message(received_ms: i64) -> Write {
-        Write::Accepted(Accepted {
-            device: "gate-1".into(),
-            profile: "gate-counter".into(),
-            kind: crate::model::Kind::Telemetry,
-            received_ms,
-            payload: r#"{"in":1}"#.into(),
-            rollup_ms: None,
-            contributions: Default::default(),
-        })
+        Write::Accepted(
+            Accepted {
+                device: "gate-1".into(),
+                profile: "gate-counter".into(),
+                kind: crate::model::Kind::Telemetry,
+                received_ms,
+                payload: r#"{"in":1}"#.into(),
+                rollup_ms: None,
+                contributions: Default::default(),
+            },
+            None,
+        )
     }
 
     /// A buffer with a small queue, a week's retention and one configured device, `gate-1`.
@@ -1875,11 +1898,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("buffer.sqlite");
         let counted = |at_ms: i64| {
-            let Write::Accepted(mut m) = message(at_ms) else {
+            let Write::Accepted(mut m, _) = message(at_ms) else {
                 unreachable!()
             };
             m.rollup_ms = Some(at_ms);
-            Write::Accepted(m)
+            Write::Accepted(m, None)
         };
         let count = |sql: &str| -> i64 {
             open_read_only(&path)
@@ -1989,7 +2012,7 @@ mod tests {
         let hour = 1_795_575_600_000i64; // 2026-11-25T01:00Z
         let metric = crate::model::Metric::new("patrons");
         let patron = |value: &str| {
-            let Write::Accepted(mut m) = message(hour + 60_000) else {
+            let Write::Accepted(mut m, _) = message(hour + 60_000) else {
                 unreachable!()
             };
             m.rollup_ms = Some(hour + 60_000);
@@ -1997,7 +2020,7 @@ mod tests {
                 crate::model::RuleRef::new(metric, crate::model::RollupOp::Distinct),
                 crate::model::distinct_key(value),
             )];
-            Write::Accepted(m)
+            Write::Accepted(m, None)
         };
         // One transaction per group: wait for each to commit before sending the next.
         let send_batches = |buffer: &Buffer, groups: &[&[&str]]| {
@@ -2056,7 +2079,7 @@ mod tests {
         let now = crate::model::now_ms();
         let metric = crate::model::Metric::new("patrons");
         let patron = |at_ms: i64, value: &str| {
-            let Write::Accepted(mut m) = message(at_ms) else {
+            let Write::Accepted(mut m, _) = message(at_ms) else {
                 unreachable!()
             };
             m.rollup_ms = Some(at_ms);
@@ -2064,7 +2087,7 @@ mod tests {
                 crate::model::RuleRef::new(metric, crate::model::RollupOp::Distinct),
                 crate::model::distinct_key(value),
             )];
-            Write::Accepted(m)
+            Write::Accepted(m, None)
         };
         let old = now - crate::summary::DISTINCT_KEPT_MS - 2 * DAY;
         let buffer = open_test_buffer(&path);
@@ -2178,15 +2201,18 @@ mod tests {
         let tx = buffer.sender();
         let now = crate::model::now_ms();
         let msg = |device: &str, kind: Kind, n: usize, pad: usize| {
-            Write::Accepted(Accepted {
-                device: device.into(),
-                profile: "p".into(),
-                kind,
-                received_ms: now,
-                payload: format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(pad)),
-                rollup_ms: None,
-                contributions: Default::default(),
-            })
+            Write::Accepted(
+                Accepted {
+                    device: device.into(),
+                    profile: "p".into(),
+                    kind,
+                    received_ms: now,
+                    payload: format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(pad)),
+                    rollup_ms: None,
+                    contributions: Default::default(),
+                },
+                None,
+            )
         };
         // The canary's backlog is older than all of the flood.
         for n in 0..200 {

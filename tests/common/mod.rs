@@ -626,6 +626,10 @@ pub fn upstream_section(port: u16, prefix: &str) -> String {
 #[path = "../../examples/support/mqtt.rs"]
 pub mod mqtt;
 
+/// The kill experiment (shared with the kill benchmark).
+#[path = "../../examples/support/kill.rs"]
+pub mod kill;
+
 /// The canary device of the attack tests (shared with the attack benchmark).
 #[path = "../../examples/support/canary.rs"]
 pub mod canary;
