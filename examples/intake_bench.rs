@@ -1,6 +1,7 @@
 //! Intake benchmark: N simulated MQTT devices (rumqttc, QoS 1) against the release binary.
 //!
-//! Reports messages per second committed to SQLite, publish-to-commit latency (p50/p99/max)
+//! Reports messages per second committed to SQLite, publish-to-commit and publish-to-PUBACK
+//! latency (p50/p99/max)
 //! at a fixed rate, and the gateway's peak RSS (VmHWM). The load generator runs on the same
 //! machine and competes for the same cores.
 //!
@@ -207,7 +208,21 @@ fn start_gateway(binary: &Path, config: &Path, port: u16) -> Child {
     child
 }
 
-async fn connect(port: u16, d: usize, acked: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> AsyncClient {
+/// Publish-to-PUBACK latencies (µs), recorded while `on` is set: from the moment the
+/// client's event loop wrote the PUBLISH to the moment it read its PUBACK.
+#[derive(Default)]
+struct AckTimes {
+    on: AtomicBool,
+    micros: std::sync::Mutex<Vec<u64>>,
+}
+
+async fn connect(
+    port: u16,
+    d: usize,
+    acked: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    times: Arc<AckTimes>,
+) -> AsyncClient {
     let id = format!("bench-{d:04}");
     let mut opts = MqttOptions::new(&id, "127.0.0.1", port);
     opts.set_credentials(&id, format!("pw-{d}"));
@@ -217,15 +232,25 @@ async fn connect(port: u16, d: usize, acked: Arc<AtomicU64>, stop: Arc<AtomicBoo
     let (ok_tx, ok_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let mut ok_tx = Some(ok_tx);
+        let mut sent: std::collections::HashMap<u16, Instant> = Default::default();
         while !stop.load(Ordering::Relaxed) {
             match el.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
+                    if times.on.load(Ordering::Relaxed) {
+                        sent.insert(pkid, Instant::now());
+                    }
+                }
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     if let Some(tx) = ok_tx.take() {
                         let _ = tx.send(());
                     }
                 }
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     acked.fetch_add(1, Ordering::Relaxed);
+                    if let Some(at) = sent.remove(&ack.pkid) {
+                        let us = at.elapsed().as_micros() as u64;
+                        times.micros.lock().unwrap().push(us);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -383,9 +408,10 @@ async fn main() {
 
     let acked = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let times = Arc::new(AckTimes::default());
     let mut clients = Vec::new();
     for d in 0..args.devices {
-        clients.push(connect(port, d, acked.clone(), stop.clone()).await);
+        clients.push(connect(port, d, acked.clone(), stop.clone(), times.clone()).await);
     }
     println!(
         "{} devices connected; gateway pid {pid}, RSS so far {} KiB",
@@ -446,7 +472,12 @@ async fn main() {
         if rate == 0 {
             continue;
         }
+        times.micros.lock().unwrap().clear();
+        times.on.store(true, Ordering::Relaxed);
         let r = paced(&clients, &db, next_seq, rate, args.rate_seconds).await;
+        times.on.store(false, Ordering::Relaxed);
+        let mut acks = std::mem::take(&mut *times.micros.lock().unwrap());
+        acks.sort_unstable();
         next_seq += r.sent as i64;
         println!(
             "{label}: {:.0} msg/s offered for {:.1} s ({} msgs), {}/{} committed, commit rate {:.0} msg/s; publish->commit p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
@@ -459,6 +490,13 @@ async fn main() {
             pct(&r.latencies, 0.50),
             pct(&r.latencies, 0.99),
             pct(&r.latencies, 1.0),
+        );
+        println!(
+            "{label}: publish->PUBACK ({} acks) p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            acks.len(),
+            pct(&acks, 0.50),
+            pct(&acks, 0.99),
+            pct(&acks, 1.0),
         );
         assert_eq!(r.latencies.len(), r.sent, "every message committed");
     }

@@ -18,14 +18,26 @@ const ROWS: &str = "SELECT COUNT(*) FROM messages WHERE device = 'k1' AND kind =
 /// Log in as k1 with `client_id`; a persistent session unless `clean` (MQTT 5: with a
 /// Session Expiry Interval of an hour). Returns the stream and "session present".
 fn connect(port: u16, v5: bool, client_id: &str, clean: bool) -> (TcpStream, bool) {
+    connect_expiring(port, v5, client_id, clean, (!clean).then_some(3600))
+}
+
+/// [`connect`] with an MQTT 5 Session Expiry Interval (seconds) or none.
+fn connect_expiring(
+    port: u16,
+    v5: bool,
+    client_id: &str,
+    clean: bool,
+    expiry_s: Option<u32>,
+) -> (TcpStream, bool) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_nodelay(true).unwrap();
-    // Property 0x11: Session Expiry Interval, four bytes.
-    let expiry: &[u8] = if clean {
-        &[]
-    } else {
-        &[0x11, 0, 0, 0x0e, 0x10]
-    };
+    // Property 0x11: Session Expiry Interval, four bytes (MQTT 5 only).
+    let mut props = Vec::new();
+    if let (true, Some(e)) = (v5, expiry_s) {
+        props.push(0x11);
+        props.extend_from_slice(&e.to_be_bytes());
+    }
+    let expiry = &props[..];
     s.write_all(&mqtt::connect(&Connect {
         v5,
         client_id,
@@ -164,37 +176,34 @@ fn qos2_is_stored_once_across_reconnects_mqtt5() {
 }
 
 /// MQTT 5: clean start 0 without a Session Expiry Interval keeps no session (it expires
-/// when the connection closes); with one, the session is there on the next connection.
+/// when the connection closes); with one, the session is there on the next connection
+/// until the interval has passed since the connection closed.
 #[test]
 fn mqtt5_session_expiry_decides_persistence() {
     let branch = Branch::new(&[device("k1", "test-sensor")]);
     let gw = branch.start();
-    let plain = |clean: bool| {
-        let mut s = TcpStream::connect(("127.0.0.1", branch.port)).unwrap();
-        s.write_all(&mqtt::connect(&Connect {
-            v5: true,
-            client_id: "e1",
-            login: Some(("k1", "k1-pw")),
-            keep_alive: 30,
-            clean,
-            will: None,
-            properties: &[],
-        }))
-        .unwrap();
-        let (first, body) = mqtt::read_packet(&mut s, WAIT).expect("CONNACK");
-        assert_eq!((first, body[1]), (0x20, 0));
-        (s, body[0] & 1 == 1)
-    };
+    let port = branch.port;
     // (A connection still open when the next one comes is taken over: the same answer.)
-    let (s, _) = plain(false);
+    let (s, _) = connect_expiring(port, true, "e1", false, None);
     drop(s);
-    let (s, present) = plain(false);
+    let (s, present) = connect_expiring(port, true, "e1", false, None);
     assert!(!present, "expiry 0: nothing kept");
     drop(s);
-    let (s, _) = connect(branch.port, true, "e1", false);
+    let (s, _) = connect(port, true, "e1", false);
     drop(s);
-    let (_s, present) = connect(branch.port, true, "e1", false);
+    let (s, present) = connect(port, true, "e1", false);
     assert!(present, "an expiry of an hour: the session is kept");
+    drop(s);
+    // One second: kept across a quick reconnect, gone once the second has passed.
+    let (s, _) = connect_expiring(port, true, "e2", false, Some(1));
+    drop(s);
+    let (s, present) = connect_expiring(port, true, "e2", false, Some(1));
+    assert!(present, "reconnected within the interval");
+    mqtt::reset(s);
+    // The interval is the condition waited for: it runs from the close, so 1.5 s after it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_s, present) = connect_expiring(port, true, "e2", false, Some(1));
+    assert!(!present, "expired a second after the connection closed");
     let (status, _) = gw.terminate();
     assert!(status.success());
 }

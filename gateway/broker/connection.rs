@@ -95,6 +95,8 @@ struct LoggedIn {
     rx: LinkRx,
     session: Session,
     receipts: Arc<Receipts>,
+    /// How long a persistent session outlives the connection (`None`: for ever).
+    session_expiry: Option<Duration>,
 }
 
 impl LoggedIn {
@@ -418,6 +420,8 @@ impl Conn {
             tx,
             rx,
             receipts: Receipts::new(),
+            session_expiry: (v5 && expiry != u32::MAX)
+                .then(|| Duration::from_secs(u64::from(expiry))),
         };
         if connect.keep_alive == 0 {
             shared.stats.zero_keepalive.fetch_add(1, Ordering::Relaxed);
@@ -658,7 +662,11 @@ impl Conn {
 
 /// A persistent session keeps its state for the next connection.
 fn ticket_save(li: &LoggedIn) {
-    li.ticket.save_session(li.session.kept());
+    let mut kept = li.session.kept();
+    kept.expires = li
+        .session_expiry
+        .and_then(|d| std::time::Instant::now().checked_add(d));
+    li.ticket.save_session(kept);
 }
 
 fn disconnect_packet() -> Packet {

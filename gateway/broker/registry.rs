@@ -241,7 +241,18 @@ impl Registry {
         else {
             return Err(Refused::TooManyConnections);
         };
-        let stored = d.sessions.iter().position(|(c, _)| c == client_id);
+        let mut stored = d.sessions.iter().position(|(c, _)| c == client_id);
+        if let Some(i) = stored {
+            // A session past its expiry is gone (MQTT 5 Session Expiry Interval).
+            if d.sessions[i]
+                .1
+                .expires
+                .is_some_and(|e| e <= std::time::Instant::now())
+            {
+                d.sessions.remove(i);
+                stored = None;
+            }
+        }
         let session_present = match (clean, stored) {
             (true, Some(i)) => {
                 d.sessions.remove(i);
@@ -249,7 +260,8 @@ impl Registry {
             }
             (true, None) => false,
             (false, Some(i)) => {
-                let s = d.sessions.remove(i);
+                let mut s = d.sessions.remove(i);
+                s.1.expires = None;
                 d.sessions.push(s);
                 true
             }

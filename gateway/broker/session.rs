@@ -55,6 +55,9 @@ pub(crate) struct Kept {
     /// QoS 2 packet ids stored and awaiting PUBREL.
     pub awaiting_release: HashSet<u16>,
     pub recent: Recent,
+    /// When it ends unless resumed (MQTT 5 Session Expiry Interval after the connection
+    /// closed); `None` while a connection has it, or never (MQTT 3.1.1, 0xFFFFFFFF).
+    pub expires: Option<std::time::Instant>,
 }
 
 /// The last [`RECENT_QOS1`] QoS 1 messages taken from a session: packet id -> a hash of
@@ -347,6 +350,7 @@ impl Session {
             mut filters,
             awaiting_release,
             recent,
+            ..
         } = kept;
         self.awaiting_release = awaiting_release;
         self.recent = recent;
@@ -376,6 +380,7 @@ impl Session {
             filters: self.subscriptions.values().cloned().collect(),
             awaiting_release: self.awaiting_release.clone(),
             recent: self.recent.clone(),
+            expires: None,
         }
     }
 
