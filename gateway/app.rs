@@ -143,8 +143,15 @@ pub async fn run(
         figures.clone(),
         shutdown.clone(),
     ));
-    let (serial_done, _serial_commands) =
-        start_serial(&loaded, &db_path, &sink, &buffer, &tasks, &shutdown);
+    let (serial_done, _serial_commands) = start_serial(
+        &loaded,
+        &db_path,
+        &sink,
+        &buffer,
+        broker.shared().clone(),
+        &tasks,
+        &shutdown,
+    );
     let forwarder = cfg.upstream.clone().zip(live_rx).map(|(settings, live)| {
         tracing::info!(url = %settings.url, prefix = %settings.topic_prefix, "forwarding to the central broker");
         let forwarder = Forwarder {
@@ -316,6 +323,7 @@ fn start_serial(
     db_path: &std::path::Path,
     sink: &Arc<IntakeSink>,
     buffer: &Buffer,
+    board: Arc<crate::broker::Shared>,
     tasks: &tokio_util::task::TaskTracker,
     shutdown: &CancellationToken,
 ) -> (tokio::task::JoinHandle<()>, crate::serial::Commands) {
@@ -364,7 +372,9 @@ fn start_serial(
     drop(events_tx);
     let sink = sink.clone();
     let writer = buffer.sender();
+    let presence = board;
     let done = tokio::spawn(async move {
+        let presence = &presence.presence;
         let mut online: HashMap<DeviceId, bool> = HashMap::new();
         while let Some(ev) = events.recv().await {
             let now = crate::model::now_ms();
@@ -402,14 +412,23 @@ fn start_serial(
             let status: &[u8] = if up { b"online" } else { b"offline" };
             // The gateway's own word on the line, not the device's: never rate-limited.
             sink.submit_own(format!("devices/{device}/status").as_bytes(), status);
-            let presence = Presence {
-                device,
-                online: up,
-                at_ms: now,
-                connects: u32::from(up),
-                disconnects: u32::from(!up && was == Some(true)),
-            };
-            let _ = writer.send(Write::Presence(presence)).await;
+            // Recorded with the broker's devices (time online included); a port that
+            // never opened is recorded offline once.
+            if up || was == Some(true) {
+                presence.update(&device, up);
+            } else {
+                let _ = writer
+                    .send(Write::Presence(Presence {
+                        device,
+                        online: false,
+                        at_ms: now,
+                        connects: 0,
+                        disconnects: 0,
+                        online_pieces: Vec::new(),
+                        online_recorded_to: None,
+                    }))
+                    .await;
+            }
         }
     });
     (done, commands)
@@ -538,6 +557,11 @@ async fn publish_live_summary(
     }
 }
 
+/// How often the time online of connected devices is recorded (their `online_minutes`
+/// grow while they stay connected; after a crash, what follows the last record up to the
+/// last commit is added at the next start).
+const ONLINE_ACCRUAL_EVERY: Duration = Duration::from_secs(60);
+
 /// Record presence changes and broker refusals in the buffer, both taken from the broker's
 /// boards (which count everything and lose nothing; refusals that concern no configured
 /// device are counted under the empty device id). Presence is logged at most once per
@@ -552,11 +576,21 @@ async fn record_broker_events(
     // Bounded by the configured devices.
     let mut presence_log = crate::burst::BurstLimiter::new(10_000, 4096);
     let mut unlogged: HashMap<DeviceId, (u64, u64)> = HashMap::new();
+    // Tests shorten the period (`BRANCH_GATEWAY_TEST_ACCRUAL_MS`).
+    let every = std::env::var("BRANCH_GATEWAY_TEST_ACCRUAL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(ONLINE_ACCRUAL_EVERY, Duration::from_millis);
+    let mut accrual = tokio::time::interval(every);
+    accrual.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let stop = tokio::select! {
-            _ = board.presence.changed.notified() => false,
-            _ = board.denials.changed.notified() => false,
-            _ = shutdown.cancelled() => true,
+        // (stop, accrue): time online of open connections is recorded on every tick and
+        // at the stop, which closes them at the stop time.
+        let (stop, accrue) = tokio::select! {
+            _ = board.presence.changed.notified() => (false, false),
+            _ = board.denials.changed.notified() => (false, false),
+            _ = accrual.tick() => (false, true),
+            _ = shutdown.cancelled() => (true, true),
         };
         let now = crate::model::now_ms();
         for (device, what, count) in board.denials.take() {
@@ -571,7 +605,7 @@ async fn record_broker_events(
                 return;
             }
         }
-        for change in board.presence.take_changes() {
+        for change in board.presence.take_changes(accrue) {
             if change.connects > 0 || change.disconnects > 0 {
                 let churn = unlogged.entry(change.device.clone()).or_insert((0, 0));
                 churn.0 += u64::from(change.connects);

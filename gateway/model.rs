@@ -332,6 +332,13 @@ pub struct Presence {
     pub at_ms: i64,
     pub connects: u32,
     pub disconnects: u32,
+    /// Time online since the last change recorded, as (from, to) Unix ms pieces in order:
+    /// closed connections, and the part of an open one up to now. They add up to the
+    /// device's `online_minutes`, each in its own hours.
+    pub online_pieces: Vec<(i64, i64)>,
+    /// While online: up to when its time online is recorded (the end of the last piece);
+    /// after a crash, the rest up to the last moment the gateway was known alive is added.
+    pub online_recorded_to: Option<i64>,
 }
 
 /// Where the broker hands every allowed device publish, synchronously, before it is

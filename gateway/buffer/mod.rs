@@ -273,6 +273,7 @@ impl Buffer {
                 |r| r.get(0),
             )
             .map_err(sql_err)?;
+        let recovered = crashed_sessions(&conn).map_err(sql_err)?;
         {
             let tx = conn.transaction().map_err(sql_err)?;
             tx.execute("UPDATE devices SET online = 0, configured = 0", [])
@@ -318,6 +319,7 @@ impl Buffer {
             cap_log: cap::CapLog::default(),
             known_distinct: KnownDistinct::default(),
             bucket_cache: BucketCache::default(),
+            recovered,
             last_handed: last_seq,
             seqs: Vec::new(),
         };
@@ -568,6 +570,8 @@ struct Writer {
     known_distinct: KnownDistinct,
     /// Recently written rollup buckets, so a batch need not read them back.
     bucket_cache: BucketCache,
+    /// Sessions a crash left open, closed before anything else ([`crashed_sessions`]).
+    recovered: Vec<Write>,
     /// Newest `seq` handed (or offered) to the forwarder.
     last_handed: i64,
     /// `seq`s of the messages in the batch being committed, in order.
@@ -868,7 +872,8 @@ fn beat(stats: &BufferStats) {
 #[derive(Default)]
 struct DeviceDelta {
     last_seen_ms: Option<i64>,
-    presence: Option<(bool, i64)>,
+    /// Online, since when, and up to when its time online is recorded.
+    presence: Option<(bool, i64, Option<i64>)>,
     status: Option<(String, i64)>,
     last_rejection: Option<(String, String, i64)>,
     counters: HashMap<&'static str, (i64, i64)>,
@@ -881,6 +886,14 @@ impl Writer {
         let checkpointer =
             Checkpointer::start(&self.path, self.synchronous, self.checkpoint_lock.clone());
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        // Sessions a crash left open are closed first.
+        let mut recovered = std::mem::take(&mut self.recovered);
+        while !recovered.is_empty() {
+            let rest = recovered.split_off(recovered.len().min(MAX_BATCH));
+            batch.extend(recovered);
+            recovered = rest;
+            self.commit_with_retry(&mut batch);
+        }
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
             while batch.len() < MAX_BATCH {
@@ -912,7 +925,8 @@ impl Writer {
         // Nobody is connected to a gateway that stops.
         let now = crate::model::now_ms();
         if let Err(e) = self.conn.execute(
-            "UPDATE devices SET online = 0, last_disconnect_ms = ?1 WHERE online = 1",
+            "UPDATE devices SET online = 0, last_disconnect_ms = ?1, online_recorded_ms = NULL
+             WHERE online = 1",
             params![now],
         ) {
             tracing::error!(error = %e, "cannot mark devices offline at shutdown");
@@ -1065,7 +1079,8 @@ impl Writer {
         }
         let tz = self.rollup_tz.clone();
         let mut rollups = crate::summary::Pending::default();
-        let mut connected_at: foldhash::HashMap<&str, i64> = Default::default();
+        // The last moment this batch shows the gateway alive with devices online.
+        let mut alive = 0i64;
         let tx = self.conn.transaction()?;
         let mut devices: foldhash::HashMap<&str, DeviceDelta> = Default::default();
         let (mut messages, mut rejected, mut delivered, mut last_seq) = (0u64, 0u64, 0u64, 0i64);
@@ -1137,31 +1152,22 @@ impl Writer {
                         ));
                     }
                     Write::Presence(p) => {
-                        if p.online {
-                            connected_at.insert(&p.device, p.at_ms);
-                        } else if p.disconnects > 0 {
-                            let since = match connected_at.remove(p.device.as_str()) {
-                                Some(ms) => Some(ms),
-                                None => tx
-                                    .query_row(
-                                        "SELECT last_connect_ms FROM devices WHERE id = ?1",
-                                        params![p.device],
-                                        |r| r.get::<_, Option<i64>>(0),
-                                    )
-                                    .ok()
-                                    .flatten(),
-                            };
+                        // Time online comes in exact pieces from the broker's board.
+                        for &(from, to) in &p.online_pieces {
+                            for c in crate::summary::online_minutes(&tz, Some(from), to) {
+                                rollups.add(&tz, &p.device, &c);
+                            }
+                        }
+                        if !p.online && p.disconnects > 0 {
                             rollups.add(
                                 &tz,
                                 &p.device,
                                 &crate::summary::count(&crate::summary::OFFLINE_EPISODES, p.at_ms),
                             );
-                            for c in crate::summary::online_minutes(&tz, since, p.at_ms) {
-                                rollups.add(&tz, &p.device, &c);
-                            }
                         }
+                        alive = alive.max(p.online_pieces.last().map_or(0, |piece| piece.1));
                         let d = devices.entry(&p.device).or_default();
-                        d.presence = Some((p.online, p.at_ms));
+                        d.presence = Some((p.online, p.at_ms, p.online_recorded_to));
                         d.last_seen_ms = d.last_seen_ms.max(Some(p.at_ms));
                         bump_by(d, "connects", p.connects.into(), p.at_ms);
                         bump_by(d, "disconnects", p.disconnects.into(), p.at_ms);
@@ -1210,6 +1216,13 @@ impl Writer {
             }
         }
         apply_devices(&tx, &devices)?;
+        if alive > 0 {
+            tx.prepare_cached(
+                "INSERT INTO alive (id, at_ms) VALUES (1, ?1)
+                 ON CONFLICT(id) DO UPDATE SET at_ms = MAX(at_ms, excluded.at_ms)",
+            )?
+            .execute(params![alive])?;
+        }
         if self.rollups_enabled && !rollups.is_empty() {
             apply_rollups(
                 &tx,
@@ -1527,7 +1540,8 @@ fn apply_devices(
     let mut presence = tx.prepare_cached(
         "UPDATE devices SET online = ?2,
              last_connect_ms = CASE WHEN ?2 THEN ?3 ELSE last_connect_ms END,
-             last_disconnect_ms = CASE WHEN ?2 THEN last_disconnect_ms ELSE ?3 END
+             last_disconnect_ms = CASE WHEN ?2 THEN last_disconnect_ms ELSE ?3 END,
+             online_recorded_ms = ?4
          WHERE id = ?1",
     )?;
     let mut status = tx.prepare_cached(
@@ -1555,8 +1569,8 @@ fn apply_devices(
         if let Some(ms) = d.last_seen_ms {
             seen.execute(params![id, ms])?;
         }
-        if let Some((online, at)) = d.presence {
-            presence.execute(params![id, online, at])?;
+        if let Some((online, at, recorded_to)) = d.presence {
+            presence.execute(params![id, online, at, recorded_to])?;
         }
         if let Some((s, at)) = &d.status {
             status.execute(params![id, s, at])?;
@@ -1569,6 +1583,46 @@ fn apply_devices(
         }
     }
     Ok(())
+}
+
+/// Devices still marked online when the database is opened: the gateway ended without
+/// closing them (SIGKILL, crash, power loss). Each is closed at the last moment the
+/// gateway was known alive (its last recorded time online, message or rejection), with
+/// its time online up to then.
+fn crashed_sessions(conn: &Connection) -> rusqlite::Result<Vec<Write>> {
+    let alive: i64 = conn.query_row(
+        "SELECT MAX(COALESCE((SELECT at_ms FROM alive WHERE id = 1), 0),
+                    COALESCE((SELECT received_ms FROM messages ORDER BY seq DESC LIMIT 1), 0),
+                    COALESCE((SELECT received_ms FROM rejected ORDER BY id DESC LIMIT 1), 0))",
+        [],
+        |r| r.get(0),
+    )?;
+    let mut st = conn.prepare("SELECT id, online_recorded_ms FROM devices WHERE online = 1")?;
+    let open: Vec<(String, Option<i64>)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    if !open.is_empty() {
+        tracing::info!(
+            devices = open.len(),
+            closed_at = %crate::model::format_ms(alive),
+            "devices were online when the gateway ended without a stop: closed at the last moment it was known alive"
+        );
+    }
+    Ok(open
+        .into_iter()
+        .map(|(device, recorded)| {
+            let end = alive.max(recorded.unwrap_or(0));
+            Write::Presence(Presence {
+                device,
+                online: false,
+                at_ms: end,
+                connects: 0,
+                disconnects: 1,
+                online_pieces: recorded.map(|r| vec![(r, end)]).unwrap_or_default(),
+                online_recorded_to: None,
+            })
+        })
+        .collect())
 }
 
 /// The forwarder's read side: undelivered messages in `seq` order, on its own connection

@@ -188,6 +188,17 @@ CREATE VIEW rollups (scope, period, bucket_ms, metric, bucket, op, value, sample
            m.value ->> 0, m.value ->> 1, m.value ->> 2, m.value ->> 3, b.version
     FROM rollup_buckets AS b, json_each(b.metrics) AS m;
 "#,
+    // v10: time online recorded while a device stays connected. `online_recorded_ms`:
+    // up to when an online device's time is in `online_minutes`; `alive`: the last
+    // moment time online was recorded. After a crash (devices still marked online), the
+    // next start adds each one's time up to the last moment the gateway was known alive.
+    r#"
+ALTER TABLE devices ADD COLUMN online_recorded_ms INTEGER;
+CREATE TABLE alive (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    at_ms INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).
