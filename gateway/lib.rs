@@ -1,7 +1,7 @@
 //! branch-gateway: the edge gateway of a public-library branch.
 //!
 //! # Layout
-//! Dependencies point one way: `model` <- `config` <- `summary` (pure arithmetic) <-
+//! Dependencies point one way: {`model`, `receipt`} <- `config` <- `summary` (pure arithmetic) <-
 //! {`broker`, `intake`, `buffer`, `serial`, `upstream`, `api`, `simulate`} <- `service` <- `app` <-
 //! `main`.
 //! The middle modules do not call each other; `app` connects them with bounded channels of
@@ -9,6 +9,8 @@
 //!
 //! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages,
 //!   summary contributions.
+//! - [`receipt`]: commit receipts: how a device connection learns its messages are
+//!   committed, so it acknowledges only what is durable.
 //! - [`config`]: the TOML config and the JSON device profiles; bounded reading of regular files
 //!   only, strict parsing (errors quote no config text; no repeated JSON keys), then `check()`.
 //! - [`broker`]: the device port: rumqttd's router behind our own listener, connection
