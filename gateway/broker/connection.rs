@@ -662,7 +662,7 @@ impl Conn {
 
 /// A persistent session keeps its state for the next connection.
 fn ticket_save(li: &LoggedIn) {
-    let mut kept = li.session.kept();
+    let mut kept = li.session.kept(li.receipts.committed());
     kept.expires = li
         .session_expiry
         .and_then(|d| std::time::Instant::now().checked_add(d));

@@ -66,7 +66,8 @@ pub(crate) struct Kept {
 /// again, counted as `duplicate_resend`.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Recent {
-    by_pkid: HashMap<u16, u64>,
+    /// Packet id -> (hash, the receipt its message waits for on this connection).
+    by_pkid: HashMap<u16, (u64, u64)>,
     order: VecDeque<u16>,
 }
 
@@ -77,11 +78,11 @@ impl Recent {
     }
 
     fn contains(&self, pkid: u16, hash: u64) -> bool {
-        self.by_pkid.get(&pkid) == Some(&hash)
+        self.by_pkid.get(&pkid).is_some_and(|(h, _)| *h == hash)
     }
 
-    fn insert(&mut self, pkid: u16, hash: u64) {
-        if self.by_pkid.insert(pkid, hash).is_none() {
+    fn insert(&mut self, pkid: u16, hash: u64, receipt: u64) {
+        if self.by_pkid.insert(pkid, (hash, receipt)).is_none() {
             self.order.push_back(pkid);
         }
         while self.order.len() > RECENT_QOS1 {
@@ -280,7 +281,8 @@ pub(crate) struct Session {
     /// SUBSCRIBE packet id -> the codes decided here (`None`: the router's).
     pending_subacks: VecDeque<(u16, Vec<Option<u8>>)>,
     /// QoS 2 packet ids stored and awaiting PUBREL.
-    awaiting_release: HashSet<u16>,
+    /// Packet id -> the receipt its message waits for on this connection.
+    awaiting_release: HashMap<u16, u64>,
     recent: Recent,
     /// Acknowledgements waiting for a commit, in the order their publishes arrived.
     unacked: VecDeque<Unacked>,
@@ -306,7 +308,7 @@ impl Session {
             aliases: HashMap::new(),
             subscriptions: HashMap::new(),
             pending_subacks: VecDeque::new(),
-            awaiting_release: HashSet::new(),
+            awaiting_release: HashMap::new(),
             recent: Recent::default(),
             unacked: VecDeque::new(),
             last_receipt: 0,
@@ -352,7 +354,8 @@ impl Session {
             recent,
             ..
         } = kept;
-        self.awaiting_release = awaiting_release;
+        // Committed before this connection: nothing here waits for them.
+        self.awaiting_release = awaiting_release.into_iter().map(|p| (p, 0)).collect();
         self.recent = recent;
         if filters.is_empty() {
             return None;
@@ -374,12 +377,26 @@ impl Session {
         ))
     }
 
-    /// What a persistent session keeps for its next connection.
-    pub fn kept(&self) -> Kept {
+    /// What a persistent session keeps for its next connection: only what is committed
+    /// (receipts up to `committed`), so a resend on the next connection is never
+    /// acknowledged for a message that may still be lost; an uncommitted one is stored
+    /// again instead.
+    pub fn kept(&self, committed: u64) -> Kept {
+        let mut recent = self.recent.clone();
+        recent.by_pkid.retain(|_, (_, r)| *r <= committed);
+        recent.order.retain(|p| recent.by_pkid.contains_key(p));
+        for (_, r) in recent.by_pkid.values_mut() {
+            *r = 0;
+        }
         Kept {
             filters: self.subscriptions.values().cloned().collect(),
-            awaiting_release: self.awaiting_release.clone(),
-            recent: self.recent.clone(),
+            awaiting_release: self
+                .awaiting_release
+                .iter()
+                .filter(|(_, r)| **r <= committed)
+                .map(|(p, _)| *p)
+                .collect(),
+            recent,
             expires: None,
         }
     }
@@ -403,7 +420,7 @@ impl Session {
                 Ok(None)
             }
             Packet::PubRel(rel, _) => {
-                let reason = if self.awaiting_release.remove(&rel.pkid) {
+                let reason = if self.awaiting_release.remove(&rel.pkid).is_some() {
                     code::SUCCESS
                 } else {
                     code::PACKET_ID_NOT_FOUND
@@ -507,7 +524,7 @@ impl Session {
         meta: PublishMeta,
     ) -> Result<(), Closing> {
         let topic = self.topic(&publish, props.as_ref())?;
-        if meta.qos == 2 && self.awaiting_release.contains(&meta.pkid) {
+        if meta.qos == 2 && self.awaiting_release.contains_key(&meta.pkid) {
             // Sent again before its PUBREL: stored already (or about to be, in order).
             self.acknowledge(AckKind::PubRec, meta.pkid, code::SUCCESS, 0);
             return Ok(());
@@ -528,7 +545,7 @@ impl Session {
             Some(topic) => match env.capture(&topic, &publish.payload) {
                 Capture::Taken(n) => {
                     if let Some(h) = hash {
-                        self.recent.insert(meta.pkid, h);
+                        self.recent.insert(meta.pkid, h, n);
                     }
                     (code::SUCCESS, n)
                 }
@@ -555,7 +572,7 @@ impl Session {
                             "more QoS 2 messages awaiting release than the receive maximum",
                         ));
                     }
-                    self.awaiting_release.insert(meta.pkid);
+                    self.awaiting_release.insert(meta.pkid, receipt);
                 }
                 self.acknowledge(AckKind::PubRec, meta.pkid, reason, receipt);
             }
@@ -831,6 +848,35 @@ mod tests {
         assert_eq!(s.on_device(e, p, Some(m), &mut out), Ok(None));
         s.release(u64::MAX, &mut out);
         out.to_vec()
+    }
+
+    /// A session keeps for its next connection only what is committed: a resend of a
+    /// message still waiting for its commit is stored again, never acknowledged unstored.
+    #[test]
+    fn only_committed_messages_are_kept_for_resends() {
+        let e = env();
+        let mut s = Session::new("k1", true, LIMITS);
+        let mut out = BytesMut::new();
+        for (qos, pkid) in [(1, 1), (2, 2), (1, 3), (2, 4)] {
+            let (p, m) = publish("devices/k1/events", qos, pkid, None);
+            assert_eq!(s.on_device(&e, p, Some(m), &mut out), Ok(None));
+        }
+        let kept = s.kept(2);
+        assert_eq!(kept.awaiting_release, HashSet::from([2]));
+        assert!(kept
+            .recent
+            .contains(1, Recent::hash(b"devices/k1/events", b"{}")));
+        assert!(!kept
+            .recent
+            .contains(3, Recent::hash(b"devices/k1/events", b"{}")));
+        let mut next = Session::new("k1", true, LIMITS);
+        next.restore(kept);
+        for (qos, pkid) in [(1, 1), (2, 2), (1, 3), (2, 4)] {
+            let (p, mut m) = publish("devices/k1/events", qos, pkid, None);
+            m.dup = true;
+            assert_eq!(next.on_device(&e, p, Some(m), &mut out), Ok(None));
+        }
+        assert_eq!(e.captured.borrow().len(), 6, "3 and 4 stored again");
     }
 
     /// Acknowledgements wait for their messages' commits and leave in publish order, a
