@@ -83,22 +83,24 @@ impl Receipt {
     }
 }
 
-/// After a commit: advance every connection in `receipts` (in queue order) to its highest
-/// number there, waking each once.
+/// After a commit: advance every connection in `receipts` to its highest number there,
+/// waking each once (a batch interleaves many connections; one wake per connection, not
+/// per message, keeps the cost of acknowledging after the commit small).
 pub fn settle(receipts: impl IntoIterator<Item = Receipt>) {
-    let mut last: Option<Receipt> = None;
+    let mut highest: foldhash::HashMap<*const Receipts, Receipt> = Default::default();
     for r in receipts {
-        match &mut last {
-            Some(l) if Arc::ptr_eq(&l.of, &r.of) => l.n = l.n.max(r.n),
-            _ => {
-                if let Some(l) = last.replace(r) {
-                    l.settle();
-                }
+        match highest.entry(Arc::as_ptr(&r.of)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let l = e.get_mut();
+                l.n = l.n.max(r.n);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(r);
             }
         }
     }
-    if let Some(l) = last {
-        l.settle();
+    for (_, r) in highest {
+        r.settle();
     }
 }
 

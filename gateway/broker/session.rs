@@ -67,7 +67,7 @@ pub(crate) struct Kept {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Recent {
     /// Packet id -> (hash, the receipt its message waits for on this connection).
-    by_pkid: HashMap<u16, (u64, u64)>,
+    by_pkid: foldhash::HashMap<u16, (u64, u64)>,
     order: VecDeque<u16>,
 }
 
