@@ -1,11 +1,24 @@
 //! branch-gateway: the edge gateway of a public-library branch.
 //!
 //! # Layout
-//! Dependencies point one way: {`model`, `receipt`} <- `config` <- `summary` (pure arithmetic) <-
-//! {`broker`, `intake`, `buffer`, `serial`, `upstream`, `api`, `simulate`} <- `service` <- `app` <-
-//! `main`.
-//! The middle modules do not call each other; `app` connects them with bounded channels of
-//! `model` types.
+//! Dependencies point one way, each layer using only those before it (checked by reading
+//! the `use crate::` lines of each module):
+//! 1. `receipt`, `burst`, `limit` (no crate dependencies), `model` (plain data; uses
+//!    `receipt`).
+//! 2. `config` (uses `model`, `limit`); `summary` (pure rollup arithmetic, uses `config`).
+//! 3. The edges: `buffer` (the store), `broker` (the device port), `serial`. None of them
+//!    uses another: the broker hands a device's message to a `model::PublishSink` (intake)
+//!    and waits on its `receipt`, the buffer settles receipts after commits.
+//! 4. The middle: `intake` and `upstream` talk to the buffer only through its command
+//!    channel (a bounded channel of [`buffer::Write`]: messages in, delivery marks back),
+//!    the rows it hands over after a commit (a bounded channel of [`buffer::LiveRows`]), its
+//!    read-only [`buffer::Outbox`] and its counters ([`buffer::BufferStats`], where intake
+//!    also waits for room when the writer's queue is full). They do not use each other.
+//! 5. `api` reads the buffer's reports on read-only connections of its own and shows the
+//!    counters of intake and upstream (their `*Stats` types only); `service` probes the
+//!    broker and the writer for the watchdog.
+//! 6. `app` wires everything with bounded channels and stops it in order; `simulate`
+//!    drives a whole `app` for the demo; `main` is the command line.
 //!
 //! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages,
 //!   summary contributions.
@@ -16,7 +29,8 @@
 //! - [`broker`]: the device port: rumqttd's router behind our own listener, connection
 //!   driver and protocol checks (frames, logins, limits, ACLs, presence).
 //! - [`intake`]: validate each device message against its profile and stamp it.
-//! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit.
+//! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit; what is durable
+//!   when is its design note.
 //! - [`serial`]: serial-line devices: open, decode by profile rules, reopen after unplug.
 //! - [`upstream`]: forwarding to the central broker, acknowledged row by row.
 //! - [`summary`]: rollup arithmetic (what a message adds to which hour and day).

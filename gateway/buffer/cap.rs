@@ -29,7 +29,7 @@ use std::collections::HashMap;
 
 use rusqlite::{params, Connection};
 
-use super::Writer;
+use super::writer::Writer;
 use crate::model::Kind;
 
 /// What the cap charges a stored row besides its payload: `seq`, device, profile, kind,
@@ -319,7 +319,7 @@ impl Writer {
         if self.tally.is_none() {
             let stats = self.stats.clone();
             let started = std::time::Instant::now();
-            let tally = Tally::scan(&self.conn, || super::beat(&stats))?;
+            let tally = Tally::scan(&self.conn, || super::writer::beat(&stats))?;
             tracing::info!(
                 devices = tally.devices.len(),
                 took_ms = started.elapsed().as_millis() as u64,
@@ -381,7 +381,7 @@ impl Writer {
                             kind,
                             payload_bytes,
                         });
-                        if chosen.len() >= super::CAP_CHUNK as usize || plan.done() {
+                        if chosen.len() >= super::retention::CAP_CHUNK as usize || plan.done() {
                             break;
                         }
                     }
@@ -411,7 +411,7 @@ impl Writer {
         {
             // Consecutive chosen `seq`s are one range (nothing else lies between them).
             let mut del = tx.prepare_cached("DELETE FROM messages WHERE seq BETWEEN ?1 AND ?2")?;
-            for (first, last) in super::seq_runs(&seqs) {
+            for (first, last) in super::commit::seq_runs(&seqs) {
                 n += del.execute(params![first, last])? as u64;
             }
             let mut drops = tx.prepare_cached(

@@ -1,0 +1,209 @@
+//! Read-only queries for `status`, `devices`, the API and metrics, on a connection of
+//! their own (never the writer's).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::BufferError;
+use crate::model::DeviceId;
+
+/// Recent incidents (e.g. a corrupt database moved aside): (at_ms, kind, detail), newest first.
+pub fn incidents(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<(i64, String, String)>> {
+    let mut st =
+        conn.prepare("SELECT at_ms, kind, detail FROM incidents ORDER BY id DESC LIMIT ?1")?;
+    let rows = st.query_map(params![limit as i64], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    rows.collect()
+}
+
+/// A read-only view for commands (`devices`) and tests; safe while the gateway runs (WAL).
+pub fn open_read_only(path: &Path) -> Result<Connection, BufferError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source| BufferError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|source| BufferError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(conn)
+}
+
+/// What `branch-gateway status` shows about the buffer and delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BufferReport {
+    pub messages: i64,
+    pub last_seq: i64,
+    pub backlog: i64,
+    pub oldest_undelivered_ms: Option<i64>,
+    pub last_delivered_ms: Option<i64>,
+    /// Messages acknowledged by the central broker in the last minute.
+    pub delivered_last_minute: i64,
+    pub rejected_kept: i64,
+    /// (device, kind, count) dropped by the disk cap.
+    pub drops: Vec<(String, String, i64)>,
+    /// (device, count) refused for their profile's rate limit.
+    pub rate_limited: Vec<(String, i64)>,
+    /// (device, reason, count) refused by the broker (see [`broker_refusals`]).
+    pub refused: Vec<(String, String, i64)>,
+    pub devices_online: i64,
+    pub devices_configured: i64,
+}
+
+/// The branch's figures for one bucket (`period` `hour` or `day`): (metric, value).
+pub fn bucket_figures(
+    conn: &Connection,
+    period: &str,
+    bucket_ms: i64,
+) -> rusqlite::Result<Vec<(String, f64)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT metric, value FROM rollups WHERE scope = '' AND period = ?1 AND bucket_ms = ?2
+         ORDER BY metric",
+    )?;
+    let rows = st.query_map(params![period, bucket_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// The newest stored telemetry payload of `device` (serial counters resume from it).
+pub fn last_telemetry(conn: &Connection, device: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT payload FROM messages WHERE device = ?1 AND kind = 'telemetry'
+         ORDER BY seq DESC LIMIT 1",
+        params![device],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// The device counters that are the broker's refusals (names from `broker::Denial`):
+/// `connect_*` refuse a connection, `*_denied` a packet, the rest close a connection that
+/// broke the protocol or a deadline. The empty device id holds those of no configured device.
+pub(super) const BROKER_REFUSALS: &str =
+    "(counter LIKE 'connect\\_%' ESCAPE '\\' OR counter LIKE '%\\_denied' ESCAPE '\\'
+     OR counter IN ('packet_too_large', 'malformed_packet', 'protocol_error', 'packet_timeout',
+                    'keepalive_timeout', 'write_timeout'))";
+
+/// The broker's refusals: (device, reason, count), by reason then device.
+pub fn broker_refusals(conn: &Connection) -> rusqlite::Result<Vec<(String, String, i64)>> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT device, counter, value FROM device_counters WHERE {BROKER_REFUSALS} AND value > 0
+         ORDER BY counter, device"
+    ))?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
+/// Messages refused because their device was over its profile's rate limit, per device
+/// (totals since the database was created): (device, count), by device.
+pub fn rate_limited(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT device, value FROM device_counters WHERE counter = 'rate_limited' AND value > 0
+         ORDER BY device",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferReport> {
+    let one =
+        |sql: &str| -> rusqlite::Result<Option<i64>> { conn.query_row(sql, [], |r| r.get(0)) };
+    let (backlog, oldest): (i64, Option<i64>) = conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM messages WHERE delivered_ms IS NULL),
+                (SELECT received_ms FROM messages WHERE delivered_ms IS NULL ORDER BY seq LIMIT 1)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut st = conn.prepare("SELECT device, kind, count FROM drops ORDER BY device, kind")?;
+    let drops = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(BufferReport {
+        messages: one("SELECT COUNT(*) FROM messages")?.unwrap_or(0),
+        last_seq: one("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")
+            .ok()
+            .flatten()
+            .unwrap_or(0),
+        backlog,
+        oldest_undelivered_ms: oldest,
+        last_delivered_ms: one("SELECT MAX(last_ms) FROM deliveries")?,
+        delivered_last_minute: conn.query_row(
+            "SELECT COALESCE(SUM(count), 0) FROM deliveries WHERE bucket_ms >= ?1",
+            params![now_ms - 60_000],
+            |r| r.get(0),
+        )?,
+        rejected_kept: one("SELECT COUNT(*) FROM rejected")?.unwrap_or(0),
+        drops,
+        rate_limited: rate_limited(conn)?,
+        refused: broker_refusals(conn)?,
+        devices_online: one("SELECT COUNT(*) FROM devices WHERE online = 1 AND configured = 1")?
+            .unwrap_or(0),
+        devices_configured: one("SELECT COUNT(*) FROM devices WHERE configured = 1")?.unwrap_or(0),
+    })
+}
+
+/// Database file plus WAL, in bytes.
+pub fn size_on_disk(path: &Path) -> u64 {
+    let file = |suffix: &str| {
+        let mut p = path.to_path_buf().into_os_string();
+        p.push(suffix);
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    };
+    file("") + file("-wal")
+}
+
+/// One row of the `devices` report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRow {
+    pub id: DeviceId,
+    pub profile: String,
+    pub configured: bool,
+    pub online: bool,
+    pub last_seen_ms: Option<i64>,
+    pub reported_status: Option<String>,
+    pub accepted: i64,
+    pub rejected: i64,
+    pub denied: i64,
+    /// Messages refused for the profile's rate limit.
+    pub rate_limited: i64,
+    pub last_reject_reason: Option<String>,
+    pub last_reject_detail: Option<String>,
+}
+
+/// Every device known to the database, configured ones first, by id.
+pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
+    let mut st = conn.prepare(&format!(
+        "SELECT d.id, d.profile, d.configured, d.online, d.last_seen_ms, d.reported_status,
+                COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'accepted'), 0),
+                COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'rejected'), 0),
+                COALESCE((SELECT SUM(value) FROM device_counters WHERE device = d.id
+                          AND {BROKER_REFUSALS}), 0),
+                d.last_reject_reason, d.last_reject_detail,
+                COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'rate_limited'), 0)
+         FROM devices d ORDER BY d.configured DESC, d.id"
+    ))?;
+    let rows = st.query_map([], |r| {
+        Ok(DeviceRow {
+            id: r.get(0)?,
+            profile: r.get(1)?,
+            configured: r.get(2)?,
+            online: r.get(3)?,
+            last_seen_ms: r.get(4)?,
+            reported_status: r.get(5)?,
+            accepted: r.get(6)?,
+            rejected: r.get(7)?,
+            denied: r.get(8)?,
+            rate_limited: r.get(11)?,
+            last_reject_reason: r.get(9)?,
+            last_reject_detail: r.get(10)?,
+        })
+    })?;
+    rows.collect()
+}
