@@ -521,6 +521,22 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
             "gauge",
             &[(String::new(), r.backlog as f64)],
         );
+        let quarantined: Vec<(String, f64)> = r
+            .quarantined
+            .iter()
+            .map(|(d, k, why, n)| {
+                (
+                    format!("{{device=\"{d}\",kind=\"{k}\",reason=\"{why}\"}}"),
+                    *n as f64,
+                )
+            })
+            .collect();
+        metric(
+            "branch_gateway_quarantined_messages",
+            "Messages central refused, kept in the quarantine (branch-gateway quarantine).",
+            "gauge",
+            &quarantined,
+        );
         let age = r
             .oldest_undelivered_ms
             .map_or(0.0, |ms| (crate::model::now_ms() - ms) as f64 / 1000.0);

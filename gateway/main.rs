@@ -503,6 +503,20 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
             detail.join(", ")
         );
     }
+    if r.quarantined.is_empty() {
+        println!("quarantine  none");
+    } else {
+        let total: i64 = r.quarantined.iter().map(|q| q.3).sum();
+        let detail: Vec<String> = r
+            .quarantined
+            .iter()
+            .map(|(d, k, why, n)| format!("{d}/{k} {why} {n}"))
+            .collect();
+        println!(
+            "quarantine  {total} messages central refused, kept: {} (branch-gateway quarantine list)",
+            detail.join(", ")
+        );
+    }
     if r.rate_limited.is_empty() {
         println!("limited     none");
     } else {

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 use super::cap;
 use super::retention::DELIVERIES_BUCKET_MS;
@@ -40,6 +40,7 @@ impl Writer {
         let mut alive = 0i64;
         let tx = self.conn.transaction()?;
         let mut devices: foldhash::HashMap<&str, DeviceDelta> = Default::default();
+        let mut quarantined: Vec<(String, i64)> = Vec::new();
         let (mut messages, mut rejected, mut delivered, mut last_seq) = (0u64, 0u64, 0u64, 0i64);
         {
             let mut insert_msg = tx.prepare_cached(
@@ -153,6 +154,31 @@ impl Writer {
                             st.execute(params![id, profile])?;
                         }
                     }
+                    Write::Quarantined { rows, at_ms } => {
+                        for &(seq, reason) in rows {
+                            let device: Option<String> = tx
+                                .query_row(
+                                    "INSERT INTO quarantine
+                                       (seq, device, profile, kind, received_ms, payload, reason, at_ms)
+                                     SELECT seq, device, profile, kind, received_ms, payload, ?2, ?3
+                                     FROM messages WHERE seq = ?1 AND delivered_ms IS NULL
+                                     RETURNING device",
+                                    params![seq, reason, at_ms],
+                                    |r| r.get(0),
+                                )
+                                .optional()?;
+                            let Some(device) = device else {
+                                continue; // delivered meanwhile, or dropped by the cap
+                            };
+                            cap::delete_tracked(
+                                &tx,
+                                &mut self.tally,
+                                "DELETE FROM messages WHERE seq = ?1",
+                                params![seq],
+                            )?;
+                            quarantined.push((device, *at_ms));
+                        }
+                    }
                     Write::Delivered { seqs, at_ms } => {
                         // Acknowledgements come mostly in order: one statement per run
                         // of consecutive `seq`s.
@@ -173,6 +199,15 @@ impl Writer {
             }
         }
         apply_devices(&tx, &devices)?;
+        for (device, at_ms) in &quarantined {
+            tx.prepare_cached(
+                "INSERT INTO device_counters (device, counter, value, last_ms)
+                 VALUES (?1, 'quarantined', 1, ?2)
+                 ON CONFLICT(device, counter) DO UPDATE SET
+                     value = value + 1, last_ms = MAX(last_ms, excluded.last_ms)",
+            )?
+            .execute(params![device, at_ms])?;
+        }
         if alive > 0 {
             tx.prepare_cached(
                 "INSERT INTO alive (id, at_ms) VALUES (1, ?1)

@@ -49,6 +49,7 @@
 //! - `retention.rs`: retention, the disk cap's schedule and shrinking; `cap.rs`: which rows
 //!   the cap takes.
 //! - `checkpoint.rs`: the background WAL checkpoint.
+//! - `quarantine.rs`: rows central refused, listed, retried and dropped.
 //! - `outbox.rs` and `report.rs`: the read side (forwarder; status, API, metrics), on
 //!   read-only connections of their own.
 
@@ -57,6 +58,7 @@ mod checkpoint;
 mod commit;
 mod open;
 mod outbox;
+mod quarantine;
 mod report;
 mod retention;
 mod rollups;
@@ -65,7 +67,8 @@ pub mod schema;
 mod tests;
 mod writer;
 
-pub use outbox::Outbox;
+pub use outbox::{Backlog, Outbox};
+pub use quarantine::*;
 pub use report::*;
 
 use open::{crashed_sessions, open_checked, replace_corrupt, sibling, OpenFailure};
@@ -118,6 +121,12 @@ pub enum Write {
     /// The central broker acknowledged these messages (by `seq`).
     Delivered {
         seqs: Vec<i64>,
+        at_ms: i64,
+    },
+    /// Central refused these messages (by `seq`, with the reason's stable name): moved to
+    /// the `quarantine` table, counted per device as `quarantined`.
+    Quarantined {
+        rows: Vec<(i64, &'static str)>,
         at_ms: i64,
     },
     /// Prune delivered messages past retention and enforce the disk cap (sent periodically).

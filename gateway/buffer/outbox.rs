@@ -81,13 +81,33 @@ impl Outbox {
         broker_refusals(&self.conn)
     }
 
-    /// Undelivered messages and the receive time of the oldest.
-    pub fn backlog(&mut self) -> rusqlite::Result<(i64, Option<i64>)> {
+    /// Undelivered messages, the receive time of the oldest and its `seq`.
+    pub fn backlog(&mut self) -> rusqlite::Result<Backlog> {
         self.conn.query_row(
             "SELECT (SELECT COUNT(*) FROM messages WHERE delivered_ms IS NULL),
-                    (SELECT received_ms FROM messages WHERE delivered_ms IS NULL ORDER BY seq LIMIT 1)",
+                    (SELECT received_ms FROM messages WHERE delivered_ms IS NULL ORDER BY seq LIMIT 1),
+                    (SELECT seq FROM messages WHERE delivered_ms IS NULL ORDER BY seq LIMIT 1)",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| {
+                Ok(Backlog {
+                    rows: r.get(0)?,
+                    oldest_received_ms: r.get(1)?,
+                    oldest_seq: r.get(2)?,
+                })
+            },
         )
     }
+
+    /// Quarantined rows per (device, kind, reason).
+    pub fn quarantined(&mut self) -> rusqlite::Result<Vec<(String, String, String, i64)>> {
+        super::quarantine::quarantine_counts(&self.conn)
+    }
+}
+
+/// What is waiting to be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub rows: i64,
+    pub oldest_received_ms: Option<i64>,
+    pub oldest_seq: Option<i64>,
 }

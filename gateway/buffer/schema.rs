@@ -199,6 +199,21 @@ CREATE TABLE alive (
     at_ms INTEGER NOT NULL
 );
 "#,
+    // v11: rows central refused, moved out of `messages` with the reason (so the outbox
+    // never reads them again) until branch IT retries (back into `messages`, same `seq`)
+    // or drops them. Never pruned by retention.
+    r#"
+CREATE TABLE quarantine (
+    seq         INTEGER PRIMARY KEY,
+    device      TEXT    NOT NULL,
+    profile     TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    received_ms INTEGER NOT NULL,
+    payload     TEXT    NOT NULL,
+    reason      TEXT    NOT NULL,
+    at_ms       INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).

@@ -227,9 +227,15 @@ impl Writer {
         if self.synchronous != Synchronous::Full {
             return;
         }
-        let relax = batch
-            .iter()
-            .all(|w| matches!(w, Write::Delivered { .. } | Write::Maintain | Write::Probe));
+        let relax = batch.iter().all(|w| {
+            matches!(
+                w,
+                Write::Delivered { .. }
+                    | Write::Quarantined { .. }
+                    | Write::Maintain
+                    | Write::Probe
+            )
+        });
         if relax != self.relaxed_sync {
             let mode = if relax { "NORMAL" } else { "FULL" };
             match self.conn.pragma_update(None, "synchronous", mode) {

@@ -10,7 +10,10 @@
 //! polled continuously; after an error the task sleeps a jittered, growing delay, and a
 //! `CollisionTimeout` (a rumqttc livelock) rebuilds the client.
 
-use std::collections::{HashMap, VecDeque};
+mod delivery;
+
+use delivery::{Delivery, Lane, Limits, Offer, Quarantine, LOSSES_TO_QUARANTINE};
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,9 +26,9 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{BufferStats, LiveRows, Outbox, Write};
+use crate::buffer::{Backlog, BufferStats, LiveRows, Outbox, Write};
 use crate::config::UpstreamSection;
-use crate::model::{now_ms, Stored, StoredRef};
+use crate::model::{now_ms, StoredRef};
 
 /// How often acknowledged `seq`s are handed to the writer.
 const ACK_FLUSH: Duration = Duration::from_millis(50);
@@ -45,6 +48,8 @@ pub struct UpstreamStats {
     pub backlog: AtomicI64,
     pub oldest_undelivered_ms: AtomicI64,
     pub last_ack_ms: AtomicI64,
+    /// Rows quarantined since the start (refused by central; see `delivery.rs`).
+    pub quarantined: AtomicU64,
 }
 
 pub struct Forwarder {
@@ -155,14 +160,6 @@ pub fn tls_config(s: &UpstreamSection) -> Result<Option<Arc<rustls::ClientConfig
     Ok(Some(Arc::new(config)))
 }
 
-/// One message handed to rumqttc and not yet acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sent {
-    Row(i64),
-    /// The gateway's own status publish (no row behind it).
-    GatewayStatus,
-}
-
 impl Forwarder {
     fn options(&self, started_ms: i64) -> MqttOptions {
         let s = &self.settings;
@@ -216,7 +213,19 @@ impl Forwarder {
             rate_limited,
             refused,
             incidents,
+            quarantined,
         } = rows;
+        // reason -> device -> kind -> count
+        let mut quarantine = serde_json::Map::new();
+        for (device, kind, reason, count) in quarantined {
+            let by_device = quarantine
+                .entry(reason.clone())
+                .or_insert_with(|| serde_json::json!({}));
+            if by_device.get(device).is_none() {
+                by_device[device] = serde_json::json!({});
+            }
+            by_device[device][kind] = serde_json::json!(count);
+        }
         // reason -> device ("-": no configured device) -> count
         let mut refusals = serde_json::Map::new();
         for (device, reason, count) in refused {
@@ -248,6 +257,7 @@ impl Forwarder {
             "dropped": by_device,
             "rate_limited": rate_limited,
             "refused": refusals,
+            "quarantined": quarantine,
             "incidents": incidents
                 .iter()
                 .map(|(at, kind, detail)| serde_json::json!({
@@ -303,22 +313,15 @@ impl Forwarder {
                 return;
             }
         };
-        let mut queued: VecDeque<Sent> = VecDeque::new();
-        let mut inflight: HashMap<u16, Sent> = HashMap::new();
-        let mut acks: Vec<i64> = Vec::new();
-        // Live first: at each connect, rows up to `boundary` (the newest committed then) are
-        // the backlog, sent on the backfill topic; newer rows are live, sent first.
-        let mut boundary: i64 = 0;
-        let mut live_cursor: i64 = 0;
-        let mut backfill_cursor: i64 = 0;
-        let mut backfill_done = true;
-        let mut backfill_resume = tokio::time::Instant::now();
+        let mut delivery = Delivery::new(window);
+        // Live rows may be taken from the writer's hand-over only while the live cursor
+        // follows it; otherwise they are read from the database.
+        let mut caught_up = false;
         let backfill_interval = self
             .settings
             .max_backfill_rate
             .map(|r| Duration::from_secs_f64(1.0 / r as f64));
-        let mut connected = false;
-        let mut caught_up = false;
+        let mut backfill_resume = tokio::time::Instant::now();
         let mut failures: u32 = 0;
         let mut ack_tick = tokio::time::interval(ACK_FLUSH);
         let mut backlog_tick = tokio::time::interval(BACKLOG_EVERY);
@@ -326,6 +329,10 @@ impl Forwarder {
         let mut health_due = false;
         let mut last_backlog_log = now_ms() - BACKLOG_LOG_EVERY_MS;
         let mut acked_at_log = 0u64;
+        // The oldest undelivered row at the last backlog check (a row behind the cursor
+        // twice in a row, not in flight, is read again).
+        let mut oldest_seen: Option<i64> = None;
+        let mut refusals = crate::burst::BurstLimiter::new(60_000, 8);
         let addr = self.settings.url.clone();
         let live_prefix: Arc<str> = self.settings.topic_prefix.as_str().into();
         let backfill_prefix: Arc<str> = format!("{}/backfill", self.settings.topic_prefix).into();
@@ -333,8 +340,10 @@ impl Forwarder {
 
         loop {
             // Refill once half the window is free: one read of many rows, not a read per
-            // acknowledgement.
-            let room = connected && queued.len() + inflight.len() <= window / 2;
+            // acknowledgement; a suspect row is sent alone as soon as possible.
+            let room = delivery.probe_due().is_some()
+                || (delivery.room() > 0 && delivery.in_flight() <= delivery.window() / 2);
+            let backfill_due = delivery.backfill_range().is_some();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -348,15 +357,13 @@ impl Forwarder {
                             _ if gen != generation => {}
                             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                                 failures = 0;
-                                connected = true;
                                 caught_up = false;
-                                queued.clear();
-                                inflight.clear();
-                                self.flush_acks(&mut acks).await;
-                                boundary = self.buffer.last_seq.load(Ordering::Relaxed) as i64;
-                                live_cursor = boundary;
-                                backfill_cursor = 0;
-                                backfill_done = false;
+                                // Outcomes first: the rewind must read them back as done.
+                                self.flush_outcomes(&mut delivery).await;
+                                delivery.on_connack(
+                                    Limits::default(),
+                                    self.buffer.last_seq.load(Ordering::Relaxed) as i64,
+                                );
                                 self.stats.connected.store(true, Ordering::Relaxed);
                                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
                                 tracing::info!(url = %addr, "connected to the central broker; re-sending everything unacknowledged");
@@ -364,36 +371,40 @@ impl Forwarder {
                                     .try_publish(self.status_topic(), QoS::AtLeastOnce, true, self.status_payload("online", started_ms))
                                     .is_ok()
                                 {
-                                    queued.push_back(Sent::GatewayStatus);
+                                    delivery.own_sent();
                                 }
                                 health_due = true;
                             }
-                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                                if let Some(sent) = queued.pop_front() {
-                                    inflight.insert(pkid, sent);
-                                }
-                            }
+                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => delivery.on_publish_sent(pkid),
                             Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                                if let Some(Sent::Row(seq)) = inflight.remove(&ack.pkid) {
-                                    acks.push(seq);
-                                    self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
-                                    self.stats.last_ack_ms.store(now_ms(), Ordering::Relaxed);
+                                // MQTT 3.1.1 has no reason codes: a PUBACK is a delivery.
+                                if let Some((_, outcome)) = delivery.on_puback(ack.pkid, 0) {
+                                    self.count_outcome(outcome);
                                 }
-                                if acks.len() >= window {
-                                    self.flush_acks(&mut acks).await;
+                                if delivery.pending_outcomes() >= window {
+                                    self.flush_outcomes(&mut delivery).await;
                                 }
                             }
                             Ok(_) => {}
                             Err(e) => {
-                                if connected {
+                                let was_connected = delivery.connected();
+                                if was_connected {
                                     tracing::warn!(url = %addr, error = %e, "lost the central broker");
                                 } else if failures == 0 || failures.is_power_of_two() {
                                     tracing::warn!(url = %addr, error = %e, attempts = failures + 1, "cannot reach the central broker");
                                 }
-                                connected = false;
+                                if let Some(seq) = delivery.on_connection_lost(was_connected) {
+                                    self.count_outcome(Some(Quarantine::RefusedByCentral));
+                                    if let Some(suppressed) = refusals.hit(&"refused_by_central", now_ms()) {
+                                        tracing::error!(
+                                            seq,
+                                            losses = LOSSES_TO_QUARANTINE,
+                                            suppressed_since_last_report = suppressed,
+                                            "central dropped the connection each time this row was the oldest unacknowledged: quarantined as refused_by_central (branch-gateway quarantine list)"
+                                        );
+                                    }
+                                }
                                 self.stats.connected.store(false, Ordering::Relaxed);
-                                queued.clear();
-                                inflight.clear();
                                 if matches!(e, ConnectionError::MqttState(rumqttc::StateError::CollisionTimeout)) {
                                     // The livelock of rumqtt#1014; a fresh client (below) ends it.
                                     tracing::warn!("upstream packet-id collision timeout: client rebuilt");
@@ -418,37 +429,76 @@ impl Forwarder {
                 // means one was missed (channel full): read the database instead. Rows
                 // the cursor already passed (backlog, or read from the database) are skipped.
                 // Offline, they are dropped here: they wait in SQLite, not in memory.
-                Some(batch) = self.live.recv(), if !connected || (room && caught_up) => {
-                    if !connected {
+                Some(batch) = self.live.recv(), if !delivery.connected() || (room && caught_up) => {
+                    if !delivery.connected() {
                         continue;
                     }
-                    if batch.after > live_cursor {
+                    if batch.after > delivery.live_cursor() {
                         caught_up = false;
                         continue;
                     }
-                    let mut limit = window.saturating_sub(queued.len() + inflight.len());
-                    let from = live_cursor;
-                    for row in batch.rows.iter().filter(|r| r.seq > from) {
-                        if limit == 0 || !self.publish_row(&client, row) {
-                            caught_up = false;
-                            break;
+                    for row in &batch.rows {
+                        let r = row.as_ref();
+                        let topic = r.topic(&self.settings.topic_prefix);
+                        let envelope = r.envelope(&self.branch);
+                        match delivery.offer(Lane::Live, row.seq, packet_bytes(&topic, &envelope)) {
+                            Offer::Send => {
+                                if !self.publish_ready(&client, topic, envelope) {
+                                    caught_up = false;
+                                    break;
+                                }
+                            }
+                            Offer::Passed => {}
+                            Offer::Quarantined(q) => self.count_outcome(Some(q)),
+                            Offer::Later => {
+                                caught_up = false;
+                                break;
+                            }
                         }
-                        queued.push_back(Sent::Row(row.seq));
-                        live_cursor = row.seq;
-                        limit -= 1;
                     }
                 }
                 // A commit whose rows could not be handed over.
                 _ = self.buffer.committed.notified(), if room && caught_up => {
                     caught_up = false;
                 }
-                _ = tokio::time::sleep_until(backfill_resume), if room && !backfill_done && backfill_resume > tokio::time::Instant::now() => {}
+                _ = tokio::time::sleep_until(backfill_resume), if room && backfill_due && backfill_resume > tokio::time::Instant::now() => {}
                 // The reads run in the handler, never as a raced future: a cancelled read
                 // would lose the outbox connection it borrowed.
-                _ = std::future::ready(()), if room && (!caught_up || (!backfill_done && backfill_resume <= tokio::time::Instant::now())) => {
-                    let mut limit = window.saturating_sub(queued.len() + inflight.len());
+                _ = std::future::ready(()), if room && (!caught_up || delivery.probe_due().is_some() || (backfill_due && backfill_resume <= tokio::time::Instant::now())) => {
+                    // A suspect row first, alone (on the lane it went out on).
+                    if let Some((seq, lane)) = delivery.probe_due() {
+                        let prefix = match lane {
+                            Lane::Live => live_prefix.clone(),
+                            Lane::Backfill => backfill_prefix.clone(),
+                        };
+                        let rows = match fetch(&mut outbox, seq - 1, seq, 1, prefix, branch.clone()).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot read the buffer");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                continue;
+                            }
+                        };
+                        match rows.into_iter().next() {
+                            Some(row) if row.seq == seq => {
+                                let bytes = packet_bytes(&row.topic, &row.envelope);
+                                match delivery.offer(lane, seq, bytes) {
+                                    Offer::Send => {
+                                        tracing::info!(seq, "re-sending alone the row central dropped the connection at");
+                                        self.publish_ready(&client, row.topic, row.envelope);
+                                    }
+                                    Offer::Quarantined(q) => self.count_outcome(Some(q)),
+                                    Offer::Later | Offer::Passed => {}
+                                }
+                            }
+                            // Delivered meanwhile, or dropped by the disk cap.
+                            _ => delivery.forget_suspect(seq),
+                        }
+                        continue;
+                    }
                     // Live rows first.
-                    let live = match fetch(&mut outbox, live_cursor, i64::MAX, limit, live_prefix.clone(), branch.clone()).await {
+                    let limit = delivery.room();
+                    let live = match fetch(&mut outbox, delivery.live_cursor(), i64::MAX, limit, live_prefix.clone(), branch.clone()).await {
                         Ok(r) => r,
                         Err(e) => {
                             tracing::error!(error = %e, "cannot read the buffer");
@@ -458,22 +508,30 @@ impl Forwarder {
                     };
                     caught_up = live.len() < limit;
                     for row in live {
-                        if !self.publish_ready(&client, row.topic, row.envelope) {
-                            break;
+                        match delivery.offer(Lane::Live, row.seq, packet_bytes(&row.topic, &row.envelope)) {
+                            Offer::Send => {
+                                if !self.publish_ready(&client, row.topic, row.envelope) {
+                                    break;
+                                }
+                            }
+                            Offer::Passed => {}
+                            Offer::Quarantined(q) => self.count_outcome(Some(q)),
+                            Offer::Later => {
+                                caught_up = false;
+                                break;
+                            }
                         }
-                        queued.push_back(Sent::Row(row.seq));
-                        live_cursor = row.seq;
-                        limit -= 1;
                     }
                     // Then the backlog, with what room is left (and within the rate cap).
                     let now = tokio::time::Instant::now();
-                    if !backfill_done && limit > 0 && backfill_resume <= now {
+                    let mut limit = delivery.room();
+                    if let Some((after, upto)) = delivery.backfill_range().filter(|_| limit > 0 && backfill_resume <= now) {
                         if let Some(interval) = backfill_interval {
                             let per_tick = ((0.05 / interval.as_secs_f64()) as usize).max(1);
                             limit = limit.min(per_tick);
                             backfill_resume = now + interval * limit as u32;
                         }
-                        let rows = match fetch(&mut outbox, backfill_cursor, boundary, limit, backfill_prefix.clone(), branch.clone()).await {
+                        let rows = match fetch(&mut outbox, after, upto, limit, backfill_prefix.clone(), branch.clone()).await {
                             Ok(r) => r,
                             Err(e) => {
                                 tracing::error!(error = %e, "cannot read the buffer");
@@ -481,36 +539,50 @@ impl Forwarder {
                             }
                         };
                         if rows.is_empty() {
-                            backfill_done = true;
-                            if backfill_cursor > 0 {
-                                tracing::info!(up_to_seq = boundary, "backlog drained");
+                            delivery.backfill_finished();
+                            if after > 0 {
+                                tracing::info!(up_to_seq = upto, "backlog drained");
                             }
                         }
                         for row in rows {
-                            if !self.publish_ready(&client, row.topic, row.envelope) {
-                                break;
+                            match delivery.offer(Lane::Backfill, row.seq, packet_bytes(&row.topic, &row.envelope)) {
+                                Offer::Send => {
+                                    if !self.publish_ready(&client, row.topic, row.envelope) {
+                                        break;
+                                    }
+                                }
+                                Offer::Passed => {}
+                                Offer::Quarantined(q) => self.count_outcome(Some(q)),
+                                Offer::Later => break,
                             }
-                            queued.push_back(Sent::Row(row.seq));
-                            backfill_cursor = row.seq;
                         }
                     }
                 }
-                _ = ack_tick.tick() => self.flush_acks(&mut acks).await,
+                _ = ack_tick.tick() => self.flush_outcomes(&mut delivery).await,
                 _ = health_tick.tick() => health_due = true,
-                _ = std::future::ready(()), if health_due && room => {
+                _ = std::future::ready(()), if health_due && delivery.room() > 0 => {
                     health_due = false;
                     let Some(rows) = health_rows(&mut outbox).await else {
                         continue;
                     };
                     let topic = format!("{}/gateway/health", self.settings.topic_prefix);
                     if client.try_publish(topic, QoS::AtLeastOnce, false, self.health_payload(&rows)).is_ok() {
-                        queued.push_back(Sent::GatewayStatus);
+                        delivery.own_sent();
                     }
                 }
                 _ = backlog_tick.tick() => {
-                    if let Some((n, oldest)) = backlog(&mut outbox).await {
+                    if let Some(b) = backlog(&mut outbox).await {
+                        let (n, oldest) = (b.rows, b.oldest_received_ms);
                         self.stats.backlog.store(n, Ordering::Relaxed);
                         self.stats.oldest_undelivered_ms.store(oldest.unwrap_or(0), Ordering::Relaxed);
+                        // A row behind the cursor at two checks running, not in flight
+                        // (put back from the quarantine): read the backlog again from it.
+                        if let Some(seq) = b.oldest_seq.filter(|s| oldest_seen == Some(*s)) {
+                            if delivery.rewind_backfill(seq) {
+                                tracing::info!(from_seq = seq, "undelivered rows behind the cursor (put back from the quarantine?): sending them");
+                            }
+                        }
+                        oldest_seen = b.oldest_seq;
                         let now = now_ms();
                         if n > 0 && now - last_backlog_log >= BACKLOG_LOG_EVERY_MS {
                             let acked = self.stats.acknowledged.load(Ordering::Relaxed);
@@ -520,7 +592,7 @@ impl Forwarder {
                             tracing::info!(
                                 backlog = n,
                                 oldest_age_s = oldest.map(|o| (now - o) / 1000).unwrap_or(0),
-                                connected,
+                                connected = delivery.connected(),
                                 drain_rate_per_s = rate as u64,
                                 eta_s,
                                 "upstream backlog"
@@ -533,24 +605,22 @@ impl Forwarder {
 
         // Shutdown: collect acknowledgements already on their way, briefly.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        while connected && !inflight.is_empty() {
+        while delivery.connected() && delivery.in_flight() > 0 {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some((gen, _))) if gen != generation => {}
                 Ok(Some((_, Ok(Event::Incoming(Packet::PubAck(ack)))))) => {
-                    if let Some(Sent::Row(seq)) = inflight.remove(&ack.pkid) {
-                        acks.push(seq);
+                    if let Some((_, outcome)) = delivery.on_puback(ack.pkid, 0) {
+                        self.count_outcome(outcome);
                     }
                 }
                 Ok(Some((_, Ok(Event::Outgoing(Outgoing::Publish(pkid)))))) => {
-                    if let Some(sent) = queued.pop_front() {
-                        inflight.insert(pkid, sent);
-                    }
+                    delivery.on_publish_sent(pkid)
                 }
                 Ok(Some((_, Ok(_)))) => {}
                 _ => break,
             }
         }
-        self.flush_acks(&mut acks).await;
+        self.flush_outcomes(&mut delivery).await;
         // A clean DISCONNECT (the driver sends it) so the broker does not publish the will;
         // the retained status then says so explicitly.
         client.close(
@@ -564,16 +634,6 @@ impl Forwarder {
         driver.abort();
     }
 
-    /// Queue one row the writer handed over (live traffic).
-    fn publish_row(&self, client: &Requests, row: &Stored) -> bool {
-        let row = row.as_ref();
-        self.publish_ready(
-            client,
-            row.topic(&self.settings.topic_prefix),
-            row.envelope(&self.branch),
-        )
-    }
-
     /// Queue one envelope; backlog rows go to `{prefix}/backfill/devices/ID/KIND`.
     fn publish_ready(&self, client: &Requests, topic: String, envelope: String) -> bool {
         let ok = client
@@ -585,19 +645,47 @@ impl Forwarder {
         ok
     }
 
-    async fn flush_acks(&self, acks: &mut Vec<i64>) {
-        if acks.is_empty() {
-            return;
+    /// Hand the rows' outcomes to the writer: delivered, quarantined.
+    async fn flush_outcomes(&self, delivery: &mut Delivery) {
+        let o = delivery.take_outcomes();
+        let at_ms = now_ms();
+        if !o.quarantined.is_empty() {
+            let rows = o
+                .quarantined
+                .iter()
+                .map(|&(seq, q)| (seq, q.name()))
+                .collect();
+            let _ = self.writer.send(Write::Quarantined { rows, at_ms }).await;
         }
-        let seqs = std::mem::take(acks);
-        let _ = self
-            .writer
-            .send(Write::Delivered {
-                seqs,
-                at_ms: now_ms(),
-            })
-            .await;
+        if !o.delivered.is_empty() {
+            let _ = self
+                .writer
+                .send(Write::Delivered {
+                    seqs: o.delivered,
+                    at_ms,
+                })
+                .await;
+        }
     }
+
+    /// Count a row's outcome: delivered (`None`) or quarantined.
+    fn count_outcome(&self, outcome: Option<Quarantine>) {
+        match outcome {
+            None => {
+                self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+                self.stats.last_ack_ms.store(now_ms(), Ordering::Relaxed);
+            }
+            Some(_) => {
+                self.stats.quarantined.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The size of a QoS 1 PUBLISH packet: fixed header (at most 5 bytes), topic (2 + its
+/// length), packet id (2) and payload; MQTT 5 properties add at most a few bytes more.
+fn packet_bytes(topic: &str, payload: &str) -> usize {
+    5 + 2 + topic.len() + 2 + 1 + payload.len()
 }
 
 /// The forwarder's side of one connection: its request queue, and a way to say goodbye
@@ -831,6 +919,8 @@ struct HealthRows {
     refused: Vec<(String, String, i64)>,
     /// Recent incidents: (at_ms, kind, detail).
     incidents: Vec<(i64, String, String)>,
+    /// Quarantined: (device, kind, reason, count).
+    quarantined: Vec<(String, String, String, i64)>,
 }
 
 async fn health_rows(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
@@ -842,6 +932,7 @@ async fn health_rows(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
                 rate_limited: ob.rate_limited()?,
                 refused: ob.broker_refusals()?,
                 incidents: ob.incidents()?,
+                quarantined: ob.quarantined()?,
             })
         })();
         (ob, r)
@@ -852,7 +943,7 @@ async fn health_rows(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
     r.ok()
 }
 
-async fn backlog(outbox: &mut Option<Outbox>) -> Option<(i64, Option<i64>)> {
+async fn backlog(outbox: &mut Option<Outbox>) -> Option<Backlog> {
     let mut ob = outbox.take()?;
     let (ob, r) = tokio::task::spawn_blocking(move || {
         let r = ob.backlog();
