@@ -32,7 +32,8 @@
 //! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit; what is durable
 //!   when is its design note.
 //! - [`serial`]: serial-line devices: open, decode by profile rules, reopen after unplug.
-//! - [`upstream`]: forwarding to the central broker, acknowledged row by row.
+//! - [`upstream`]: forwarding to the central broker, acknowledged row by row; its delivery
+//!   logic is the sans-IO state machine of `upstream/delivery.rs`.
 //! - [`summary`]: rollup arithmetic (what a message adds to which hour and day).
 //! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
 //! - [`burst`]: "once per burst" log limiting.

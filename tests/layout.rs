@@ -21,7 +21,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "buffer", "burst", "config", "limit", "model", "receipt", "summary",
         ],
     ),
-    ("upstream", &["buffer", "config", "model"]),
+    ("upstream", &["buffer", "burst", "config", "model"]),
     (
         "api",
         &[
