@@ -160,7 +160,7 @@ pub async fn run(
             database: db_path.clone(),
             // The envelope adds ~200 bytes of metadata to the largest payload.
             max_packet_bytes: loaded.max_payload().max(1024) + 4096,
-            writer: buffer.sender(),
+            writer: buffer.marks(),
             buffer: buffer_stats.clone(),
             stats: figures.upstream.clone(),
             devices_online: figures.devices_online.clone(),

@@ -265,6 +265,9 @@ fn check_config(path: &Path) -> ExitCode {
                 path.display(),
                 plural(loaded.config.devices.len(), "device"),
             );
+            for w in loaded.config.warnings() {
+                println!("warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -18,6 +18,10 @@
 //!   the device connection whose message does not fit waits (intake blocks in
 //!   `block_in_place`, on the broker's runtime, whose waiting threads are bounded), so the
 //!   device's acknowledgements stop until the writer catches up. Nothing is dropped.
+//!   The forwarder's delivery marks (delivered, quarantined) have a channel of their own
+//!   ([`Marks`], [`MARKS_CAPACITY`] commands), which the writer empties before it takes
+//!   anything from the devices' queue: marking deliveries never waits behind device
+//!   messages, so the forwarder keeps reading and pinging central under backpressure.
 //! - **Sequence numbers.** `messages.seq` is `INTEGER PRIMARY KEY AUTOINCREMENT`: strictly
 //!   increasing and never reused, even after rows are pruned or the gateway restarts.
 //! - **Bounded tables.** `rejected` keeps the newest `storage.rejected_keep` rows (pruned
@@ -150,6 +154,27 @@ impl Write {
     }
 }
 
+/// Delivery-mark commands the writer holds ahead of the devices' queue.
+pub const MARKS_CAPACITY: usize = 64;
+
+/// Where the forwarder sends [`Write::Delivered`] and [`Write::Quarantined`]: a channel
+/// the writer empties first. `send` waits only while [`MARKS_CAPACITY`] marks are queued
+/// (at most one commit), never behind device messages.
+#[derive(Clone)]
+pub struct Marks {
+    marks: mpsc::Sender<Write>,
+    /// Wakes a writer idle on the devices' queue (a full queue means it is busy anyway).
+    wake: mpsc::Sender<Write>,
+}
+
+impl Marks {
+    pub async fn send(&self, mark: Write) {
+        if self.marks.send(mark).await.is_ok() {
+            let _ = self.wake.try_send(Write::Probe);
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
     #[error("database {path}: {source}")]
@@ -258,6 +283,7 @@ impl Room {
 /// commits what is queued and stops the thread.
 pub struct Buffer {
     tx: mpsc::Sender<Write>,
+    marks: mpsc::Sender<Write>,
     thread: std::thread::JoinHandle<()>,
     stats: Arc<BufferStats>,
 }
@@ -333,6 +359,7 @@ impl Buffer {
             .heartbeat_ms
             .store(crate::model::now_ms(), Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(options.queue_capacity);
+        let (marks, marks_rx) = mpsc::channel(MARKS_CAPACITY);
         let writer = Writer {
             conn,
             path: path.to_path_buf(),
@@ -361,16 +388,29 @@ impl Buffer {
         };
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, marks_rx))
             .map_err(|source| BufferError::Dir {
                 path: path.to_path_buf(),
                 source,
             })?;
-        Ok(Buffer { tx, thread, stats })
+        Ok(Buffer {
+            tx,
+            marks,
+            thread,
+            stats,
+        })
     }
 
     pub fn sender(&self) -> mpsc::Sender<Write> {
         self.tx.clone()
+    }
+
+    /// The forwarder's way in: delivery marks, ahead of the devices' queue.
+    pub fn marks(&self) -> Marks {
+        Marks {
+            marks: self.marks.clone(),
+            wake: self.tx.clone(),
+        }
     }
 
     pub fn stats(&self) -> Arc<BufferStats> {

@@ -88,7 +88,7 @@ pub(super) fn beat(stats: &BufferStats) {
 }
 
 impl Writer {
-    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Write>) {
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Write>, mut marks: mpsc::Receiver<Write>) {
         let checkpointer =
             Checkpointer::start(&self.path, self.synchronous, self.checkpoint_lock.clone());
         let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -100,8 +100,28 @@ impl Writer {
             recovered = rest;
             self.commit_with_retry(&mut batch);
         }
-        while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
+        let mut closed = false;
+        loop {
+            // Delivery marks first: they never wait behind device messages.
+            while batch.len() < MAX_BATCH {
+                match marks.try_recv() {
+                    Ok(w) => batch.push(w),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() {
+                if closed {
+                    break;
+                }
+                match rx.blocking_recv() {
+                    Some(first) => batch.push(first),
+                    // Devices' queue closed: one more look at the marks, then stop.
+                    None => {
+                        closed = true;
+                        continue;
+                    }
+                }
+            }
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(w) => batch.push(w),

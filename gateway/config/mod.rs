@@ -96,6 +96,20 @@ pub struct UpstreamSection {
     /// Send each closed hour's branch summary to `{topic_prefix}/summaries/hour`.
     #[serde(default = "default_push_summaries")]
     pub push_summaries: bool,
+    /// The MQTT version spoken to central: `"5"` (reason codes, limits from CONNACK) or
+    /// `"3.1.1"` for old centrals (which cannot say they refused a message).
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// The MQTT version of the upstream connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+    #[serde(rename = "3.1.1")]
+    V311,
 }
 
 fn default_push_summaries() -> bool {
@@ -124,39 +138,31 @@ pub struct UpstreamAddr {
 
 impl UpstreamSection {
     pub fn addr(&self) -> Result<UpstreamAddr, String> {
-        if self.url.contains('@') {
-            // Errors and logs name the url: a password in it would be printed.
+        // Errors and logs name the url: a password in it would be printed.
+        let url = url::Url::parse(&self.url).map_err(|e| format!("is not a URL ({e})"))?;
+        if !url.username().is_empty() || url.password().is_some() {
             return Err(
                 "must not hold credentials: use upstream.username and upstream.password".into(),
             );
         }
-        let (scheme, rest) = self
-            .url
-            .split_once("://")
-            .ok_or("must look like mqtt://host:port")?;
-        let tls = match scheme {
+        let tls = match url.scheme() {
             "mqtt" => false,
             "mqtts" => true,
             other => return Err(format!("scheme {other:?} is neither mqtt:// nor mqtts://")),
         };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("port {p:?} is not a number 1-65535"))?,
-            ),
-            None => (rest, if tls { 8883 } else { 1883 }),
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err("must be only mqtt[s]://host[:port]".into());
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            Some(h) => h.to_string(),
+            None => return Err("must name a host".into()),
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
         if host.is_empty() || port == 0 {
             return Err("must name a host and a port".into());
         }
-        Ok(UpstreamAddr {
-            host: host.to_owned(),
-            port,
-            tls,
-        })
+        Ok(UpstreamAddr { host, port, tls })
     }
 }
 
@@ -388,6 +394,23 @@ pub fn valid_id(id: &str) -> bool {
 }
 
 impl Config {
+    /// What is allowed but worth a word at `check-config`: settings that lose a guarantee.
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if let Some(up) = &self.upstream {
+            if up.protocol == Protocol::V311 {
+                out.push(Problem {
+                    key: "upstream.protocol".into(),
+                    message: "MQTT 3.1.1 has no reason codes: a message central refuses by \
+                              ACL or quota is acknowledged like a delivery and cannot be \
+                              detected or quarantined (use \"5\" if central speaks MQTT 5)"
+                        .into(),
+                });
+            }
+        }
+        out
+    }
+
     /// Parse a config file's text. An error names the line, column and key, never the
     /// text itself (it may hold a password, the API token or `hmac_secret`).
     pub fn parse(text: &str) -> Result<Config, String> {
@@ -1083,6 +1106,48 @@ mod tests {
         let problems = c.check();
         assert_eq!(problems[0].key, "upstream.url");
         assert!(!problems[0].message.contains("pw-in-url"), "{problems:?}");
+    }
+
+    #[test]
+    fn upstream_urls_with_ipv6_literals_and_default_ports() {
+        let up = |url: &str| {
+            let text = format!(
+                "{MINIMAL}\n[upstream]\nurl = \"{url}\"\nclient_id = \"c\"\ntopic_prefix = \"p\"\n"
+            );
+            Config::parse(&text).unwrap().upstream.unwrap().addr()
+        };
+        let a = |host: &str, port, tls| UpstreamAddr {
+            host: host.into(),
+            port,
+            tls,
+        };
+        assert_eq!(up("mqtts://[fd00::1]"), Ok(a("fd00::1", 8883, true)));
+        assert_eq!(up("mqtt://[::1]:1884/"), Ok(a("::1", 1884, false)));
+        assert_eq!(
+            up("mqtt://central.example"),
+            Ok(a("central.example", 1883, false))
+        );
+        assert_eq!(up("mqtts://10.0.0.2:9000"), Ok(a("10.0.0.2", 9000, true)));
+        assert!(up("http://central.example").is_err());
+        assert!(up("mqtt://central.example/topic").is_err());
+        assert!(up("mqtt://[fd00::1").is_err());
+        assert!(up("mqtt://h:0").is_err());
+    }
+
+    #[test]
+    fn mqtt_3_1_1_upstream_is_allowed_with_a_warning() {
+        let text = |proto: &str| {
+            format!(
+                "{MINIMAL}\n[upstream]\nurl = \"mqtt://h\"\nclient_id = \"c\"\ntopic_prefix = \"p\"\n{proto}"
+            )
+        };
+        let c = Config::parse(&text("")).unwrap();
+        assert_eq!(c.upstream.as_ref().unwrap().protocol, Protocol::V5);
+        assert!(c.warnings().is_empty());
+        let c = Config::parse(&text("protocol = \"3.1.1\"\n")).unwrap();
+        assert!(c.check().is_empty());
+        assert_eq!(c.warnings()[0].key, "upstream.protocol");
+        assert!(Config::parse(&text("protocol = \"4\"\n")).is_err());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{Backlog, BufferStats, LiveRows, Outbox, Write};
+use crate::buffer::{Backlog, BufferStats, LiveRows, Marks, Outbox, Write};
 use crate::config::UpstreamSection;
 use crate::model::{now_ms, StoredRef};
 
@@ -58,7 +58,7 @@ pub struct Forwarder {
     pub database: PathBuf,
     /// Largest envelope the forwarder may send (raises rumqttc's 10 KiB default).
     pub max_packet_bytes: usize,
-    pub writer: mpsc::Sender<Write>,
+    pub writer: Marks,
     pub buffer: Arc<BufferStats>,
     pub stats: Arc<UpstreamStats>,
     /// Devices connected now (for the health message).
@@ -655,11 +655,10 @@ impl Forwarder {
                 .iter()
                 .map(|&(seq, q)| (seq, q.name()))
                 .collect();
-            let _ = self.writer.send(Write::Quarantined { rows, at_ms }).await;
+            self.writer.send(Write::Quarantined { rows, at_ms }).await;
         }
         if !o.delivered.is_empty() {
-            let _ = self
-                .writer
+            self.writer
                 .send(Write::Delivered {
                     seqs: o.delivered,
                     at_ms,
