@@ -9,6 +9,7 @@
 
 mod conn;
 mod own_metrics;
+mod quarantine;
 mod readers;
 mod server;
 
@@ -83,6 +84,7 @@ fn router(api: Api) -> Router {
     Router::new()
         .route("/api/v1/summaries", get(summaries))
         .route("/api/v1/devices", get(devices))
+        .route("/api/v1/quarantine", get(quarantine::quarantine))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })

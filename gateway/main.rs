@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+mod quarantine_cli;
 use tokio_util::sync::CancellationToken;
 
 use branch_gateway::{app, buffer, config, model, simulate};
@@ -87,6 +89,11 @@ enum Command {
     },
     /// Read a device secret from standard input and print its argon2id hash for the config.
     HashPassword,
+    /// What central refused: list, retry (rows keep their seq) or drop.
+    Quarantine {
+        #[command(subcommand)]
+        action: quarantine_cli::Action,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -129,6 +136,11 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Status { config } => {
             let loaded = load(&config)?;
             print_status(&loaded)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Quarantine { action } => {
+            let loaded = load(action.config())?;
+            quarantine_cli::run(&loaded, action)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Devices { config } => {

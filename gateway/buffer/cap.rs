@@ -316,6 +316,15 @@ impl Writer {
         target: u64,
         dropped: &mut Dropped,
     ) -> rusqlite::Result<()> {
+        // Another connection (`branch-gateway quarantine retry|drop`) changed the tables
+        // since the tally was built: build it afresh.
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        if self.data_version != Some(version) {
+            self.data_version = Some(version);
+            self.tally = None;
+        }
         if self.tally.is_none() {
             let stats = self.stats.clone();
             let started = std::time::Instant::now();
@@ -331,8 +340,12 @@ impl Writer {
             self.beat();
             let logical = self.logical_size()?;
             let held = self.tally.as_ref().map_or(0, Tally::total_bytes);
-            if logical <= target || held == 0 {
+            if logical <= target {
                 return Ok(());
+            }
+            if held == 0 {
+                // Only the quarantine is left: its oldest rows go last of all.
+                return self.drop_quarantined(logical - target, dropped);
             }
             // The share of the excess that is messages (the rest is rollups, devices...).
             let free = ((logical - target) as u128 * held as u128 / logical as u128) as u64;
@@ -341,7 +354,7 @@ impl Writer {
                 free.max(MIN_ROUND_BYTES),
             );
             if self.walk(&mut plan, dropped)? == 0 {
-                return Ok(());
+                return self.drop_quarantined(logical - target, dropped);
             }
         }
     }
@@ -396,6 +409,58 @@ impl Writer {
             }
         }
         Ok(total)
+    }
+
+    /// The last resort of the cap: quarantined rows, oldest first, until about `excess`
+    /// bytes are freed; counted per device in `drops` (kind `quarantined`) and as
+    /// `dropped_quarantined`, like every other drop.
+    fn drop_quarantined(&mut self, excess: u64, dropped: &mut Dropped) -> rusqlite::Result<()> {
+        let mut freed = 0u64;
+        while freed < excess.max(MIN_ROUND_BYTES) {
+            self.beat();
+            let now = crate::model::now_ms();
+            let tx = self.conn.transaction()?;
+            let gone: Vec<(String, u64)> = {
+                let mut st = tx.prepare_cached(
+                    "DELETE FROM quarantine WHERE seq IN
+                       (SELECT seq FROM quarantine ORDER BY seq LIMIT ?1)
+                     RETURNING device, octet_length(payload)",
+                )?;
+                let rows = st.query_map(params![super::retention::CAP_CHUNK], |r| {
+                    Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            if gone.is_empty() {
+                return Ok(());
+            }
+            let mut per_device: HashMap<String, i64> = HashMap::new();
+            for (device, bytes) in &gone {
+                freed += row_bytes(*bytes);
+                *per_device.entry(device.clone()).or_default() += 1;
+            }
+            for (device, n) in &per_device {
+                tx.execute(
+                    "INSERT INTO drops (device, kind, count, first_ms, last_ms) VALUES (?1, 'quarantined', ?2, ?3, ?3)
+                     ON CONFLICT(device, kind) DO UPDATE SET count = count + excluded.count, last_ms = excluded.last_ms",
+                    params![device, n, now],
+                )?;
+                tx.execute(
+                    "INSERT INTO device_counters (device, counter, value, last_ms) VALUES (?1, 'dropped_quarantined', ?2, ?3)
+                     ON CONFLICT(device, counter) DO UPDATE SET value = value + excluded.value, last_ms = excluded.last_ms",
+                    params![device, n, now],
+                )?;
+            }
+            tx.commit()?;
+            for (device, n) in per_device {
+                *dropped.entry((device, "quarantined".into())).or_default() += n;
+            }
+            self.stats
+                .dropped
+                .fetch_add(gone.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.shrink()?;
+        }
+        Ok(())
     }
 
     /// Delete the chosen rows and count them, in one transaction.

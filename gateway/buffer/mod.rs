@@ -379,6 +379,7 @@ impl Buffer {
             rollups_enabled: options.rollups,
             rollup_version: 0,
             tally: None,
+            data_version: None,
             cap_log: cap::CapLog::default(),
             known_distinct: KnownDistinct::default(),
             bucket_cache: BucketCache::default(),

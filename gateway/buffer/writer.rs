@@ -53,6 +53,9 @@ pub(super) struct Writer {
     /// Stored rows and bytes per device and kind, for the disk cap (see `cap`): `None`
     /// until the cap first has to drop undelivered messages.
     pub(super) tally: Option<cap::Tally>,
+    /// `PRAGMA data_version` when the tally was last checked: it changes when another
+    /// connection commits (a quarantine retry or drop), which makes the tally stale.
+    pub(super) data_version: Option<i64>,
     pub(super) cap_log: cap::CapLog,
     /// Distinct values known to be stored (committed) per rollup key, so a value seen
     /// again costs a hash lookup instead of an `INSERT OR IGNORE`.

@@ -479,6 +479,8 @@ pub fn run_bounded(cmd: &mut Command, limit: Duration) -> std::process::Output {
 /// loopback port, with persistence so a consumer's session survives its restarts.
 pub struct Central {
     pub port: u16,
+    /// Lines added to mosquitto.conf at the next (re)start, e.g. `max_packet_size 1500`.
+    pub extra: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
     /// Holds the port while the broker is stopped, so no other test can take it.
@@ -491,9 +493,15 @@ impl Central {
     }
 
     pub fn start_on(port: u16) -> Central {
+        Self::start_with(port, "")
+    }
+
+    /// Start with `extra` lines in mosquitto.conf.
+    pub fn start_with(port: u16, extra: &str) -> Central {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Central {
             port,
+            extra: extra.to_owned(),
             dir,
             child: None,
             holder: None,
@@ -509,9 +517,10 @@ impl Central {
             &conf,
             format!(
                 "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-                 autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\nuser root\n",
+                 autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\nuser root\n{}\n",
                 self.port,
-                self.dir.path().display()
+                self.dir.path().display(),
+                self.extra
             ),
         )
         .unwrap();
