@@ -680,7 +680,11 @@ fn delayed_wills_are_bounded() {
     }
     assert_eq!(branch.wait_count(wills, 6, WAIT), 6);
     let text = |sql: &str| -> String { branch.db().query_row(sql, [], |r| r.get(0)).unwrap() };
-    assert_eq!(text(list), "4,5,6,7,8,9");
+    // Which four wait depends on when the broker sees each reset against the next
+    // connection (under load, a later one may take a slot first); w0 always waits.
+    let at_once: Vec<u32> = text(list).split(',').map(|n| n.parse().unwrap()).collect();
+    assert_eq!(at_once.len(), 6, "{at_once:?}");
+    assert!(!at_once.contains(&0), "{at_once:?}");
     // w0 comes back within its delay: its will is not published.
     let _w0 = logged_in(branch.port, true, "w0", "k1");
     assert!(cut.elapsed() < Duration::from_secs(3), "too slow to test");

@@ -13,6 +13,7 @@ use common::*;
 use rumqttc::QoS;
 
 const PREFIX: &str = "library/quarantine";
+const TOKEN: &str = "quarantine-test-token-0123456789";
 
 const BIG_PROFILE: &str = r#"{
   "name": "big-sensor",
@@ -51,9 +52,13 @@ async fn an_oversized_row_is_quarantined_the_rest_delivered_and_a_retry_keeps_it
     let mut central = Central::start_with(free_port(), "max_packet_size 1500");
     let mut consumer = Consumer::start(central.port, PREFIX).await;
     let dev = device("big-01", "big-sensor");
+    let api_port = free_port();
     let branch = Branch::with_extra(
         std::slice::from_ref(&dev),
-        &upstream_section(central.port, PREFIX),
+        &format!(
+            "{}[api]\nlisten = \"127.0.0.1:{api_port}\"\ntoken = \"{TOKEN}\"\n",
+            upstream_section(central.port, PREFIX)
+        ),
     );
     std::fs::write(
         branch.dir.path().join("profiles/big-sensor.json"),
@@ -122,6 +127,30 @@ async fn an_oversized_row_is_quarantined_the_rest_delivered_and_a_retry_keeps_it
         "{out}"
     );
     assert!(!out.contains("xxxx"), "the list shows no payload:\n{out}");
+
+    let (code, body) = http_get(api_port, "/api/v1/quarantine", Some(TOKEN));
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["counts"],
+        serde_json::json!([{"device": "big-01", "kind": "telemetry", "reason": "refused_by_central", "count": 1}])
+    );
+    assert_eq!(v["items"][0]["seq"], big_seq);
+    assert_eq!(v["items"][0]["payload_bytes"], 1_916);
+    assert!(v["items"][0].get("payload").is_none());
+    assert_eq!(v["next_after"], serde_json::Value::Null);
+    assert_eq!(http_get(api_port, "/api/v1/quarantine", None).0, 401);
+    assert_eq!(
+        http_get(api_port, "/api/v1/quarantine?after=x", Some(TOKEN)).0,
+        400
+    );
+    let (_, metrics) = http_get(api_port, "/metrics", Some(TOKEN));
+    assert!(
+        metrics.contains(
+            r#"branch_gateway_quarantined_messages{device="big-01",kind="telemetry",reason="refused_by_central"} 1"#
+        ),
+        "{metrics}"
+    );
 
     // No tight loop: three losses, then backoff, then the rest flows on one connection.
     let (_, log) = gw.terminate();
