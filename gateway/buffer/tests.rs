@@ -459,3 +459,82 @@ fn acknowledgements_become_runs() {
         vec![(1, 3), (7, 9), (11, 11)]
     );
 }
+
+/// Quarantined rows count against the disk cap and go last of all: with nearly every row
+/// quarantined, the cap keeps the file under its cap by dropping the oldest quarantined
+/// rows, and every one is counted (`drops` kind `quarantined`, `dropped_quarantined`).
+#[test]
+fn the_disk_cap_drops_quarantined_rows_last_and_counts_them() {
+    let dir = std::env::temp_dir().join(format!("bgw-cap-quarantine-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("buffer.sqlite");
+    let options = BufferOptions {
+        synchronous: Synchronous::Normal,
+        rejected_keep: 100,
+        queue_capacity: 64,
+        max_bytes: 2 << 20,
+        keep_delivered: Duration::ZERO,
+        live: None,
+        rollup_tz: jiff::tz::TimeZone::UTC,
+        rollups: false,
+    };
+    let buffer = Buffer::open(&path, options, &[("dev".into(), "p".into())]).unwrap();
+    let tx = buffer.sender();
+    let marks = buffer.marks();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let now = crate::model::now_ms();
+    const N: i64 = 3_000;
+    for chunk in 0..N / 100 {
+        for n in 0..100 {
+            tx.blocking_send(Write::Accepted(
+                Accepted {
+                    device: "dev".into(),
+                    profile: "p".into(),
+                    kind: Kind::Events,
+                    received_ms: now,
+                    payload: format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(1_000)),
+                    rollup_ms: None,
+                    contributions: Default::default(),
+                },
+                None,
+            ))
+            .unwrap();
+        }
+        while buffer.stats.last_seq.load(Ordering::Relaxed) < ((chunk + 1) * 100) as u64 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let rows = (chunk * 100 + 1..=chunk * 100 + 100)
+            .map(|s| (s, "refused_by_central"))
+            .collect();
+        rt.block_on(marks.send(Write::Quarantined { rows, at_ms: now }));
+    }
+    drop((tx, marks));
+    buffer.close().unwrap();
+    let conn = open_read_only(&path).unwrap();
+    let one = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let quarantined = one("SELECT COUNT(*) FROM quarantine");
+    let in_messages = one("SELECT COUNT(*) FROM messages");
+    let dropped_q = one("SELECT COALESCE(SUM(count), 0) FROM drops WHERE kind = 'quarantined'");
+    let dropped_other =
+        one("SELECT COALESCE(SUM(count), 0) FROM drops WHERE kind <> 'quarantined'");
+    assert!(dropped_q > 0, "the cap reached the quarantine");
+    assert_eq!(
+        quarantined + in_messages + dropped_q + dropped_other,
+        N,
+        "every row accounted for"
+    );
+    assert_eq!(
+        one("SELECT value FROM device_counters WHERE device = 'dev' AND counter = 'dropped_quarantined'"),
+        dropped_q
+    );
+    // The oldest went first: what is left of the quarantine is its newest rows.
+    assert_eq!(one("SELECT MAX(seq) FROM quarantine"), N);
+    assert!(
+        one("SELECT MIN(seq) FROM quarantine") > N / 2,
+        "the oldest went first"
+    );
+    assert!(size_on_disk(&path) <= 2 << 20);
+    let _ = std::fs::remove_dir_all(&dir);
+}
