@@ -532,7 +532,11 @@ async fn rumqttd_as_central_broker() {
     let devices: Vec<Device> = (0..20)
         .map(|i| device(&format!("r{i:02}"), "test-sensor"))
         .collect();
-    let branch = Branch::with_extra(&devices, &upstream_section(port, R_PREFIX));
+    // This central speaks MQTT 3.1.1 only (an old central).
+    let branch = Branch::with_extra(
+        &devices,
+        &format!("{}protocol = \"3.1.1\"\n", upstream_section(port, R_PREFIX)),
+    );
     let gw = branch.start();
     let tasks = spawn_publishers(branch.port, &devices, 0..300, None);
     for t in tasks {

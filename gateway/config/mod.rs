@@ -96,9 +96,8 @@ pub struct UpstreamSection {
     /// Send each closed hour's branch summary to `{topic_prefix}/summaries/hour`.
     #[serde(default = "default_push_summaries")]
     pub push_summaries: bool,
-    /// The MQTT version spoken to central. Only `"3.1.1"` is implemented in this build
-    /// (`"5"`, with reason codes and limits from CONNACK, is refused by `check()` until
-    /// the MQTT 5 link lands).
+    /// The MQTT version spoken to central: `"5"` (reason codes, limits from CONNACK) or
+    /// `"3.1.1"` for old centrals (which cannot say they refused a message).
     #[serde(default)]
     pub protocol: Protocol,
 }
@@ -106,9 +105,9 @@ pub struct UpstreamSection {
 /// The MQTT version of the upstream connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub enum Protocol {
+    #[default]
     #[serde(rename = "5")]
     V5,
-    #[default]
     #[serde(rename = "3.1.1")]
     V311,
 }
@@ -459,12 +458,6 @@ impl Config {
             );
         }
         if let Some(up) = &self.upstream {
-            if up.protocol == Protocol::V5 {
-                push(
-                    "upstream.protocol".into(),
-                    "MQTT 5 upstream is not available in this build yet: use \"3.1.1\"".into(),
-                );
-            }
             if let Err(e) = up.addr() {
                 push("upstream.url".into(), e);
             }
@@ -1149,11 +1142,11 @@ mod tests {
             )
         };
         let c = Config::parse(&text("")).unwrap();
-        assert_eq!(c.upstream.as_ref().unwrap().protocol, Protocol::V311);
+        assert_eq!(c.upstream.as_ref().unwrap().protocol, Protocol::V5);
+        assert!(c.warnings().is_empty());
+        let c = Config::parse(&text("protocol = \"3.1.1\"\n")).unwrap();
         assert!(c.check().is_empty());
         assert_eq!(c.warnings()[0].key, "upstream.protocol");
-        let c = Config::parse(&text("protocol = \"5\"\n")).unwrap();
-        assert_eq!(c.check()[0].key, "upstream.protocol");
         assert!(Config::parse(&text("protocol = \"4\"\n")).is_err());
     }
 

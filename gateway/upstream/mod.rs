@@ -11,6 +11,7 @@
 //! `CollisionTimeout` (a rumqttc livelock) rebuilds the client.
 
 mod delivery;
+mod link_v5;
 
 use delivery::{Delivery, Lane, Limits, Offer, Quarantine, LOSSES_TO_QUARANTINE};
 
@@ -27,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::buffer::{Backlog, BufferStats, LiveRows, Marks, Outbox, Write};
-use crate::config::UpstreamSection;
+use crate::config::{Protocol, UpstreamSection};
 use crate::model::{now_ms, StoredRef};
 
 /// How often acknowledged `seq`s are handed to the writer.
@@ -271,21 +272,57 @@ impl Forwarder {
         .to_string()
     }
 
-    /// A fresh connection: rumqttc's event loop (connect, TLS, packet ids, codec) and the
+    /// A fresh connection task (MQTT 5 or 3.1.1, as configured) after `delay`, and the
     /// channel the forwarder queues requests on. The channel holds a whole window, so
     /// `try_send` never finds it full.
-    fn client(&self, started_ms: i64) -> (Requests, EventLoop, Incoming) {
+    fn connect(
+        &self,
+        started_ms: i64,
+        generation: u64,
+        events: mpsc::Sender<(u64, LinkEvent)>,
+        delay: Duration,
+    ) -> (Requests, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(self.settings.max_inflight as usize + 8);
         let stop = Stop::default();
         let requests = Requests {
             queue: tx,
             stop: stop.clone(),
         };
-        (
-            requests,
-            EventLoop::new(self.options(started_ms), 8),
-            Incoming { queue: rx, stop },
-        )
+        let incoming = Incoming { queue: rx, stop };
+        let task = match self.settings.protocol {
+            Protocol::V311 => {
+                let el = EventLoop::new(self.options(started_ms), 8);
+                tokio::spawn(drive(el, incoming, generation, events, delay))
+            }
+            Protocol::V5 => {
+                let addr = self.settings.addr().unwrap_or(crate::config::UpstreamAddr {
+                    host: "127.0.0.1".into(),
+                    port: 1883,
+                    tls: false,
+                });
+                let s = &self.settings;
+                let o = link_v5::V5Options {
+                    host: addr.host,
+                    port: addr.port,
+                    tls: self.tls.clone(),
+                    client_id: s.client_id.clone(),
+                    keep_alive: Duration::from_secs(s.keep_alive_s),
+                    max_inflight: s.max_inflight,
+                    max_incoming: 64 * 1024,
+                    login: s
+                        .username
+                        .clone()
+                        .map(|u| (u, s.password.clone().unwrap_or_default())),
+                    will: (
+                        self.status_topic(),
+                        self.status_payload("offline", started_ms),
+                    ),
+                    timeout: Duration::from_secs(5),
+                };
+                tokio::spawn(link_v5::drive(o, incoming, generation, events, delay))
+            }
+        };
+        (requests, task)
     }
 
     /// Run until `shutdown`; then wait briefly for acknowledgements in flight and hand them
@@ -293,19 +330,13 @@ impl Forwarder {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let started_ms = now_ms();
         let window = self.settings.max_inflight as usize;
-        let (mut client, eventloop, requests) = self.client(started_ms);
         let (events_tx, mut events) = mpsc::channel(window + 64);
         // Each connection attempt gets a fresh client (generation): rumqttc would otherwise
         // send requests still in its channel on the next connection, ahead of the rewind,
         // and its PUBACKs would be mapped to the wrong rows.
         let mut generation = 0u64;
-        let mut driver = tokio::spawn(drive(
-            eventloop,
-            requests,
-            generation,
-            events_tx.clone(),
-            Duration::ZERO,
-        ));
+        let (mut client, mut driver) =
+            self.connect(started_ms, generation, events_tx.clone(), Duration::ZERO);
         let mut outbox = match tokio::task::block_in_place(|| Outbox::open(&self.database)) {
             Ok(o) => Some(o),
             Err(e) => {
@@ -355,13 +386,13 @@ impl Forwarder {
                     while let Some((gen, ev)) = next.take() {
                         match ev {
                             _ if gen != generation => {}
-                            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            LinkEvent::Connected(limits) => {
                                 failures = 0;
                                 caught_up = false;
                                 // Outcomes first: the rewind must read them back as done.
                                 self.flush_outcomes(&mut delivery).await;
                                 delivery.on_connack(
-                                    Limits::default(),
+                                    limits,
                                     self.buffer.last_seq.load(Ordering::Relaxed) as i64,
                                 );
                                 self.stats.connected.store(true, Ordering::Relaxed);
@@ -375,18 +406,27 @@ impl Forwarder {
                                 }
                                 health_due = true;
                             }
-                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => delivery.on_publish_sent(pkid),
-                            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                                // MQTT 3.1.1 has no reason codes: a PUBACK is a delivery.
-                                if let Some((_, outcome)) = delivery.on_puback(ack.pkid, 0) {
+                            LinkEvent::Sent(pkid) => delivery.on_publish_sent(pkid),
+                            LinkEvent::PubAck { pkid, reason } => {
+                                if let Some((seq, outcome)) = delivery.on_puback(pkid, reason) {
+                                    if let Some(q) = outcome {
+                                        if let Some(suppressed) = refusals.hit(&q.name(), now_ms()) {
+                                            tracing::error!(
+                                                seq,
+                                                reason = q.name(),
+                                                code = reason,
+                                                suppressed_since_last_report = suppressed,
+                                                "central refused this row: quarantined (branch-gateway quarantine list)"
+                                            );
+                                        }
+                                    }
                                     self.count_outcome(outcome);
                                 }
                                 if delivery.pending_outcomes() >= window {
                                     self.flush_outcomes(&mut delivery).await;
                                 }
                             }
-                            Ok(_) => {}
-                            Err(e) => {
+                            LinkEvent::Lost { error: e, collision } => {
                                 let was_connected = delivery.connected();
                                 if was_connected {
                                     tracing::warn!(url = %addr, error = %e, "lost the central broker");
@@ -405,18 +445,16 @@ impl Forwarder {
                                     }
                                 }
                                 self.stats.connected.store(false, Ordering::Relaxed);
-                                if matches!(e, ConnectionError::MqttState(rumqttc::StateError::CollisionTimeout)) {
+                                if collision {
                                     // The livelock of rumqtt#1014; a fresh client (below) ends it.
                                     tracing::warn!("upstream packet-id collision timeout: client rebuilt");
                                 }
                                 failures = failures.saturating_add(1);
                                 driver.abort();
                                 generation += 1;
-                                let (c, el, rx) = self.client(started_ms);
-                                client = c;
                                 self.stats.client_rebuilds.fetch_add(1, Ordering::Relaxed);
                                 let delay = backoff(failures, self.settings.reconnect_max_ms);
-                                driver = tokio::spawn(drive(el, rx, generation, events_tx.clone(), delay));
+                                (client, driver) = self.connect(started_ms, generation, events_tx.clone(), delay);
                             }
                         }
                         handled += 1;
@@ -608,15 +646,13 @@ impl Forwarder {
         while delivery.connected() && delivery.in_flight() > 0 {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some((gen, _))) if gen != generation => {}
-                Ok(Some((_, Ok(Event::Incoming(Packet::PubAck(ack)))))) => {
-                    if let Some((_, outcome)) = delivery.on_puback(ack.pkid, 0) {
+                Ok(Some((_, LinkEvent::PubAck { pkid, reason }))) => {
+                    if let Some((_, outcome)) = delivery.on_puback(pkid, reason) {
                         self.count_outcome(outcome);
                     }
                 }
-                Ok(Some((_, Ok(Event::Outgoing(Outgoing::Publish(pkid)))))) => {
-                    delivery.on_publish_sent(pkid)
-                }
-                Ok(Some((_, Ok(_)))) => {}
+                Ok(Some((_, LinkEvent::Sent(pkid)))) => delivery.on_publish_sent(pkid),
+                Ok(Some((_, LinkEvent::Connected(_)))) => {}
                 _ => break,
             }
         }
@@ -687,6 +723,20 @@ fn packet_bytes(topic: &str, payload: &str) -> usize {
     5 + 2 + topic.len() + 2 + 1 + payload.len()
 }
 
+/// What a connection task tells the forwarder (both protocols).
+#[derive(Debug)]
+enum LinkEvent {
+    /// CONNACK: central's limits on this connection (none said over MQTT 3.1.1).
+    Connected(Limits),
+    /// A publish went out with this packet id (in the order publishes were queued).
+    Sent(u16),
+    /// Central's PUBACK, with its reason code (always 0x00 over MQTT 3.1.1).
+    PubAck { pkid: u16, reason: u8 },
+    /// The connection ended (or never came up); `collision`: a packet-id collision, which
+    /// a fresh client ends.
+    Lost { error: String, collision: bool },
+}
+
 /// The forwarder's side of one connection: its request queue, and a way to say goodbye
 /// that does not wait behind a full in-flight window.
 struct Requests {
@@ -743,7 +793,17 @@ macro_rules! flush {
     };
 }
 
-/// Run one connection: connect with rumqttc's event loop (never cancelled mid-connect: a
+fn lost(e: ConnectionError) -> LinkEvent {
+    LinkEvent::Lost {
+        collision: matches!(
+            e,
+            ConnectionError::MqttState(rumqttc::StateError::CollisionTimeout)
+        ),
+        error: e.to_string(),
+    }
+}
+
+/// Run one MQTT 3.1.1 connection: connect with rumqttc's event loop (never cancelled mid-connect: a
 /// dropped `poll()` abandons the half-open connection and makes the broker fire our will),
 /// then move packets ourselves with rumqttc's state machine and codec, writing every queued
 /// publish before one flush. (`poll()` flushes the socket once per request: one syscall
@@ -753,22 +813,28 @@ async fn drive(
     mut eventloop: EventLoop,
     incoming: Incoming,
     generation: u64,
-    events: mpsc::Sender<(u64, Result<Event, ConnectionError>)>,
+    events: mpsc::Sender<(u64, LinkEvent)>,
     delay: Duration,
 ) {
     tokio::time::sleep(delay).await;
     loop {
-        let ev = eventloop.poll().await;
-        let (failed, connected) = match &ev {
-            Err(_) => (true, false),
-            Ok(Event::Incoming(Packet::ConnAck(_))) => (false, true),
-            Ok(_) => (false, false),
-        };
-        if events.send((generation, ev)).await.is_err() || failed {
-            return;
-        }
-        if connected {
-            break;
+        match eventloop.poll().await {
+            Err(e) => {
+                let _ = events.send((generation, lost(e))).await;
+                return;
+            }
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                // MQTT 3.1.1 says nothing of central's limits.
+                if events
+                    .send((generation, LinkEvent::Connected(Limits::default())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                break;
+            }
+            Ok(_) => {}
         }
     }
     let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
@@ -781,7 +847,7 @@ async fn drive(
     let EventLoop { state, network, .. } = &mut eventloop;
     let Some(network) = network.as_mut() else {
         let _ = events
-            .send((generation, Err(ConnectionError::RequestsDone)))
+            .send((generation, lost(ConnectionError::RequestsDone)))
             .await;
         return;
     };
@@ -861,7 +927,16 @@ async fn drive(
             },
         };
         while let Some(ev) = state.events.pop_front() {
-            if events.send((generation, Ok(ev))).await.is_err() {
+            let ev = match ev {
+                Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Sent(pkid),
+                // MQTT 3.1.1 has no reason codes: a PUBACK is a delivery.
+                Event::Incoming(Packet::PubAck(ack)) => LinkEvent::PubAck {
+                    pkid: ack.pkid,
+                    reason: 0,
+                },
+                _ => continue,
+            };
+            if events.send((generation, ev)).await.is_err() {
                 return;
             }
         }
@@ -869,7 +944,7 @@ async fn drive(
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
-                let _ = events.send((generation, Err(e))).await;
+                let _ = events.send((generation, lost(e))).await;
                 return;
             }
         }

@@ -1,0 +1,369 @@
+//! The MQTT 5 connection to central: rumqttc's v5 packet codec and state machine
+//! (`rumqttc::v5::mqttbytes`, `rumqttc::v5::MqttState`) over a socket of our own.
+//!
+//! rumqttc 0.25's v5 `EventLoop` keeps its network private and flushes the socket once per
+//! request (`poll()`); this glue writes every queued publish before one flush, like the
+//! MQTT 3.1.1 glue in `mod.rs`, and reports what delivery needs that 3.1.1 cannot say:
+//! the PUBACK reason code of every row and central's limits from CONNACK (Receive
+//! Maximum, Maximum Packet Size, Server Keep Alive).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::v5::mqttbytes::v5::{
+    ConnAck, Connect, ConnectProperties, ConnectReturnCode, LastWill, Login, Packet, PubAckReason,
+    Publish,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{Event, MqttState, Request};
+use rumqttc::Outgoing;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::delivery::Limits;
+use super::{Incoming, LinkEvent};
+
+/// What one MQTT 5 connection needs from the config.
+#[derive(Clone)]
+pub(super) struct V5Options {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    pub max_inflight: u16,
+    /// The largest packet we take from central (and tell it so).
+    pub max_incoming: u32,
+    pub login: Option<(String, String)>,
+    /// Retained QoS 1 will: (topic, payload).
+    pub will: (String, String),
+    pub timeout: Duration,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+struct Conn {
+    io: Box<dyn Io>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    max_in: u32,
+    max_out: Option<u32>,
+}
+
+impl Conn {
+    async fn open(o: &V5Options) -> Result<Conn, String> {
+        let tcp = tokio::net::TcpStream::connect((o.host.as_str(), o.port))
+            .await
+            .map_err(|e| format!("I/O: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &o.tls {
+            None => Box::new(tcp),
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::try_from(o.host.clone())
+                    .map_err(|e| format!("TLS: {e}"))?;
+                let s = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                Box::new(s)
+            }
+        };
+        Ok(Conn {
+            io,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            wbuf: BytesMut::with_capacity(64 * 1024),
+            max_in: o.max_incoming,
+            max_out: None,
+        })
+    }
+
+    /// The next whole packet already read, if any.
+    fn buffered(&mut self) -> Result<Option<Packet>, String> {
+        match Packet::read(&mut self.rbuf, Some(self.max_in)) {
+            Ok(p) => Ok(Some(p)),
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(e) => Err(format!("malformed packet from central: {e}")),
+        }
+    }
+
+    /// Read more bytes (cancel-safe: `read_buf` loses nothing when dropped).
+    async fn fill(&mut self) -> Result<(), String> {
+        self.rbuf.reserve(8 * 1024);
+        match self.io.read_buf(&mut self.rbuf).await {
+            Ok(0) => Err("central closed the connection".into()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("I/O: {e}")),
+        }
+    }
+
+    /// The next packet, reading as needed.
+    async fn next(&mut self) -> Result<Packet, String> {
+        loop {
+            if let Some(p) = self.buffered()? {
+                return Ok(p);
+            }
+            self.fill().await?;
+        }
+    }
+
+    fn queue(&mut self, p: &Packet) -> Result<(), String> {
+        p.write(&mut self.wbuf, self.max_out)
+            .map(|_| ())
+            .map_err(|e| format!("cannot encode: {e}"))
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        let r = async {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await
+        }
+        .await;
+        self.wbuf.clear();
+        r.map_err(|e| format!("I/O: {e}"))
+    }
+}
+
+/// The reason code byte of a PUBACK (MQTT 5 table 3-4).
+fn reason_code(r: PubAckReason) -> u8 {
+    match r {
+        PubAckReason::Success => 0x00,
+        PubAckReason::NoMatchingSubscribers => 0x10,
+        PubAckReason::UnspecifiedError => 0x80,
+        PubAckReason::ImplementationSpecificError => 0x83,
+        PubAckReason::NotAuthorized => 0x87,
+        PubAckReason::TopicNameInvalid => 0x90,
+        PubAckReason::PacketIdentifierInUse => 0x91,
+        PubAckReason::QuotaExceeded => 0x97,
+        PubAckReason::PayloadFormatInvalid => 0x99,
+    }
+}
+
+fn v5_publish(p: rumqttc::Publish) -> Publish {
+    let qos = match p.qos {
+        rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
+        rumqttc::QoS::AtLeastOnce => QoS::AtLeastOnce,
+        rumqttc::QoS::ExactlyOnce => QoS::ExactlyOnce,
+    };
+    Publish {
+        dup: false,
+        qos,
+        retain: p.retain,
+        topic: p.topic.into_bytes().into(),
+        pkid: 0,
+        payload: p.payload,
+        properties: None,
+    }
+}
+
+async fn handshake(o: &V5Options) -> Result<(Conn, ConnAck), String> {
+    let mut conn = Conn::open(o).await?;
+    let mut props = ConnectProperties::new();
+    props.max_packet_size = Some(o.max_incoming);
+    let connect = Connect {
+        keep_alive: o.keep_alive.as_secs().min(u16::MAX as u64) as u16,
+        client_id: o.client_id.clone(),
+        clean_start: true,
+        properties: Some(props),
+    };
+    let will = LastWill::new(
+        o.will.0.clone(),
+        o.will.1.clone().into_bytes(),
+        QoS::AtLeastOnce,
+        true,
+        None,
+    );
+    let login = o.login.clone().map(|(u, p)| Login::new(u, p));
+    conn.queue(&Packet::Connect(connect, Some(will), login))?;
+    conn.flush().await?;
+    match conn.next().await? {
+        Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => Ok((conn, ack)),
+        Packet::ConnAck(ack) => Err(format!("central refused the connection: {:?}", ack.code)),
+        _ => Err("central answered CONNECT with something else than CONNACK".into()),
+    }
+}
+
+/// Run one MQTT 5 connection until it fails or the forwarder drops it; events are sent
+/// tagged with `generation`, as by the 3.1.1 glue.
+pub(super) async fn drive(
+    o: V5Options,
+    incoming: Incoming,
+    generation: u64,
+    events: mpsc::Sender<(u64, LinkEvent)>,
+    delay: Duration,
+) {
+    tokio::time::sleep(delay).await;
+    let lost = |e: String| LinkEvent::Lost {
+        error: e,
+        collision: false,
+    };
+    let (mut conn, connack) = match tokio::time::timeout(o.timeout, handshake(&o)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let _ = events.send((generation, lost(e))).await;
+            return;
+        }
+        Err(_) => {
+            let _ = events
+                .send((generation, lost("connect timed out".into())))
+                .await;
+            return;
+        }
+    };
+    let props = connack.properties.as_ref();
+    let receive_max = props.and_then(|p| p.receive_max);
+    let max_packet = props.and_then(|p| p.max_packet_size);
+    let limits = Limits {
+        receive_maximum: receive_max,
+        maximum_packet_size: max_packet,
+    };
+    conn.max_out = max_packet;
+    let keep_alive = props
+        .and_then(|p| p.server_keep_alive)
+        .map(|s| Duration::from_secs(s as u64))
+        .unwrap_or(o.keep_alive);
+    let window = o.max_inflight.min(receive_max.unwrap_or(u16::MAX).max(1));
+    let mut state = MqttState::new(o.max_inflight, false);
+    if let Err(e) = state.handle_incoming_packet(Packet::ConnAck(connack)) {
+        let _ = events.send((generation, lost(e.to_string()))).await;
+        return;
+    }
+    state.events.clear();
+    if events
+        .send((generation, LinkEvent::Connected(limits)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let Incoming {
+        queue: mut requests,
+        stop,
+    } = incoming;
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + keep_alive,
+        keep_alive.max(Duration::from_secs(1)),
+    );
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = o.timeout;
+    let mut batch: Vec<rumqttc::Request> = Vec::with_capacity(256);
+    loop {
+        let room = if state.collision.is_some() {
+            0
+        } else {
+            window.saturating_sub(state.inflight()).min(256) as usize
+        };
+        let result: Result<bool, String> = tokio::select! {
+            r = conn.fill() => match r {
+                Ok(()) => {
+                    let handled = (|| {
+                        while let Some(packet) = conn.buffered()? {
+                            if let Some(out) = state.handle_incoming_packet(packet).map_err(|e| e.to_string())? {
+                                conn.queue(&out)?;
+                            }
+                        }
+                        Ok::<(), String>(())
+                    })();
+                    match handled {
+                        Ok(()) if conn.wbuf.is_empty() => Ok(true),
+                        Ok(()) => match tokio::time::timeout(timeout, conn.flush()).await {
+                            Ok(r) => r.map(|()| true),
+                            Err(_) => Err("flush timed out".into()),
+                        },
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(e) => Err(e),
+            },
+            n = requests.recv_many(&mut batch, room.max(1)), if room > 0 => {
+                if n == 0 {
+                    return;
+                }
+                let mut outcome = Ok(true);
+                for request in batch.drain(..) {
+                    let rumqttc::Request::Publish(p) = request else { continue };
+                    match state.handle_outgoing_packet(Request::Publish(v5_publish(p))) {
+                        Ok(Some(packet)) => {
+                            if let Err(e) = conn.queue(&packet) {
+                                outcome = Err(e);
+                                break;
+                            }
+                        }
+                        Ok(None) => {
+                            outcome = Err("packet-id collision".into());
+                            break;
+                        }
+                        Err(e) => {
+                            outcome = Err(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                match outcome {
+                    Ok(_) => match tokio::time::timeout(timeout, conn.flush()).await {
+                        Ok(r) => r.map(|()| true),
+                        Err(_) => Err("flush timed out".into()),
+                    },
+                    Err(e) => Err(e),
+                }
+            },
+            _ = stop.now.cancelled() => {
+                let farewell = stop.farewell.lock().ok().and_then(|mut f| f.take());
+                if let Some(p) = farewell {
+                    if let Ok(Some(packet)) = state.handle_outgoing_packet(Request::Publish(v5_publish(p))) {
+                        let _ = conn.queue(&packet);
+                    }
+                }
+                if let Ok(Some(packet)) = state.handle_outgoing_packet(Request::Disconnect) {
+                    let _ = conn.queue(&packet);
+                }
+                let _ = tokio::time::timeout(timeout, conn.flush()).await;
+                Ok(false)
+            },
+            _ = ping.tick(), if !keep_alive.is_zero() => {
+                match state.handle_outgoing_packet(Request::PingReq) {
+                    Ok(Some(packet)) => match conn.queue(&packet) {
+                        Ok(()) => match tokio::time::timeout(timeout, conn.flush()).await {
+                            Ok(r) => r.map(|()| true),
+                            Err(_) => Err("flush timed out".into()),
+                        },
+                        Err(e) => Err(e),
+                    },
+                    Ok(None) => Ok(true),
+                    Err(e) => Err(e.to_string()),
+                }
+            },
+        };
+        while let Some(ev) = state.events.pop_front() {
+            let ev = match ev {
+                Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Sent(pkid),
+                Event::Incoming(Packet::PubAck(ack)) => LinkEvent::PubAck {
+                    pkid: ack.pkid,
+                    reason: reason_code(ack.reason),
+                },
+                _ => continue,
+            };
+            if events.send((generation, ev)).await.is_err() {
+                return;
+            }
+        }
+        match result {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let collision = e == "packet-id collision";
+                let _ = events
+                    .send((
+                        generation,
+                        LinkEvent::Lost {
+                            error: e,
+                            collision,
+                        },
+                    ))
+                    .await;
+                return;
+            }
+        }
+    }
+}
