@@ -10,7 +10,8 @@
 //!    uses another: the broker hands a device's message to a `model::PublishSink` (intake)
 //!    and waits on its `receipt`, the buffer settles receipts after commits.
 //! 4. The middle: `intake` and `upstream` talk to the buffer only through its command
-//!    channel (a bounded channel of [`buffer::Write`]: messages in, delivery marks back),
+//!    channels (bounded channels of [`buffer::Write`]: messages in, and delivery marks back
+//!    through [`buffer::Marks`], which the writer serves first),
 //!    the rows it hands over after a commit (a bounded channel of [`buffer::LiveRows`]), its
 //!    read-only [`buffer::Outbox`] and its counters ([`buffer::BufferStats`], where intake
 //!    also waits for room when the writer's queue is full). They do not use each other.
@@ -33,7 +34,8 @@
 //!   when is its design note.
 //! - [`serial`]: serial-line devices: open, decode by profile rules, reopen after unplug.
 //! - [`upstream`]: forwarding to the central broker, acknowledged row by row; its delivery
-//!   logic is the sans-IO state machine of `upstream/delivery.rs`.
+//!   logic is the sans-IO state machine of `upstream/delivery.rs`; the MQTT 5 connection
+//!   is `upstream/link_v5.rs`, the MQTT 3.1.1 one rumqttc's event loop driven in `mod.rs`.
 //! - [`summary`]: rollup arithmetic (what a message adds to which hour and day).
 //! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
 //! - [`burst`]: "once per burst" log limiting.

@@ -9,6 +9,11 @@
 //! every (re)connect rewinds the cursor to the oldest undelivered row. The event loop is
 //! polled continuously; after an error the task sleeps a jittered, growing delay, and a
 //! `CollisionTimeout` (a rumqttc livelock) rebuilds the client.
+//!
+//! Both protocols report the same [`LinkEvent`]s: MQTT 3.1.1 through rumqttc's event
+//! loop (below), MQTT 5 through `link_v5.rs`, which adds PUBACK reason codes and central's
+//! CONNACK limits. What a reason code or a lost connection means for a row is decided by
+//! the sans-IO `delivery.rs`.
 
 mod delivery;
 mod link_v5;
