@@ -125,6 +125,48 @@ impl Conn {
     }
 }
 
+/// Handle every whole packet in `rbuf` with `state`, queueing its answers in `wbuf`.
+/// Central is as hostile as any peer: a malformed packet, or a PUBLISH with a topic alias
+/// (we allow none: rumqttc would remember every alias it is sent, each holding its packet,
+/// without a bound), ends the connection.
+fn take_packets(
+    rbuf: &mut BytesMut,
+    max_in: u32,
+    state: &mut MqttState,
+    wbuf: &mut BytesMut,
+    max_out: Option<u32>,
+) -> Result<(), String> {
+    loop {
+        let packet = match Packet::read(rbuf, Some(max_in)) {
+            Ok(p) => p,
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => return Ok(()),
+            Err(e) => return Err(format!("malformed packet from central: {e}")),
+        };
+        match &packet {
+            Packet::Publish(p)
+                if p.properties
+                    .as_ref()
+                    .is_some_and(|x| x.topic_alias.is_some()) =>
+            {
+                return Err("central sent a topic alias (none allowed)".into());
+            }
+            Packet::Connect(..)
+            | Packet::Subscribe(_)
+            | Packet::Unsubscribe(_)
+            | Packet::PingReq(_)
+            | Packet::Auth(_) => return Err("central sent a packet only clients send".into()),
+            _ => {}
+        }
+        if let Some(out) = state
+            .handle_incoming_packet(packet)
+            .map_err(|e| e.to_string())?
+        {
+            out.write(wbuf, max_out)
+                .map_err(|e| format!("cannot encode: {e}"))?;
+        }
+    }
+}
+
 /// The reason code byte of a PUBACK (MQTT 5 table 3-4).
 fn reason_code(r: PubAckReason) -> u8 {
     match r {
@@ -257,14 +299,7 @@ pub(super) async fn drive(
         let result: Result<bool, String> = tokio::select! {
             r = conn.fill() => match r {
                 Ok(()) => {
-                    let handled = (|| {
-                        while let Some(packet) = conn.buffered()? {
-                            if let Some(out) = state.handle_incoming_packet(packet).map_err(|e| e.to_string())? {
-                                conn.queue(&out)?;
-                            }
-                        }
-                        Ok::<(), String>(())
-                    })();
+                    let handled = take_packets(&mut conn.rbuf, conn.max_in, &mut state, &mut conn.wbuf, conn.max_out);
                     match handled {
                         Ok(()) if conn.wbuf.is_empty() => Ok(true),
                         Ok(()) => match tokio::time::timeout(timeout, conn.flush()).await {
@@ -365,5 +400,51 @@ pub(super) async fn drive(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        /// Whatever central sends, parsing and handling it returns (never panics), and the
+        /// read buffer never holds more than one packet's worth past the limit.
+        #[test]
+        fn any_bytes_from_central_are_handled_without_panic(
+            head in prop::sample::select(vec![0x20u8, 0x30, 0x32, 0x34, 0x40, 0x50, 0x62, 0x70, 0x90, 0xb0, 0xd0, 0xe0, 0xf0, 0x00]),
+            body in prop::collection::vec(any::<u8>(), 0..300),
+            split in 0usize..300,
+        ) {
+            let mut state = MqttState::new(16, false);
+            let mut bytes = vec![head];
+            bytes.extend_from_slice(&body);
+            let mut rbuf = BytesMut::new();
+            let mut wbuf = BytesMut::new();
+            let split = split.min(bytes.len());
+            for part in [&bytes[..split], &bytes[split..]] {
+                rbuf.extend_from_slice(part);
+                if take_packets(&mut rbuf, 1024, &mut state, &mut wbuf, Some(1024)).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_topic_alias_from_central_ends_the_connection() {
+        let mut p = Publish::new("a/b", QoS::AtMostOnce, "x", None);
+        p.properties = Some(rumqttc::v5::mqttbytes::v5::PublishProperties {
+            topic_alias: Some(1),
+            ..Default::default()
+        });
+        let mut rbuf = BytesMut::new();
+        Packet::Publish(p).write(&mut rbuf, None).unwrap();
+        let mut state = MqttState::new(16, false);
+        let mut wbuf = BytesMut::new();
+        let e = take_packets(&mut rbuf, 1024, &mut state, &mut wbuf, None).unwrap_err();
+        assert!(e.contains("topic alias"), "{e}");
     }
 }
