@@ -114,6 +114,14 @@ impl Conn {
             .map_err(|e| format!("cannot encode: {e}"))
     }
 
+    /// Flush within `timeout` (a stalled socket ends the connection, not the task).
+    async fn flush_within(&mut self, timeout: Duration) -> Result<bool, String> {
+        match tokio::time::timeout(timeout, self.flush()).await {
+            Ok(r) => r.map(|()| true),
+            Err(_) => Err("flush timed out".into()),
+        }
+    }
+
     async fn flush(&mut self) -> Result<(), String> {
         let r = async {
             self.io.write_all(&self.wbuf).await?;
@@ -302,10 +310,7 @@ pub(super) async fn drive(
                     let handled = take_packets(&mut conn.rbuf, conn.max_in, &mut state, &mut conn.wbuf, conn.max_out);
                     match handled {
                         Ok(()) if conn.wbuf.is_empty() => Ok(true),
-                        Ok(()) => match tokio::time::timeout(timeout, conn.flush()).await {
-                            Ok(r) => r.map(|()| true),
-                            Err(_) => Err("flush timed out".into()),
-                        },
+                        Ok(()) => conn.flush_within(timeout).await,
                         Err(e) => Err(e),
                     }
                 }
@@ -336,10 +341,7 @@ pub(super) async fn drive(
                     }
                 }
                 match outcome {
-                    Ok(_) => match tokio::time::timeout(timeout, conn.flush()).await {
-                        Ok(r) => r.map(|()| true),
-                        Err(_) => Err("flush timed out".into()),
-                    },
+                    Ok(_) => conn.flush_within(timeout).await,
                     Err(e) => Err(e),
                 }
             },
@@ -359,10 +361,7 @@ pub(super) async fn drive(
             _ = ping.tick(), if !keep_alive.is_zero() => {
                 match state.handle_outgoing_packet(Request::PingReq) {
                     Ok(Some(packet)) => match conn.queue(&packet) {
-                        Ok(()) => match tokio::time::timeout(timeout, conn.flush()).await {
-                            Ok(r) => r.map(|()| true),
-                            Err(_) => Err("flush timed out".into()),
-                        },
+                        Ok(()) => conn.flush_within(timeout).await,
                         Err(e) => Err(e),
                     },
                     Ok(None) => Ok(true),
