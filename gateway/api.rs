@@ -7,6 +7,7 @@
 //! Every error is JSON: `{"error": "..."}` with 400, 401, 404, 413 or 503 (with
 //! `Retry-After` when the API is at one of its limits).
 
+mod commands;
 mod conn;
 mod own_metrics;
 mod quarantine;
@@ -49,6 +50,8 @@ pub struct ApiState {
     pub upstream: Option<Arc<UpstreamStats>>,
     pub intake: Arc<crate::intake::IntakeStats>,
     pub devices_online: Arc<std::sync::atomic::AtomicUsize>,
+    /// Where posted commands go (the dispatcher).
+    pub commands: tokio::sync::mpsc::Sender<crate::model::CommandRequest>,
 }
 
 /// What every handler sees: the gateway's figures plus the API's readers and counters.
@@ -85,6 +88,11 @@ fn router(api: Api) -> Router {
         .route("/api/v1/summaries", get(summaries))
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/quarantine", get(quarantine::quarantine))
+        .route("/api/v1/commands", get(commands::list))
+        .route(
+            "/api/v1/devices/{device}/commands",
+            axum::routing::post(commands::post),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })

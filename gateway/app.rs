@@ -45,6 +45,7 @@ pub struct Figures {
     pub intake: Arc<IntakeStats>,
     pub devices_online: Arc<AtomicUsize>,
     pub upstream: Arc<UpstreamStats>,
+    pub commands: Arc<crate::commands::CommandStats>,
 }
 
 /// Run the gateway until `shutdown` is cancelled; then stop intake, commit everything the
@@ -79,6 +80,8 @@ pub async fn run(
         }
         None => (None, None),
     };
+    // Committed command changes go to the dispatcher.
+    let (changes_tx, changes_rx) = mpsc::channel(crate::commands::CHANGES);
     let buffer = tokio::task::block_in_place(|| {
         Buffer::open(
             &db_path,
@@ -91,6 +94,7 @@ pub async fn run(
                 live: live_tx,
                 rollup_tz: cfg.gateway.time_zone(),
                 rollups: cfg.storage.rollups,
+                commands: Some(changes_tx),
             },
             &configured,
         )
@@ -135,6 +139,10 @@ pub async fn run(
     ));
     let (broker, branch_publisher, router_probe) =
         Broker::start(settings.clone(), devices.clone(), sink.clone()).await?;
+    let (links_tx, links_rx) = mpsc::channel(crate::model::COMMAND_LINKS);
+    broker.shared().report_command_links(links_tx.clone());
+    let (central_tx, central_rx) = mpsc::channel(crate::model::FROM_CENTRAL);
+    let (api_tx, api_rx) = mpsc::channel(crate::commands::API_REQUESTS);
 
     let tasks = tokio_util::task::TaskTracker::new();
     let presence = tasks.spawn(record_broker_events(
@@ -143,7 +151,7 @@ pub async fn run(
         figures.clone(),
         shutdown.clone(),
     ));
-    let (serial_done, _serial_commands) = start_serial(
+    let (serial_done, serial_commands) = start_serial(
         &loaded,
         &db_path,
         &sink,
@@ -166,12 +174,32 @@ pub async fn run(
             devices_online: figures.devices_online.clone(),
             tls: upstream_tls.clone(),
             live,
+            from_central: Some(central_tx.clone()),
         };
         tasks.spawn(forwarder.run(shutdown.clone()))
     });
     if forwarder.is_none() {
         tracing::info!("no [upstream] configured: buffering and serving locally only");
     }
+    drop(central_tx);
+    tasks.spawn(
+        crate::commands::Dispatcher {
+            devices: devices.clone(),
+            writer: buffer.sender(),
+            buffer: buffer_stats.clone(),
+            database: db_path.clone(),
+            changes: changes_rx,
+            links: links_rx,
+            links_tx: links_tx.clone(),
+            central: central_rx,
+            api: api_rx,
+            serial: serial_commands,
+            publisher: branch_publisher.clone(),
+            max_per_device: cfg.commands.max_per_device,
+            stats: figures.commands.clone(),
+        }
+        .run(shutdown.clone()),
+    );
     if let Some(api) = &cfg.api {
         let listener = tokio::net::TcpListener::bind(api.listen)
             .await
@@ -188,6 +216,7 @@ pub async fn run(
             upstream: cfg.upstream.as_ref().map(|_| figures.upstream.clone()),
             intake: figures.intake.clone(),
             devices_online: figures.devices_online.clone(),
+            commands: api_tx.clone(),
         };
         tracing::info!(
             listen = %api.listen,
@@ -505,7 +534,7 @@ const LIVE_SUMMARY_EVERY: Duration = Duration::from_secs(5);
 /// Publish today's branch figures so far, retained on `branch/summary/live`, for the
 /// lobby screens (which subscribe read-only).
 async fn publish_live_summary(
-    mut publisher: crate::broker::BranchPublisher,
+    publisher: crate::broker::BranchPublisher,
     db: std::path::PathBuf,
     branch: String,
     tz: jiff::tz::TimeZone,

@@ -53,6 +53,14 @@ pub struct IntakeStats {
 pub enum Outcome {
     Accepted(Accepted),
     Rejected(Rejected),
+    /// A device's reply to a command (`devices/ID/replies`).
+    Reply {
+        device: DeviceId,
+        command_id: String,
+        status: crate::buffer::commands::ReplyStatus,
+        detail: String,
+        at_ms: i64,
+    },
     /// Not a device topic or not a configured device: nothing to store.
     Ignored,
 }
@@ -83,6 +91,24 @@ fn classify_for(
     received_ms: i64,
 ) -> Outcome {
     let device = entry.id.as_str();
+    if kind_name == "replies" {
+        return match parse_reply(payload) {
+            Ok((command_id, status, detail)) => Outcome::Reply {
+                device: device.to_owned(),
+                command_id,
+                status,
+                detail,
+                at_ms: received_ms,
+            },
+            Err(rejection) => Outcome::Rejected(Rejected {
+                device: device.to_owned(),
+                kind: "replies".into(),
+                received_ms,
+                rejection,
+                excerpt: excerpt(payload),
+            }),
+        };
+    }
     let result = match Kind::parse(kind_name) {
         Some(kind) => entry
             .profile
@@ -134,6 +160,72 @@ fn classify_for(
             },
         }),
     }
+}
+
+/// Longest `detail` a reply may carry.
+pub const MAX_REPLY_DETAIL: usize = 256;
+
+/// `{"command_id": ..., "status": "succeeded" | "failed" | "in_progress", "detail": ...}`.
+fn parse_reply(
+    payload: &[u8],
+) -> Result<(String, crate::buffer::commands::ReplyStatus, String), Rejection> {
+    use crate::buffer::commands::ReplyStatus;
+    if payload.len() > 1024 {
+        return Err(Rejection::new(
+            RejectReason::TooLarge,
+            format!("{} bytes, limit 1024", payload.len()),
+        ));
+    }
+    let value = crate::config::strict_json::parse(payload)
+        .map_err(|_| Rejection::new(RejectReason::NotJson, "a reply is a JSON object"))?;
+    let serde_json::Value::Object(o) = value else {
+        return Err(Rejection::new(
+            RejectReason::NotObject,
+            "a reply is a JSON object",
+        ));
+    };
+    if let Some(k) = o
+        .keys()
+        .find(|k| !matches!(k.as_str(), "command_id" | "status" | "detail"))
+    {
+        return Err(Rejection::quoting(
+            RejectReason::UnknownField,
+            "field ",
+            k,
+            true,
+            " is not part of a reply",
+        ));
+    }
+    let command_id = match o.get("command_id") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= 128 => s.clone(),
+        _ => {
+            return Err(Rejection::new(
+                RejectReason::MissingField,
+                "field `command_id` (a string of 1-128 bytes) is required",
+            ))
+        }
+    };
+    let status = o
+        .get("status")
+        .and_then(|s| s.as_str())
+        .and_then(ReplyStatus::parse)
+        .ok_or_else(|| {
+            Rejection::new(
+                RejectReason::WrongType,
+                "field `status` must be succeeded, failed or in_progress",
+            )
+        })?;
+    let detail = match o.get("detail") {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.chars().take(MAX_REPLY_DETAIL).collect(),
+        Some(_) => {
+            return Err(Rejection::new(
+                RejectReason::WrongType,
+                "field `detail` must be a string",
+            ))
+        }
+    };
+    Ok((command_id, status, detail))
 }
 
 fn excerpt(payload: &[u8]) -> String {
@@ -233,6 +325,23 @@ impl IntakeSink {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
                 self.log_rejection(&r, now);
                 Write::Rejected(r, receipt)
+            }
+            Outcome::Reply {
+                device,
+                command_id,
+                status,
+                detail,
+                at_ms,
+            } => {
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                Write::Command(crate::buffer::commands::CommandOp::Reply {
+                    device,
+                    command_id,
+                    status,
+                    detail,
+                    at_ms,
+                    receipt,
+                })
             }
             Outcome::Ignored => {
                 // Unreachable (`device_topic` found the device); its receipt is never

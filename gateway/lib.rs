@@ -50,6 +50,7 @@ pub mod app;
 pub mod broker;
 pub mod buffer;
 pub mod burst;
+pub mod commands;
 pub mod config;
 pub mod intake;
 pub mod limit;

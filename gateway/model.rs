@@ -15,6 +15,8 @@ pub enum Kind {
     Status,
     /// A closed hour's branch summary, made by the gateway (never sent by a device).
     Summary,
+    /// A change of a command's state, made by the gateway (never sent by a device).
+    Command,
 }
 
 impl Kind {
@@ -27,6 +29,7 @@ impl Kind {
             Kind::Events => "events",
             Kind::Status => "status",
             Kind::Summary => "summary",
+            Kind::Command => "command",
         }
     }
 
@@ -34,6 +37,7 @@ impl Kind {
     pub fn parse_stored(s: &str) -> Option<Kind> {
         match s {
             "summary" => Some(Kind::Summary),
+            "command" => Some(Kind::Command),
             other => Kind::parse(other),
         }
     }
@@ -251,7 +255,8 @@ pub struct StoredRef<'a> {
 
 impl StoredRef<'_> {
     /// `{prefix}/devices/ID/KIND` (or `{prefix}/summaries/hour` for the gateway's hourly
-    /// summary): where the central side receives this message.
+    /// summary; `{prefix}/devices/ID/command` for a command's state): where the central
+    /// side receives this message.
     pub fn topic(&self, prefix: &str) -> String {
         if self.kind == Kind::Summary {
             return format!("{prefix}/summaries/hour");
@@ -290,7 +295,9 @@ impl StoredRef<'_> {
         e.push_str(r#"","data":"#);
         match self.kind {
             Kind::Status => push_json_string(&mut e, self.payload),
-            Kind::Telemetry | Kind::Events | Kind::Summary => e.push_str(self.payload),
+            Kind::Telemetry | Kind::Events | Kind::Summary | Kind::Command => {
+                e.push_str(self.payload)
+            }
         }
         e.push('}');
         e
@@ -368,6 +375,63 @@ pub enum Capture {
     RateLimited(u64),
     /// Not taken: the gateway is stopping. The caller must not acknowledge it.
     Closing,
+}
+
+/// A command on its way to one device connection: the broker writes it as a QoS 1
+/// PUBLISH on `topic` (`devices/ID/commands/NAME`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceCommand {
+    pub command_id: String,
+    pub topic: String,
+    /// `{"command_id": ..., "args": {...}}`.
+    pub payload: Vec<u8>,
+}
+
+/// What the broker tells the command dispatcher about a device's connections.
+#[derive(Debug)]
+pub enum CommandLink {
+    /// Connection `connection` of `device` has a subscription to its commands: `mailbox`
+    /// takes the next command (one in flight per device).
+    Ready {
+        device: DeviceId,
+        connection: u64,
+        mailbox: tokio::sync::mpsc::Sender<DeviceCommand>,
+    },
+    /// That connection closed or dropped its command subscription.
+    Gone { device: DeviceId, connection: u64 },
+    /// The device acknowledged the command (PUBACK, with its MQTT 5 reason code; 0 on
+    /// 3.1.1 and for a serial line's write).
+    Acked {
+        device: DeviceId,
+        connection: u64,
+        command_id: String,
+        reason: u8,
+    },
+}
+
+/// How many [`CommandLink`] reports may wait for the dispatcher (connections wait past it).
+pub const COMMAND_LINKS: usize = 1024;
+
+/// A message central sent the gateway on its upstream connection (`topic` without the
+/// prefix: `commands/devices/ID` or `branch/notices`); `stored` is answered once it is
+/// durable, and only then does central get its PUBACK.
+#[derive(Debug)]
+pub struct FromCentral {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub stored: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Messages from central that may wait for the dispatcher.
+pub const FROM_CENTRAL: usize = 256;
+
+/// A command posted to the HTTP API; answered with the command's JSON (its state), or
+/// with why it cannot be stored at all.
+#[derive(Debug)]
+pub struct CommandRequest {
+    pub device: DeviceId,
+    pub body: Vec<u8>,
+    pub answer: tokio::sync::oneshot::Sender<Result<serde_json::Value, String>>,
 }
 
 /// Milliseconds since the Unix epoch from the system clock.

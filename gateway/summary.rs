@@ -112,7 +112,7 @@ pub fn contributions_of(
     let type_field = match kind {
         Kind::Telemetry => profile.telemetry.as_ref(),
         Kind::Events => profile.events.as_ref(),
-        Kind::Status | Kind::Summary => None,
+        Kind::Status | Kind::Summary | Kind::Command => None,
     }
     .and_then(|k| k.type_field.as_deref());
     let event_type = type_field.and_then(get);

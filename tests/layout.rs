@@ -23,6 +23,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("upstream", &["buffer", "burst", "config", "model"]),
     (
+        "commands",
+        &["broker", "buffer", "burst", "config", "model", "serial"],
+    ),
+    (
         "api",
         &[
             "buffer", "burst", "config", "intake", "model", "summary", "upstream",

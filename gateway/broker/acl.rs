@@ -31,6 +31,20 @@ pub fn may_subscribe(device: &str, filter: &str) -> bool {
     }
 }
 
+/// Does `filter` (valid, see [`valid_filter`]) match `topic` (MQTT 5 §4.7)?
+pub fn matches(filter: &str, topic: &str) -> bool {
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        match (f, t.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (f, Some(level)) if f == level => {}
+            _ => return false,
+        }
+    }
+    t.next().is_none()
+}
+
 /// Is `filter` a valid MQTT topic filter (3.1.1 §4.7, 5 §4.7)? Not empty, no NUL, `#`
 /// only as the whole last level, `+` only as a whole level.
 pub fn valid_filter(filter: &str) -> bool {
@@ -53,6 +67,30 @@ pub fn valid_filter(filter: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_match_topics() {
+        let t = "devices/k1/commands/notice";
+        for yes in [
+            "devices/k1/commands/#",
+            "devices/k1/commands/+",
+            t,
+            "devices/+/commands/#",
+            "#",
+        ] {
+            assert!(matches(yes, t), "{yes}");
+        }
+        for no in [
+            "devices/k1/commands",
+            "devices/k1/commands/x",
+            "devices/k1/+",
+            "devices/k2/#",
+            "devices/k1/commands/notice/x",
+        ] {
+            assert!(!matches(no, t), "{no}");
+        }
+        assert!(matches("devices/k1/commands/#", "devices/k1/commands"));
+    }
 
     #[test]
     fn filter_syntax() {

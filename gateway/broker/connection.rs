@@ -97,6 +97,13 @@ struct LoggedIn {
     receipts: Arc<Receipts>,
     /// How long a persistent session outlives the connection (`None`: for ever).
     session_expiry: Option<Duration>,
+    /// Commands for this connection (one at a time: the dispatcher keeps one in flight).
+    commands: tokio::sync::mpsc::Receiver<crate::model::DeviceCommand>,
+    commands_tx: tokio::sync::mpsc::Sender<crate::model::DeviceCommand>,
+    /// This connection's number for the dispatcher.
+    connection: u64,
+    /// Whether the dispatcher was told this connection takes commands.
+    commands_ready: bool,
 }
 
 impl LoggedIn {
@@ -386,6 +393,7 @@ impl Conn {
             assigned_client_id: (v5 && connect.client_id.is_empty())
                 .then(|| ticket.router_id.clone()),
         };
+        let (command_tx, command_rx) = tokio::sync::mpsc::channel(2);
         let mut logged_in = LoggedIn {
             session: Session::new(
                 &device,
@@ -422,6 +430,10 @@ impl Conn {
             receipts: Receipts::new(),
             session_expiry: (v5 && expiry != u32::MAX)
                 .then(|| Duration::from_secs(u64::from(expiry))),
+            commands: command_rx,
+            commands_tx: command_tx,
+            connection: shared.next_connection.fetch_add(1, Ordering::Relaxed),
+            commands_ready: false,
         };
         if connect.keep_alive == 0 {
             shared.stats.zero_keepalive.fetch_add(1, Ordering::Relaxed);
@@ -541,6 +553,7 @@ impl Conn {
                 Err(c) => break c,
             };
             li.release(&mut self.wbuf);
+            report_command_links(&shared, &mut li).await;
             // Still full after what was released: nothing is read until commits advance.
             let window_full = li.window_full();
             // One router event for all of them (its channel is shared by every device).
@@ -610,6 +623,17 @@ impl Conn {
                         break c;
                     }
                 }
+                Some(command) = li.commands.recv() => {
+                    if !li.session.deliver(&command, &mut self.wbuf) {
+                        // No subscription matches it (or it is too large for the device):
+                        // the dispatcher waits for this device's next ready connection.
+                        shared.deny(Some(&li.device), Denial::DeliveryTooLarge, "command not deliverable on this connection");
+                        li.commands_ready = false;
+                        if let Some(links) = shared.command_links.get() {
+                            let _ = links.send(crate::model::CommandLink::Gone { device: li.device.clone(), connection: li.connection }).await;
+                        }
+                    }
+                }
             }
         };
         self.finish(li, closing).await;
@@ -637,6 +661,15 @@ impl Conn {
             shared.deny(Some(&li.device), denial, detail);
         }
         ticket_save(&li);
+        if li.commands_ready {
+            if let Some(links) = shared.command_links.get() {
+                let gone = crate::model::CommandLink::Gone {
+                    device: li.device.clone(),
+                    connection: li.connection,
+                };
+                let _ = links.send(gone).await;
+            }
+        }
         let LoggedIn {
             device,
             client_id,
@@ -657,6 +690,40 @@ impl Conn {
             }
         }
         drop(ticket);
+    }
+}
+
+/// Tell the dispatcher what changed for commands on this connection: acknowledged
+/// commands, and whether it now takes commands (a subscription to them came or went).
+async fn report_command_links(shared: &Shared, li: &mut LoggedIn) {
+    let Some(links) = shared.command_links.get() else {
+        return;
+    };
+    for (command_id, reason) in li.session.take_acked() {
+        let acked = crate::model::CommandLink::Acked {
+            device: li.device.clone(),
+            connection: li.connection,
+            command_id,
+            reason,
+        };
+        let _ = links.send(acked).await;
+    }
+    let subscribed = li.session.commands_subscribed();
+    if subscribed != li.commands_ready {
+        li.commands_ready = subscribed;
+        let report = if subscribed {
+            crate::model::CommandLink::Ready {
+                device: li.device.clone(),
+                connection: li.connection,
+                mailbox: li.commands_tx.clone(),
+            }
+        } else {
+            crate::model::CommandLink::Gone {
+                device: li.device.clone(),
+                connection: li.connection,
+            }
+        };
+        let _ = links.send(report).await;
     }
 }
 

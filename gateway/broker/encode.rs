@@ -185,6 +185,20 @@ pub(crate) fn unsuback(out: &mut BytesMut, v5: bool, pkid: u16, reasons: &[u8]) 
     out.put_slice(reasons);
 }
 
+/// A QoS 1 PUBLISH (a command for the device): topic, packet id, no properties.
+pub(crate) fn publish_qos1(out: &mut BytesMut, v5: bool, topic: &str, pkid: u16, payload: &[u8]) {
+    let len = 2 + topic.len() + 2 + usize::from(v5) + payload.len();
+    out.put_u8(0x32);
+    remaining_length(out, len);
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic.as_bytes());
+    out.put_u16(pkid);
+    if v5 {
+        out.put_u8(0);
+    }
+    out.put_slice(payload);
+}
+
 pub(crate) fn pingresp(out: &mut BytesMut) {
     out.put_slice(&[0xd0, 0x00]);
 }

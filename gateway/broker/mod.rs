@@ -164,25 +164,26 @@ impl Drop for Broker {
 
 /// Publishes the gateway's own messages for in-branch clients under `branch/` (screens
 /// subscribe read-only: devices may publish only under their own `devices/ID/`).
+/// Clones share one router link.
+#[derive(Clone)]
 pub struct BranchPublisher {
-    tx: LinkTx,
-    /// Kept so the router keeps the link.
-    _rx: LinkRx,
+    /// The link, and its receiving half (kept so the router keeps the link).
+    link: Arc<tokio::sync::Mutex<(LinkTx, LinkRx)>>,
 }
 
 impl BranchPublisher {
-    /// Publish `payload` on `topic` (under `branch/`), retained, at QoS 0.
-    pub async fn publish_retained(
-        &mut self,
-        topic: &str,
-        payload: Vec<u8>,
-    ) -> Result<(), BrokerError> {
+    /// Publish `payload` on `topic` (under `branch/`), retained, at QoS 0 (an empty
+    /// payload clears the retained message).
+    pub async fn publish_retained(&self, topic: &str, payload: Vec<u8>) -> Result<(), BrokerError> {
         let publish = rumqttd::protocol::Publish::new(
             bytes::Bytes::copy_from_slice(topic.as_bytes()),
             bytes::Bytes::from(payload),
             true,
         );
-        self.tx
+        self.link
+            .lock()
+            .await
+            .0
             .send(rumqttd::protocol::Packet::Publish(publish, None))
             .await
             .map(|_| ())
@@ -320,8 +321,7 @@ impl Broker {
                 connections: Some(connections),
             },
             BranchPublisher {
-                tx: branch_tx,
-                _rx: branch_rx,
+                link: Arc::new(tokio::sync::Mutex::new((branch_tx, branch_rx))),
             },
             RouterProbe {
                 tx: probe_tx,

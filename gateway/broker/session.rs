@@ -288,6 +288,13 @@ pub(crate) struct Session {
     unacked: VecDeque<Unacked>,
     /// The highest receipt any publish of this connection waits for.
     last_receipt: u64,
+    /// The command written to the device and not yet acknowledged: (packet id, command id).
+    command_out: Option<(u16, String)>,
+    /// The packet id of the last command written (the router's deliveries are all QoS 0,
+    /// so these ids are the connection's only ones).
+    command_pkid: u16,
+    /// Commands the device acknowledged: (command id, reason code), for the dispatcher.
+    acked: Vec<(String, u8)>,
 }
 
 /// A PUBACK or PUBREC to write once the connection's messages up to `receipt` are committed.
@@ -312,7 +319,47 @@ impl Session {
             recent: Recent::default(),
             unacked: VecDeque::new(),
             last_receipt: 0,
+            command_out: None,
+            command_pkid: 0,
+            acked: Vec::new(),
         }
+    }
+
+    /// Whether the device subscribes to any of its command topics.
+    pub fn commands_subscribed(&self) -> bool {
+        let prefix = format!("devices/{}/commands", self.device);
+        self.subscriptions.keys().any(|f| {
+            f.strip_prefix(&prefix)
+                .is_some_and(|r| r.is_empty() || r.starts_with('/'))
+        })
+    }
+
+    /// Write `command` as a QoS 1 PUBLISH; `false` (nothing written) when no subscription of
+    /// the device matches its topic or it is larger than the device's Maximum Packet Size.
+    pub fn deliver(&mut self, command: &crate::model::DeviceCommand, out: &mut BytesMut) -> bool {
+        let subscribed = self
+            .subscriptions
+            .keys()
+            .any(|f| acl::matches(f, &command.topic));
+        let size = 5 + 2 + command.topic.len() + 2 + 1 + command.payload.len();
+        if !subscribed || size > self.limits.peer_max_packet || command.topic.len() > 1024 {
+            return false;
+        }
+        self.command_pkid = self.command_pkid.checked_add(1).unwrap_or(1);
+        encode::publish_qos1(
+            out,
+            self.v5,
+            &command.topic,
+            self.command_pkid,
+            &command.payload,
+        );
+        self.command_out = Some((self.command_pkid, command.command_id.clone()));
+        true
+    }
+
+    /// The commands acknowledged since the last call: (command id, reason code).
+    pub fn take_acked(&mut self) -> Vec<(String, u8)> {
+        std::mem::take(&mut self.acked)
     }
 
     /// Write the acknowledgements whose messages are committed (every receipt up to
@@ -457,7 +504,19 @@ impl Session {
                 denial: None,
                 will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
             }),
-            // Nothing is delivered above QoS 0: an acknowledgement answers nothing.
+            // The only QoS 1 message a device is sent is a command.
+            Packet::PubAck(ack, _)
+                if self
+                    .command_out
+                    .as_ref()
+                    .is_some_and(|(pkid, _)| *pkid == ack.pkid) =>
+            {
+                if let Some((_, id)) = self.command_out.take() {
+                    self.acked.push((id, puback_reason(&ack)));
+                }
+                Ok(None)
+            }
+            // Nothing else is delivered above QoS 0: an acknowledgement answers nothing.
             Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) => {
                 env.deny(
                     &self.device,
@@ -761,6 +820,22 @@ impl Session {
             SubscribeReasonCode::TopicFilterInvalid => self.refusal(code::FILTER_INVALID),
             _ => self.refusal(code::FAILURE_V4),
         }
+    }
+}
+
+/// A device's PUBACK reason code byte (0 on 3.1.1).
+fn puback_reason(ack: &protocol::PubAck) -> u8 {
+    use protocol::PubAckReason::*;
+    match ack.reason {
+        Success => 0x00,
+        NoMatchingSubscribers => 0x10,
+        UnspecifiedError => 0x80,
+        ImplementationSpecificError => 0x83,
+        NotAuthorized => 0x87,
+        TopicNameInvalid => 0x90,
+        PacketIdentifierInUse => 0x91,
+        QuotaExceeded => 0x97,
+        PayloadFormatInvalid => 0x99,
     }
 }
 

@@ -163,6 +163,11 @@ pub struct Shared {
     /// Connections not yet logged in, per source address.
     pending: Mutex<PendingTable>,
     log: Mutex<BurstLimiter<(Option<DeviceId>, Denial)>>,
+    /// Where connections report their command links (set once, by the app).
+    pub(crate) command_links:
+        std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::model::CommandLink>>,
+    /// The number the next logged-in connection is known by to the dispatcher.
+    pub(crate) next_connection: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -170,6 +175,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Send command link reports (device ready, gone, acknowledged) to `links`.
+    pub fn report_command_links(
+        &self,
+        links: tokio::sync::mpsc::Sender<crate::model::CommandLink>,
+    ) {
+        let _ = self.command_links.set(links);
+    }
+
     pub fn new(
         settings: BrokerSettings,
         devices: SharedDevices,
@@ -201,6 +214,8 @@ impl Shared {
             closing: CancellationToken::new(),
             filters: Mutex::new((HashSet::new(), HashMap::new())),
             pending: Mutex::new(PendingTable::default()),
+            command_links: std::sync::OnceLock::new(),
+            next_connection: AtomicU64::new(1),
             log: Mutex::new(BurstLimiter::new(10_000, 4096)),
         }
     }

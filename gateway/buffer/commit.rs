@@ -27,6 +27,9 @@ pub(super) struct DeviceDelta {
 impl Writer {
     pub(super) fn commit(&mut self, batch: &[Write]) -> rusqlite::Result<()> {
         self.seqs.clear();
+        self.command_changes.clear();
+        self.answers.clear();
+        self.extra_rows.clear();
         if self.rollup_version == 0 {
             self.rollup_version = self.conn.query_row(
                 "SELECT COALESCE(MAX(version), 0) FROM rollup_buckets",
@@ -41,6 +44,8 @@ impl Writer {
         let tx = self.conn.transaction()?;
         let mut devices: foldhash::HashMap<&str, DeviceDelta> = Default::default();
         let mut quarantined: Vec<(String, i64)> = Vec::new();
+        // Per-device command counters: (device, counter, at).
+        let mut command_counts: Vec<(String, &'static str, i64)> = Vec::new();
         let (mut messages, mut rejected, mut delivered, mut last_seq) = (0u64, 0u64, 0u64, 0i64);
         {
             let mut insert_msg = tx.prepare_cached(
@@ -142,6 +147,44 @@ impl Writer {
                         (*count).try_into().unwrap_or(i64::MAX),
                         *at_ms,
                     ),
+                    Write::Command(op) => {
+                        let applied = super::commands::apply(&tx, op)?;
+                        for r in &applied.changed {
+                            let payload = super::commands::outbox_payload(r);
+                            insert_msg.execute(params![
+                                r.device,
+                                r.profile,
+                                crate::model::Kind::Command.as_str(),
+                                r.updated_ms,
+                                payload
+                            ])?;
+                            let seq = tx.last_insert_rowid();
+                            last_seq = last_seq.max(seq);
+                            self.extra_rows.push(crate::model::Stored {
+                                seq,
+                                device: r.device.clone(),
+                                profile: r.profile.clone(),
+                                kind: crate::model::Kind::Command,
+                                received_ms: r.updated_ms,
+                                payload,
+                            });
+                            // A device nobody configured gets no row (central may name any).
+                            if !r.profile.is_empty() {
+                                command_counts.push((
+                                    r.device.clone(),
+                                    command_counter(r.state),
+                                    r.updated_ms,
+                                ));
+                            }
+                        }
+                        if let Some((device, what)) = applied.counter {
+                            command_counts.push((device, what, crate::model::now_ms()));
+                        }
+                        self.command_changes.extend(applied.changed);
+                        if let Some(a) = applied.answer {
+                            self.answers.push(a);
+                        }
+                    }
                     Write::Maintain => self.maintain_due = true,
                     Write::Probe => {}
                     Write::Configured(list) => {
@@ -199,6 +242,15 @@ impl Writer {
             }
         }
         apply_devices(&tx, &devices)?;
+        for (device, what, at_ms) in &command_counts {
+            tx.prepare_cached(
+                "INSERT INTO device_counters (device, counter, value, last_ms)
+                 SELECT ?1, ?2, 1, ?3 WHERE EXISTS (SELECT 1 FROM devices WHERE id = ?1)
+                 ON CONFLICT(device, counter) DO UPDATE SET
+                     value = value + 1, last_ms = MAX(last_ms, excluded.last_ms)",
+            )?
+            .execute(params![device, what, at_ms])?;
+        }
         for (device, at_ms) in &quarantined {
             tx.prepare_cached(
                 "INSERT INTO device_counters (device, counter, value, last_ms)
@@ -254,6 +306,21 @@ impl Writer {
                 .store(last_seq as u64, Ordering::Relaxed);
         }
         Ok(())
+    }
+}
+
+/// The per-device counter of a command state (`devices`, `status`).
+fn command_counter(state: super::commands::CommandState) -> &'static str {
+    use super::commands::CommandState::*;
+    match state {
+        Queued => "command_queued",
+        Sent => "command_sent",
+        Delivered => "command_delivered",
+        Succeeded => "command_succeeded",
+        Failed => "command_failed",
+        TimedOut => "command_timed_out",
+        Expired => "command_expired",
+        Rejected => "command_rejected",
     }
 }
 

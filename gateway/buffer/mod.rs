@@ -59,6 +59,7 @@
 
 mod cap;
 mod checkpoint;
+pub mod commands;
 mod commit;
 mod open;
 mod outbox;
@@ -137,6 +138,8 @@ pub enum Write {
     Maintain,
     /// The configured devices after a reload: (id, profile).
     Configured(Vec<(DeviceId, String)>),
+    /// A command stored, moved on or answered by its device ([`commands::CommandOp`]).
+    Command(commands::CommandOp),
     /// Liveness probe for the service watchdog: it only makes the writer go round its loop
     /// (and so refresh [`BufferStats::heartbeat_ms`]).
     Probe,
@@ -146,9 +149,10 @@ impl Write {
     /// The receipt a device connection waits on, taken out once its commit is done.
     fn take_receipt(&mut self) -> Option<Receipt> {
         match self {
-            Write::Accepted(_, r) | Write::Rejected(_, r) | Write::Denied { receipt: r, .. } => {
-                r.take()
-            }
+            Write::Accepted(_, r)
+            | Write::Rejected(_, r)
+            | Write::Denied { receipt: r, .. }
+            | Write::Command(commands::CommandOp::Reply { receipt: r, .. }) => r.take(),
             _ => None,
         }
     }
@@ -212,6 +216,9 @@ pub struct BufferOptions {
     pub rollup_tz: jiff::tz::TimeZone,
     /// `false`: no rollups at all (not even the built-in per-device figures).
     pub rollups: bool,
+    /// Where the writer reports every committed command change (see
+    /// [`BufferStats::commands_resync`] for when it is full).
+    pub commands: Option<mpsc::Sender<Vec<commands::CommandRow>>>,
 }
 
 /// Counters the writer updates; read by status logs and (later) metrics.
@@ -240,6 +247,9 @@ pub struct BufferStats {
     pub stopping: std::sync::atomic::AtomicBool,
     /// Accepted messages given up because commits still failed while the gateway stopped.
     pub lost_at_stop: AtomicU64,
+    /// Set when committed command changes could not be handed over (their channel was
+    /// full): the dispatcher reads the open commands back from the database.
+    pub commands_resync: std::sync::atomic::AtomicBool,
 }
 
 /// Intake waits here while the writer queue is full, until half of it is free again.
@@ -386,6 +396,10 @@ impl Buffer {
             recovered,
             last_handed: last_seq,
             seqs: Vec::new(),
+            commands_tx: options.commands,
+            command_changes: Vec::new(),
+            answers: Vec::new(),
+            extra_rows: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("sqlite-writer".into())

@@ -214,6 +214,32 @@ CREATE TABLE quarantine (
     at_ms       INTEGER NOT NULL
 );
 "#,
+    // v12: commands from central to devices, one row per `command_id` with its current
+    // state (every change also goes to `messages` as a `command` row for central), and the
+    // branch notice republished for screens.
+    r#"
+CREATE TABLE commands (
+    id               INTEGER PRIMARY KEY,
+    command_id       TEXT    NOT NULL UNIQUE,
+    device           TEXT    NOT NULL,
+    profile          TEXT    NOT NULL,
+    name             TEXT    NOT NULL,
+    args             TEXT    NOT NULL,
+    state            TEXT    NOT NULL,
+    detail           TEXT    NOT NULL DEFAULT '',
+    created_ms       INTEGER NOT NULL,
+    updated_ms       INTEGER NOT NULL,
+    expires_ms       INTEGER NOT NULL,
+    reply_timeout_ms INTEGER
+);
+CREATE INDEX commands_by_device_state ON commands (device, state);
+CREATE INDEX commands_by_state ON commands (state, id);
+CREATE TABLE notice (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    payload    TEXT    NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+"#,
 ];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).

@@ -37,6 +37,7 @@ fn open_test_buffer_with(path: &Path, rollups: bool) -> Buffer {
         live: None,
         rollup_tz: jiff::tz::TimeZone::UTC,
         rollups,
+        commands: None,
     };
     Buffer::open(path, options, &[("gate-1".into(), "gate-counter".into())]).unwrap()
 }
@@ -352,6 +353,7 @@ fn disk_cap_takes_from_the_biggest_holder_first() {
         live: None,
         rollup_tz: jiff::tz::TimeZone::UTC,
         rollups: false,
+        commands: None,
     };
     let configured = [
         ("flood".to_owned(), "p".to_owned()),
@@ -477,6 +479,7 @@ fn the_disk_cap_drops_quarantined_rows_last_and_counts_them() {
         live: None,
         rollup_tz: jiff::tz::TimeZone::UTC,
         rollups: false,
+        commands: None,
     };
     let buffer = Buffer::open(&path, options, &[("dev".into(), "p".into())]).unwrap();
     let tx = buffer.sender();

@@ -68,6 +68,14 @@ pub(super) struct Writer {
     pub(super) last_handed: i64,
     /// `seq`s of the messages in the batch being committed, in order.
     pub(super) seqs: Vec<i64>,
+    /// Where committed command changes go (the dispatcher).
+    pub(super) commands_tx: Option<mpsc::Sender<Vec<super::commands::CommandRow>>>,
+    /// Command changes of the batch being committed.
+    pub(super) command_changes: Vec<super::commands::CommandRow>,
+    /// Answers owed to the batch's command ops, in their order.
+    pub(super) answers: Vec<super::commands::Answer>,
+    /// Rows of the batch that are not device messages (command changes), with their `seq`.
+    pub(super) extra_rows: Vec<Stored>,
 }
 
 /// What a batch may add to database plus WAL: each row is written to the WAL and later to
@@ -202,6 +210,7 @@ impl Writer {
                         .store(false, Ordering::Relaxed);
                     // Durable now: the devices waiting for these may be acknowledged.
                     crate::receipt::settle(batch.iter_mut().filter_map(Write::take_receipt));
+                    self.hand_commands(batch);
                     self.hand_live(batch);
                     batch.clear();
                     return;
@@ -270,8 +279,52 @@ impl Writer {
 
     /// Hand the rows just committed to the forwarder; when its channel is full (or gone)
     /// wake it to read them from the database.
+    /// Answer the batch's command ops and tell the dispatcher what changed; when its
+    /// channel is full, flag a resync instead (it reads the open commands back).
+    pub(super) fn hand_commands(&mut self, batch: &mut [Write]) {
+        use super::commands::{Answer, CommandOp};
+        let mut answers = std::mem::take(&mut self.answers).into_iter();
+        for w in batch.iter_mut() {
+            match w {
+                Write::Command(CommandOp::New(_, reply)) => {
+                    if let Some(Answer::Row(r)) = answers.next() {
+                        if let Some(reply) = reply.take() {
+                            let _ = reply.send(r);
+                        }
+                    }
+                }
+                Write::Command(CommandOp::Open(_)) => {
+                    if let (
+                        Some(Answer::Rows(rows, newest)),
+                        Write::Command(CommandOp::Open(reply)),
+                    ) = (answers.next(), std::mem::replace(w, Write::Probe))
+                    {
+                        let _ = reply.send((rows, newest));
+                    }
+                }
+                Write::Command(CommandOp::Notice(_, done)) => {
+                    answers.next();
+                    if let Some(done) = done.take() {
+                        let _ = done.send(());
+                    }
+                }
+                _ => {}
+            }
+        }
+        let changes = std::mem::take(&mut self.command_changes);
+        if changes.is_empty() {
+            return;
+        }
+        if let Some(tx) = &self.commands_tx {
+            if tx.try_send(changes).is_err() {
+                self.stats.commands_resync.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub(super) fn hand_live(&mut self, batch: &mut Vec<Write>) {
-        let Some(&last) = self.seqs.last() else {
+        let extra = std::mem::take(&mut self.extra_rows);
+        let Some(last) = self.seqs.last().copied().max(extra.last().map(|r| r.seq)) else {
             return;
         };
         let after = std::mem::replace(&mut self.last_handed, last);
@@ -282,7 +335,7 @@ impl Writer {
             self.stats.committed.notify_one();
             return;
         }
-        let rows: Vec<Stored> = batch
+        let mut rows: Vec<Stored> = batch
             .drain(..)
             .filter_map(|w| match w {
                 Write::Accepted(m, _) => Some(m),
@@ -298,6 +351,10 @@ impl Writer {
                 payload: m.payload,
             })
             .collect();
+        if !extra.is_empty() {
+            rows.extend(extra);
+            rows.sort_unstable_by_key(|r| r.seq);
+        }
         if live.try_send(LiveRows { after, rows }).is_err() {
             self.stats.committed.notify_one();
         }

@@ -7,6 +7,7 @@
 
 pub mod api;
 mod broker;
+pub mod command_spec;
 pub mod file;
 pub mod profile;
 pub mod rate_limit;
@@ -42,8 +43,32 @@ pub struct Config {
     /// The HTTP API (summaries, devices, health, metrics); off without this section.
     #[serde(default)]
     pub api: Option<ApiSection>,
+    /// Commands from central to devices (README "Commands").
+    #[serde(default)]
+    pub commands: CommandsSection,
     #[serde(default)]
     pub devices: Vec<DeviceSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsSection {
+    /// Open commands (queued, sent, delivered) a device may have; more are `rejected`
+    /// with `queue_full`.
+    #[serde(default = "default_max_commands")]
+    pub max_per_device: usize,
+}
+
+impl Default for CommandsSection {
+    fn default() -> Self {
+        CommandsSection {
+            max_per_device: default_max_commands(),
+        }
+    }
+}
+
+fn default_max_commands() -> usize {
+    50
 }
 
 #[derive(Clone, Deserialize)]
@@ -406,6 +431,12 @@ impl Config {
                               detected or quarantined (use \"5\" if central speaks MQTT 5)"
                         .into(),
                 });
+                out.push(Problem {
+                    key: "upstream.protocol".into(),
+                    message: "commands and notices from central need MQTT 5: over 3.1.1 \
+                              they are taken from the API only"
+                        .into(),
+                });
             }
         }
         out
@@ -438,6 +469,12 @@ impl Config {
         }
         for (key, message) in self.broker.check() {
             push(format!("broker.{key}"), message);
+        }
+        if !(1..=1000).contains(&self.commands.max_per_device) {
+            push(
+                "commands.max_per_device".into(),
+                "must be between 1 and 1000".into(),
+            );
         }
         if !(16..=1_000_000).contains(&self.storage.queue_capacity) {
             push(

@@ -39,6 +39,9 @@ pub struct Profile {
     /// refuses the rest as `rate_limited`); none by default.
     #[serde(default)]
     pub rate_limit: Option<super::rate_limit::RateLimit>,
+    /// Commands central may send devices of this profile (see `command_spec`).
+    #[serde(default)]
+    pub commands: BTreeMap<String, super::command_spec::CommandSpec>,
 }
 
 /// One summary metric fed by this profile's messages.
@@ -240,7 +243,7 @@ impl Profile {
         match kind {
             Kind::Telemetry => self.telemetry.as_ref(),
             Kind::Events => self.events.as_ref(),
-            Kind::Status | Kind::Summary => None,
+            Kind::Status | Kind::Summary | Kind::Command => None,
         }
     }
 
@@ -274,6 +277,7 @@ impl Profile {
         if let Some(limit) = &self.rate_limit {
             limit.check(self.max_bytes(), &mut problems);
         }
+        self.check_commands(&mut problems);
         problems
     }
 
@@ -638,6 +642,16 @@ pub struct Validated {
 }
 
 impl FieldSpec {
+    /// [`FieldSpec::check`] for other declarations (command arguments).
+    pub(crate) fn check_spec(&self, path: &str, problems: &mut Vec<ProfileProblem>) {
+        self.check(path, problems)
+    }
+
+    /// [`FieldSpec::validate`] for other values (command arguments).
+    pub(crate) fn check_value(&self, name: &str, v: &Value) -> Result<(), Rejection> {
+        self.validate(name, v)
+    }
+
     fn check(&self, path: &str, problems: &mut Vec<ProfileProblem>) {
         let numeric = matches!(self.ty, FieldType::Integer | FieldType::Number);
         if (self.min.is_some() || self.max.is_some()) && !numeric {

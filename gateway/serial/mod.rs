@@ -68,17 +68,35 @@ pub enum CommandError {
 /// Sends commands declared in a device's profile to its port.
 #[derive(Debug, Clone, Default)]
 pub struct Commands {
-    ports: std::collections::HashMap<DeviceId, (Arc<SerialSpec>, mpsc::Sender<Vec<u8>>)>,
+    ports: std::collections::HashMap<DeviceId, (Arc<SerialSpec>, mpsc::Sender<Written>)>,
 }
 
+/// Bytes for a port, and who to tell once they are written.
+pub type Written = (Vec<u8>, Option<tokio::sync::oneshot::Sender<()>>);
+
 impl Commands {
-    pub fn insert(&mut self, device: DeviceId, spec: Arc<SerialSpec>, tx: mpsc::Sender<Vec<u8>>) {
+    pub fn insert(&mut self, device: DeviceId, spec: Arc<SerialSpec>, tx: mpsc::Sender<Written>) {
         self.ports.insert(device, (spec, tx));
     }
 
-    /// Queue the named command; it is written when the port is open (dropped if the port
-    /// is closed when its turn comes, and counted as not sent).
+    /// The serial devices.
+    pub fn devices(&self) -> impl Iterator<Item = &DeviceId> {
+        self.ports.keys()
+    }
+
+    /// Queue the named command; it is written when the port is open (held while it is
+    /// closed, in a queue of [`COMMAND_QUEUE`]).
     pub fn send(&self, device: &str, command: &str) -> Result<(), CommandError> {
+        self.send_then(device, command, None)
+    }
+
+    /// [`Commands::send`], telling `written` once the bytes are written to the port.
+    pub fn send_then(
+        &self,
+        device: &str,
+        command: &str,
+        written: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), CommandError> {
         let (spec, tx) = self
             .ports
             .get(device)
@@ -91,7 +109,7 @@ impl Commands {
                 device: device.to_owned(),
                 command: command.to_owned(),
             })?;
-        tx.try_send(bytes)
+        tx.try_send((bytes, written))
             .map_err(|_| CommandError::Busy(device.to_owned()))
     }
 }
@@ -125,7 +143,7 @@ pub async fn run(
     dev: SerialDevice,
     mut counters: CounterState,
     events: mpsc::Sender<SerialEvent>,
-    mut commands: mpsc::Receiver<Vec<u8>>,
+    mut commands: mpsc::Receiver<Written>,
     shutdown: CancellationToken,
 ) {
     let id = dev.device.clone();
@@ -230,9 +248,12 @@ pub async fn run(
                     awaiting = None;
                     count("serial_poll_timeout");
                 }
-                Some(cmd) = commands.recv() => {
+                Some((cmd, written)) = commands.recv() => {
                     if let Err(e) = stream.write_all(&cmd).await {
                         break e.to_string();
+                    }
+                    if let Some(w) = written {
+                        let _ = w.send(());
                     }
                     count("serial_command_sent");
                     tracing::info!(device = %id, bytes = cmd.len(), "serial command sent");

@@ -39,7 +39,22 @@ pub(super) struct V5Options {
     /// Retained QoS 1 will: (topic, payload).
     pub will: (String, String),
     pub timeout: Duration,
+    /// Take commands and notices from central (a persistent session subscribed to them).
+    pub central: Option<Central>,
 }
+
+/// Where what central sends the gateway goes, and under which prefix it arrives.
+#[derive(Clone)]
+pub(super) struct Central {
+    pub prefix: String,
+    pub tx: mpsc::Sender<crate::model::FromCentral>,
+}
+
+/// How long central keeps the gateway's session (and the commands for it) while the link
+/// is down: as long as a command may live.
+const SESSION_EXPIRY_S: u32 = 7 * 24 * 3600;
+/// Publishes from central the gateway takes before it has acknowledged them.
+const RECEIVE_MAXIMUM: u16 = 64;
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -211,10 +226,16 @@ async fn handshake(o: &V5Options) -> Result<(Conn, ConnAck), String> {
     let mut conn = Conn::open(o).await?;
     let mut props = ConnectProperties::new();
     props.max_packet_size = Some(o.max_incoming);
+    props.receive_maximum = Some(RECEIVE_MAXIMUM);
+    if o.central.is_some() {
+        props.session_expiry_interval = Some(SESSION_EXPIRY_S);
+    }
     let connect = Connect {
         keep_alive: o.keep_alive.as_secs().min(u16::MAX as u64) as u16,
         client_id: o.client_id.clone(),
-        clean_start: true,
+        // With commands: a persistent session, so central keeps what it sends while the
+        // link is down.
+        clean_start: o.central.is_none(),
         properties: Some(props),
     };
     let will = LastWill::new(
@@ -274,12 +295,34 @@ pub(super) async fn drive(
         .map(|s| Duration::from_secs(s as u64))
         .unwrap_or(o.keep_alive);
     let window = o.max_inflight.min(receive_max.unwrap_or(u16::MAX).max(1));
-    let mut state = MqttState::new(o.max_inflight, false);
+    // Manual acknowledgements: central's publishes are acknowledged once stored.
+    let mut state = MqttState::new(o.max_inflight, true);
     if let Err(e) = state.handle_incoming_packet(Packet::ConnAck(connack)) {
         let _ = events.send((generation, lost(e.to_string()))).await;
         return;
     }
     state.events.clear();
+    if let Some(c) = &o.central {
+        let filters = [
+            format!("{}/commands/devices/+", c.prefix),
+            format!("{}/branch/notices", c.prefix),
+        ]
+        .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce));
+        let subscribe = rumqttc::v5::mqttbytes::v5::Subscribe::new_many(filters, None);
+        let sent = match state.handle_outgoing_packet(Request::Subscribe(subscribe)) {
+            Ok(Some(packet)) => conn.queue(&packet).map(|_| ()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = sent.and(conn.flush_within(o.timeout).await.map(|_| ())) {
+            let _ = events.send((generation, lost(e))).await;
+            return;
+        }
+        state.events.clear();
+    }
+    // Central's publishes waiting for their commit, in arrival order (acknowledged in it).
+    let mut unstored: std::collections::VecDeque<(u16, tokio::sync::oneshot::Receiver<()>)> =
+        std::collections::VecDeque::new();
     if events
         .send((generation, LinkEvent::Connected(limits)))
         .await
@@ -358,6 +401,25 @@ pub(super) async fn drive(
                 let _ = tokio::time::timeout(timeout, conn.flush()).await;
                 Ok(false)
             },
+            stored = async { (&mut unstored.front_mut().expect("guarded").1).await }, if !unstored.is_empty() => {
+                let (pkid, _) = unstored.pop_front().expect("guarded");
+                match stored {
+                    // Durable: now central may forget it.
+                    Ok(()) if pkid != 0 => {
+                        let ack = rumqttc::v5::mqttbytes::v5::PubAck::new(pkid, None);
+                        match state.handle_outgoing_packet(Request::PubAck(ack)) {
+                            Ok(Some(packet)) => match conn.queue(&packet) {
+                                Ok(()) => conn.flush_within(timeout).await,
+                                Err(e) => Err(e),
+                            },
+                            Ok(None) => Ok(true),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    // QoS 0, or the gateway is stopping: no acknowledgement.
+                    _ => Ok(true),
+                }
+            },
             _ = ping.tick(), if !keep_alive.is_zero() => {
                 match state.handle_outgoing_packet(Request::PingReq) {
                     Ok(Some(packet)) => match conn.queue(&packet) {
@@ -371,6 +433,26 @@ pub(super) async fn drive(
         };
         while let Some(ev) = state.events.pop_front() {
             let ev = match ev {
+                Event::Incoming(Packet::Publish(p)) => {
+                    let Some(c) = &o.central else { continue };
+                    let topic = String::from_utf8_lossy(&p.topic);
+                    let topic = topic
+                        .strip_prefix(c.prefix.as_str())
+                        .and_then(|t| t.strip_prefix('/'))
+                        .unwrap_or("")
+                        .to_owned();
+                    let (stored, rx) = tokio::sync::oneshot::channel();
+                    let msg = crate::model::FromCentral {
+                        topic,
+                        payload: p.payload.to_vec(),
+                        stored,
+                    };
+                    if c.tx.send(msg).await.is_err() {
+                        return;
+                    }
+                    unstored.push_back((if p.qos == QoS::AtMostOnce { 0 } else { p.pkid }, rx));
+                    continue;
+                }
                 Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Sent(pkid),
                 Event::Incoming(Packet::PubAck(ack)) => LinkEvent::PubAck {
                     pkid: ack.pkid,

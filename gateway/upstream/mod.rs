@@ -73,6 +73,10 @@ pub struct Forwarder {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Rows as the writer commits them: live traffic without reading SQLite back.
     pub live: mpsc::Receiver<LiveRows>,
+    /// Where commands and notices from central go (MQTT 5 only): with it, the connection
+    /// keeps a persistent session subscribed to `{prefix}/commands/devices/+` and
+    /// `{prefix}/branch/notices`.
+    pub from_central: Option<mpsc::Sender<crate::model::FromCentral>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -323,6 +327,10 @@ impl Forwarder {
                         self.status_payload("offline", started_ms),
                     ),
                     timeout: Duration::from_secs(5),
+                    central: self.from_central.clone().map(|tx| link_v5::Central {
+                        prefix: s.topic_prefix.clone(),
+                        tx,
+                    }),
                 };
                 tokio::spawn(link_v5::drive(o, incoming, generation, events, delay))
             }
