@@ -198,6 +198,9 @@ pub(super) enum Answer {
 #[derive(Debug, Default)]
 pub(super) struct Applied {
     pub changed: Vec<CommandRow>,
+    /// A command sent again (its `command_id` known): its state goes to the outbox again,
+    /// nothing changes.
+    pub reported: Option<CommandRow>,
     pub counter: Option<(DeviceId, &'static str)>,
     pub answer: Option<Answer>,
 }
@@ -238,6 +241,7 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &CommandOp) -> rusqlite::Result<Ap
         CommandOp::New(c, _) => {
             if let Some(existing) = by_command_id(tx, &c.command_id)? {
                 applied.counter = Some((c.device.clone(), "command_repeated"));
+                applied.reported = Some(existing.clone());
                 applied.answer = Some(Answer::Row(existing));
                 return Ok(applied);
             }

@@ -149,7 +149,8 @@ impl Writer {
                     ),
                     Write::Command(op) => {
                         let applied = super::commands::apply(&tx, op)?;
-                        for r in &applied.changed {
+                        let changes = applied.changed.len();
+                        for (i, r) in applied.changed.iter().chain(&applied.reported).enumerate() {
                             let payload = super::commands::outbox_payload(r);
                             insert_msg.execute(params![
                                 r.device,
@@ -169,7 +170,7 @@ impl Writer {
                                 payload,
                             });
                             // A device nobody configured gets no row (central may name any).
-                            if !r.profile.is_empty() {
+                            if !r.profile.is_empty() && i < changes {
                                 command_counts.push((
                                     r.device.clone(),
                                     command_counter(r.state),
