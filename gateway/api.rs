@@ -547,6 +547,17 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
             "gauge",
             &quarantined,
         );
+        let commands: Vec<(String, f64)> = r
+            .commands
+            .iter()
+            .map(|(s, n)| (format!("{{state=\"{}\"}}", s.as_str()), *n as f64))
+            .collect();
+        metric(
+            "branch_gateway_commands",
+            "Commands from central by their current state (README \"Commands\").",
+            "gauge",
+            &commands,
+        );
         let age = r
             .oldest_undelivered_ms
             .map_or(0.0, |ms| (crate::model::now_ms() - ms) as f64 / 1000.0);

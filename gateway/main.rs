@@ -518,6 +518,23 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
             detail.join(", ")
         );
     }
+    let open: i64 = r
+        .commands
+        .iter()
+        .filter(|(s, _)| !s.is_final())
+        .map(|(_, n)| n)
+        .sum();
+    let states: Vec<String> = r
+        .commands
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| format!("{} {n}", s.as_str()))
+        .collect();
+    if states.is_empty() {
+        println!("commands    none");
+    } else {
+        println!("commands    {open} open: {}", states.join(", "));
+    }
     if r.quarantined.is_empty() {
         println!("quarantine  none");
     } else {

@@ -102,6 +102,11 @@ impl Outbox {
     pub fn quarantined(&mut self) -> rusqlite::Result<Vec<(String, String, String, i64)>> {
         super::quarantine::quarantine_counts(&self.conn)
     }
+
+    /// Commands per state (all states).
+    pub fn commands(&mut self) -> rusqlite::Result<Vec<(super::commands::CommandState, i64)>> {
+        super::commands::counts(&self.conn)
+    }
 }
 
 /// What is waiting to be delivered.

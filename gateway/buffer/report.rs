@@ -56,6 +56,8 @@ pub struct BufferReport {
     pub refused: Vec<(String, String, i64)>,
     /// (device, kind, reason, count) refused by central and quarantined.
     pub quarantined: Vec<(String, String, String, i64)>,
+    /// Commands per state (every state, zeros included).
+    pub commands: Vec<(super::commands::CommandState, i64)>,
     pub devices_online: i64,
     pub devices_configured: i64,
 }
@@ -146,6 +148,7 @@ pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferR
         rate_limited: rate_limited(conn)?,
         refused: broker_refusals(conn)?,
         quarantined: super::quarantine::quarantine_counts(conn)?,
+        commands: super::commands::counts(conn)?,
         devices_online: one("SELECT COUNT(*) FROM devices WHERE online = 1 AND configured = 1")?
             .unwrap_or(0),
         devices_configured: one("SELECT COUNT(*) FROM devices WHERE configured = 1")?.unwrap_or(0),

@@ -159,10 +159,12 @@ impl Glue {
                 connection,
                 mailbox,
             } => {
+                tracing::debug!(%device, connection, "device connection takes commands");
                 self.mailboxes.insert(connection, mailbox);
                 dispatch.on_ready(&device, connection, now)
             }
             CommandLink::Gone { device, connection } => {
+                tracing::debug!(%device, connection, "device connection takes no commands now");
                 self.mailboxes.remove(&connection);
                 dispatch.on_gone(&device, connection);
                 Vec::new()
@@ -172,7 +174,10 @@ impl Glue {
                 connection,
                 command_id,
                 reason,
-            } => dispatch.on_acked(&device, connection, &command_id, reason, now),
+            } => {
+                tracing::debug!(%device, connection, %command_id, reason, "command acknowledged by the device");
+                dispatch.on_acked(&device, connection, &command_id, reason, now)
+            }
         }
     }
 
@@ -244,6 +249,7 @@ impl Glue {
             payload: parse::device_payload(&c.command_id, &c.args),
         };
         let ok = mailbox.try_send(command).is_ok();
+        tracing::debug!(device, connection, command_id = %c.command_id, ok, "command handed to the device connection");
         if ok {
             self.d
                 .stats

@@ -224,7 +224,12 @@ impl Forwarder {
             refused,
             incidents,
             quarantined,
+            commands,
         } = rows;
+        let commands: serde_json::Map<String, serde_json::Value> = commands
+            .iter()
+            .map(|(s, n)| (s.as_str().to_owned(), serde_json::json!(n)))
+            .collect();
         // reason -> device -> kind -> count
         let mut quarantine = serde_json::Map::new();
         for (device, kind, reason, count) in quarantined {
@@ -268,6 +273,7 @@ impl Forwarder {
             "rate_limited": rate_limited,
             "refused": refusals,
             "quarantined": quarantine,
+            "commands": commands,
             "incidents": incidents
                 .iter()
                 .map(|(at, kind, detail)| serde_json::json!({
@@ -1008,6 +1014,8 @@ struct HealthRows {
     incidents: Vec<(i64, String, String)>,
     /// Quarantined: (device, kind, reason, count).
     quarantined: Vec<(String, String, String, i64)>,
+    /// Commands per state.
+    commands: Vec<(crate::buffer::commands::CommandState, i64)>,
 }
 
 async fn health_rows(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
@@ -1020,6 +1028,7 @@ async fn health_rows(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
                 refused: ob.broker_refusals()?,
                 incidents: ob.incidents()?,
                 quarantined: ob.quarantined()?,
+                commands: ob.commands()?,
             })
         })();
         (ob, r)
