@@ -458,7 +458,7 @@ async fn no_command_lost_or_run_twice_across_kill_stop_and_central_outage() {
     }
     want.extend(ids.iter().cloned());
     states
-        .wait(&mut consumer, &ids[4], &["queued"], || String::new())
+        .wait(&mut consumer, &ids[4], &["queued"], String::new)
         .await;
     central.stop();
     let deadline = Instant::now() + Duration::from_secs(20);
