@@ -46,6 +46,8 @@ pub struct Figures {
     pub devices_online: Arc<AtomicUsize>,
     pub upstream: Arc<UpstreamStats>,
     pub commands: Arc<crate::commands::CommandStats>,
+    /// Where commands can be handed in from inside the process (the demo), as the API does.
+    pub command_requests: std::sync::OnceLock<mpsc::Sender<crate::model::CommandRequest>>,
 }
 
 /// Run the gateway until `shutdown` is cancelled; then stop intake, commit everything the
@@ -143,6 +145,7 @@ pub async fn run(
     broker.shared().report_command_links(links_tx.clone());
     let (central_tx, central_rx) = mpsc::channel(crate::model::FROM_CENTRAL);
     let (api_tx, api_rx) = mpsc::channel(crate::commands::API_REQUESTS);
+    let _ = figures.command_requests.set(api_tx.clone());
 
     let tasks = tokio_util::task::TaskTracker::new();
     let presence = tasks.spawn(record_broker_events(

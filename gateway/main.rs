@@ -697,10 +697,37 @@ async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyho
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;
     let mut last_seq = 0i64;
+    let mut ticks = 0u64;
+    let screen = loaded
+        .config
+        .devices
+        .iter()
+        .find(|d| d.profile == "lobby-screen" && d.serial.is_none())
+        .map(|d| d.id.clone());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+        }
+        ticks += 1;
+        // Every 30 s a command for the lobby screen, as central would send it.
+        if let (Some(screen), Some(requests), 1) =
+            (&screen, figures.command_requests.get(), ticks % 6)
+        {
+            let body = serde_json::json!({
+                "command_id": format!("demo-{}", model::now_ms()),
+                "name": "notice",
+                "args": {"text": "The library closes in 15 minutes", "minutes": 15},
+            });
+            let (answer, _) = tokio::sync::oneshot::channel();
+            let request = model::CommandRequest {
+                device: screen.clone(),
+                body: body.to_string().into_bytes(),
+                answer,
+            };
+            if requests.try_send(request).is_ok() {
+                println!("command `notice` sent to {screen}");
+            }
         }
         let db = db.clone();
         let since = last_seq;
@@ -781,6 +808,23 @@ fn demo_report(db: &Path, since: i64) -> anyhow::Result<(String, i64)> {
         .collect::<Result<_, _>>()?;
     for (device, reason, detail) in rows {
         writeln!(out, "    rejected   {device:<14} {reason}: {detail}")?;
+    }
+    // Each command state in the outbox since the last report, in order.
+    let mut st = conn.prepare(
+        "SELECT seq, device, payload FROM messages WHERE seq > ?1 AND kind = 'command' ORDER BY seq",
+    )?;
+    let rows: Vec<(i64, String, String)> = st
+        .query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    for (seq, device, payload) in rows {
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap_or_default();
+        writeln!(
+            out,
+            "    seq {seq:>7} {device:<14} command   {} {} {}",
+            v["name"].as_str().unwrap_or(""),
+            v["command_id"].as_str().unwrap_or(""),
+            v["state"].as_str().unwrap_or("")
+        )?;
     }
     Ok((out, max_seq))
 }

@@ -52,6 +52,8 @@ pub struct SimReport {
     pub published_invalid: u64,
     /// PUBACKs received for those messages.
     pub acked: u64,
+    /// Commands the simulated devices ran (and replied `succeeded` to).
+    pub commands: u64,
     /// Devices not simulated: (id, reason).
     pub skipped_devices: Vec<(String, String)>,
 }
@@ -488,6 +490,7 @@ struct Counters {
     valid: AtomicU64,
     invalid: AtomicU64,
     acked: AtomicU64,
+    commands: AtomicU64,
 }
 
 /// Run simulated devices against the broker until `shutdown` is cancelled or the duration ends.
@@ -601,6 +604,7 @@ pub async fn run(loaded: &Loaded, opts: SimOptions, shutdown: CancellationToken)
     report.published_valid = counters.valid.load(Ordering::Relaxed);
     report.published_invalid = counters.invalid.load(Ordering::Relaxed);
     report.acked = counters.acked.load(Ordering::Relaxed);
+    report.commands = counters.commands.load(Ordering::Relaxed);
     debug!(?report, "simulation stopped");
     report
 }
@@ -631,6 +635,8 @@ enum Sent {
     Invalid,
     Online,
     Offline,
+    /// A reply to a command.
+    Reply,
 }
 
 /// Follows one client's publishes from the request queue to the wire to their PUBACK.
@@ -659,7 +665,7 @@ impl Tracker {
                 counters.invalid.fetch_add(1, Ordering::Relaxed);
             }
             Sent::Offline => self.offline_written = true,
-            Sent::Online => {}
+            Sent::Online | Sent::Reply => {}
         }
         self.in_flight.insert(pkid, sent);
     }
@@ -702,6 +708,8 @@ impl DeviceSim {
     /// One device: its event loop and its message schedule, both in this task, until stopped.
     async fn run(self, dev: SimDevice, seed: u64) {
         let status_topic = format!("devices/{}/status", dev.id);
+        let commands_filter = format!("devices/{}/commands/#", dev.id);
+        let replies_topic = format!("devices/{}/replies", dev.id);
         let host = match self.broker.ip() {
             IpAddr::V4(ip) => ip.to_string(),
             IpAddr::V6(ip) => format!("[{ip}]"),
@@ -753,6 +761,18 @@ impl DeviceSim {
                         if !self.stop.is_cancelled() {
                             enqueue(&status_topic, b"online".to_vec(), true, Sent::Online);
                             online.notify_one();
+                            // A device whose profile declares commands takes them.
+                            if !dev.profile.command_names().is_empty() {
+                                let _ = client.try_subscribe(&commands_filter, QoS::AtLeastOnce);
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        // A command: done at once (a simulated device has nothing to do).
+                        if let Some(reply) = command_reply(&p.payload) {
+                            info!(device = %dev.id, topic = %p.topic, "simulated device ran a command");
+                            self.counters.commands.fetch_add(1, Ordering::Relaxed);
+                            enqueue(&replies_topic, reply, false, Sent::Reply);
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -875,6 +895,14 @@ impl DeviceSim {
 }
 
 /// A period in seconds as a `Duration`, at least `MIN_GAP` and at most a day.
+/// The `succeeded` reply to a command payload (`{"command_id", "args"}`), if it is one.
+fn command_reply(payload: &[u8]) -> Option<Vec<u8>> {
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    let id = v.get("command_id")?.as_str()?;
+    let reply = serde_json::json!({"command_id": id, "status": "succeeded", "detail": "simulated"});
+    Some(reply.to_string().into_bytes())
+}
+
 fn gap(seconds: f64) -> Duration {
     Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0)).max(MIN_GAP)
 }
