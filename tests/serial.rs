@@ -285,3 +285,62 @@ async fn commands_from_the_profile_reach_the_device() {
     stop.cancel();
     reader.await.unwrap();
 }
+
+/// A command for a serial device (from the API, as central's would be) is its profile's
+/// bytes written to the port: `delivered` once written; one not in the profile is
+/// rejected and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_a_serial_device_is_written_to_its_port() {
+    let _guard = PTYS.lock().await;
+    let links = tempfile::tempdir().unwrap();
+    let link = links.path().join("usb-gate-cmd");
+    let mut pty = Pty::open(&link).unwrap();
+    let api = free_port();
+    const TOKEN: &str = "serial-command-token-0123456789";
+    let branch = Branch::with_extra(
+        &[],
+        &format!(
+            "{}[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n",
+            serial_device("gs", "gate-counter-text", &link)
+        ),
+    );
+    let gw = branch.start();
+    assert_eq!(branch.wait_counter("gs", "connects", 1), 1, "{}", gw.log());
+    let post = |body: &str| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", api)).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "POST /api/v1/devices/gs/commands HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    };
+    let answer = post(r#"{"command_id":"bad-1","name":"self-destruct"}"#);
+    assert!(answer.contains("unknown_command"), "{answer}");
+    let answer = post(r#"{"command_id":"reset-1","name":"reset"}"#);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut got = [0u8; 3];
+    tokio::time::timeout(Duration::from_secs(10), pty.master.read_exact(&mut got))
+        .await
+        .expect("the command reached the port")
+        .unwrap();
+    assert_eq!(&got, b"Z\r\n");
+    let states = "SELECT COUNT(*) FROM messages WHERE device = 'gs' AND kind = 'command'";
+    // queued, sent, delivered for reset-1; rejected for bad-1.
+    assert_eq!(branch.wait_count(states, 4, Duration::from_secs(10)), 4);
+    let db = branch.db();
+    let state: String = db
+        .query_row(
+            "SELECT state FROM commands WHERE command_id = 'reset-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, "delivered");
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+}

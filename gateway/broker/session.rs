@@ -1116,6 +1116,55 @@ mod tests {
         )
     }
 
+    /// A command goes out as a QoS 1 PUBLISH only to a connection subscribed to it; its
+    /// PUBACK (and only its) reports it acknowledged, with the reason code.
+    #[test]
+    fn commands_are_delivered_once_subscribed_and_acknowledged_by_their_puback() {
+        let e = env();
+        for v5 in [true, false] {
+            let mut s = Session::new("k1", v5, LIMITS);
+            let mut out = BytesMut::new();
+            let command = crate::model::DeviceCommand {
+                command_id: "c1".into(),
+                topic: "devices/k1/commands/notice".into(),
+                payload: br#"{"command_id":"c1","args":{}}"#.to_vec(),
+            };
+            assert!(!s.commands_subscribed());
+            assert!(!s.deliver(&command, &mut out), "not subscribed: not sent");
+            assert!(out.is_empty());
+            s.on_device(&e, subscribe(1, &["devices/k1/commands/+"]), None, &mut out)
+                .unwrap();
+            assert!(s.commands_subscribed());
+            assert!(s.deliver(&command, &mut out));
+            let (packet, meta) = match next_packet(&mut out, v5, 1 << 16).unwrap() {
+                Next::Packet(p, m) => (p, m.unwrap()),
+                Next::Incomplete { .. } => panic!("not a whole packet"),
+            };
+            let Packet::Publish(p, _) = packet else {
+                panic!("{packet:?}")
+            };
+            assert_eq!(&p.topic[..], b"devices/k1/commands/notice");
+            assert_eq!(&p.payload[..], command.payload.as_slice());
+            assert_eq!((meta.qos, meta.pkid), (1, 1));
+            // Another packet id's PUBACK acknowledges nothing.
+            let ack = |pkid| {
+                Packet::PubAck(
+                    protocol::PubAck {
+                        pkid,
+                        reason: protocol::PubAckReason::Success,
+                    },
+                    None,
+                )
+            };
+            s.on_device(&e, ack(9), None, &mut out).unwrap();
+            assert!(s.take_acked().is_empty());
+            s.on_device(&e, ack(1), None, &mut out).unwrap();
+            assert_eq!(s.take_acked(), vec![("c1".to_owned(), 0)]);
+            s.on_device(&e, ack(1), None, &mut out).unwrap();
+            assert!(s.take_acked().is_empty(), "acknowledged once");
+        }
+    }
+
     #[test]
     fn subscriptions_are_checked_capped_and_answered_once() {
         let e = env();
