@@ -14,7 +14,13 @@
 //!    through [`buffer::Marks`], which the writer serves first),
 //!    the rows it hands over after a commit (a bounded channel of [`buffer::LiveRows`]), its
 //!    read-only [`buffer::Outbox`] and its counters ([`buffer::BufferStats`], where intake
-//!    also waits for room when the writer's queue is full). They do not use each other.
+//!    also waits for room when the writer's queue is full). `commands` is the third: it
+//!    stores commands through the same channel, learns each committed change on a bounded
+//!    channel of [`buffer::commands::CommandRow`]s, hears of device connections through
+//!    [`model::CommandLink`]s the broker sends, and hands each command to a connection's
+//!    mailbox or a serial port ([`serial::Commands`]); central's commands reach it from
+//!    upstream as [`model::FromCentral`], the API's as [`model::CommandRequest`]. They do
+//!    not use each other.
 //! 5. `api` reads the buffer's reports on read-only connections of its own and shows the
 //!    counters of intake and upstream (their `*Stats` types only); `service` probes the
 //!    broker and the writer for the watchdog.
@@ -33,6 +39,8 @@
 //! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit; what is durable
 //!   when is its design note.
 //! - [`serial`]: serial-line devices: open, decode by profile rules, reopen after unplug.
+//! - [`commands`]: commands from central to devices and the branch notice; which command
+//!   goes where and when is the sans-IO `commands/dispatch.rs`.
 //! - [`upstream`]: forwarding to the central broker, acknowledged row by row; its delivery
 //!   logic is the sans-IO state machine of `upstream/delivery.rs`; the MQTT 5 connection
 //!   is `upstream/link_v5.rs`, the MQTT 3.1.1 one rumqttc's event loop driven in `mod.rs`.
