@@ -392,6 +392,30 @@ fn move_to(
     Ok(Some(current))
 }
 
+/// How long a finished command (and so its `command_id`) is kept: a command lives at most
+/// seven days, so central sending an id again within them finds it.
+pub const KEEP_FINISHED_MS: i64 = 8 * 24 * 3_600_000;
+/// Most finished commands kept whatever their age (oldest go first past it), so a central
+/// sending endless refused commands cannot fill the disk.
+pub const MAX_FINISHED: i64 = 100_000;
+
+/// Forget finished commands past [`KEEP_FINISHED_MS`] or beyond [`MAX_FINISHED`].
+pub(super) fn prune(conn: &rusqlite::Connection, now_ms: i64) -> rusqlite::Result<usize> {
+    let finished = "state NOT IN ('queued', 'sent', 'delivered')";
+    let old = conn.execute(
+        &format!("DELETE FROM commands WHERE {finished} AND updated_ms < ?1"),
+        params![now_ms - KEEP_FINISHED_MS],
+    )?;
+    let over = conn.execute(
+        &format!(
+            "DELETE FROM commands WHERE {finished} AND id <= (
+               SELECT id FROM commands WHERE {finished} ORDER BY id DESC LIMIT 1 OFFSET ?1)"
+        ),
+        params![MAX_FINISHED],
+    )?;
+    Ok(old + over)
+}
+
 /// The `data` of a command row in the outbox (README "Commands").
 pub(super) fn outbox_payload(r: &CommandRow) -> String {
     serde_json::json!({

@@ -115,6 +115,10 @@ impl Writer {
         let _paused = lock.lock().unwrap_or_else(|p| p.into_inner());
         let now = crate::model::now_ms();
         let pruned = self.prune_delivered(now - self.keep_delivered_ms)?;
+        let forgotten = super::commands::prune(&self.conn, now)?;
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "finished commands past their keeping pruned");
+        }
         self.conn.execute(
             "DELETE FROM deliveries WHERE bucket_ms < ?1
                AND bucket_ms < (SELECT MAX(bucket_ms) FROM deliveries)",

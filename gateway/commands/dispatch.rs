@@ -95,6 +95,11 @@ impl Dispatch {
         let mut out = Vec::new();
         let mut touched = HashSet::new();
         for r in rows {
+            // A finished command of a device with nothing open here needs no entry (central
+            // may name any device: only devices with open commands are kept).
+            if r.state.is_final() && !self.devices.contains_key(&r.device) {
+                continue;
+            }
             let device = self.devices.entry(r.device.clone()).or_default();
             match device.open.iter_mut().find(|o| o.id == r.id) {
                 Some(known) if known.state == r.state => {

@@ -447,6 +447,11 @@ pub(super) async fn drive(
                         payload: p.payload.to_vec(),
                         stored,
                     };
+                    if unstored.len() >= usize::from(RECEIVE_MAXIMUM) {
+                        let e = "central sent more than its Receive Maximum unacknowledged";
+                        let _ = events.send((generation, lost(e.into()))).await;
+                        return;
+                    }
                     if c.tx.send(msg).await.is_err() {
                         return;
                     }
