@@ -427,6 +427,8 @@ async fn devices(State(api): State<Api>, headers: HeaderMap) -> Response {
                 "rejected": d.rejected,
                 "denied": d.denied,
                 "rate_limited": d.rate_limited,
+                "commands_open": d.commands_open,
+                "commands_succeeded": d.commands_succeeded,
                 "last_rejection": d.last_reject_reason,
             })
         })

@@ -412,8 +412,16 @@ fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
     let rows = buffer::device_report(&conn).context("cannot read the devices table")?;
     let now = model::now_ms();
     println!(
-        "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7} {:>8}  LAST REJECTION",
-        "DEVICE", "PROFILE", "STATE", "LAST SEEN", "ACCEPTED", "REJECTED", "DENIED", "LIMITED"
+        "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7} {:>8} {:>9}  LAST REJECTION",
+        "DEVICE",
+        "PROFILE",
+        "STATE",
+        "LAST SEEN",
+        "ACCEPTED",
+        "REJECTED",
+        "DENIED",
+        "LIMITED",
+        "COMMANDS"
     );
     for r in rows {
         let state = match (r.configured, r.online) {
@@ -430,7 +438,7 @@ fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
             _ => "-".into(),
         };
         println!(
-            "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7} {:>8}  {}",
+            "{:<20} {:<20} {:<8} {:>12} {:>10} {:>9} {:>7} {:>8} {:>9}  {}",
             r.id,
             r.profile,
             state,
@@ -439,6 +447,7 @@ fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
             r.rejected,
             r.denied,
             r.rate_limited,
+            format!("{}/{}", r.commands_open, r.commands_succeeded),
             rejection
         );
     }

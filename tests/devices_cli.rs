@@ -86,6 +86,7 @@ fn devices_table(branch: &Branch) -> Vec<Row> {
             "REJECTED",
             "DENIED",
             "LIMITED",
+            "COMMANDS",
             "LAST REJECTION"
         ],
         "{stdout}"
@@ -109,8 +110,10 @@ fn devices_table(branch: &Branch) -> Vec<Row> {
                     .parse::<i64>()
                     .unwrap_or_else(|e| panic!("column {i} of {line:?}: {e}"))
             };
+            // COMMANDS: open/succeeded; none in these tests.
+            assert_eq!(word(next + 4), "0/0", "{line}");
             let rest_at = w
-                .get(next + 4)
+                .get(next + 5)
                 .map(|(at, _)| *at)
                 .unwrap_or_else(|| panic!("no LAST REJECTION in {line:?}"));
             Row {

@@ -181,6 +181,10 @@ pub struct DeviceRow {
     pub rate_limited: i64,
     pub last_reject_reason: Option<String>,
     pub last_reject_detail: Option<String>,
+    /// Commands waiting for or at the device (queued, sent, delivered).
+    pub commands_open: i64,
+    /// Commands that ended `succeeded`.
+    pub commands_succeeded: i64,
 }
 
 /// Every device known to the database, configured ones first, by id.
@@ -192,7 +196,11 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
                 COALESCE((SELECT SUM(value) FROM device_counters WHERE device = d.id
                           AND {BROKER_REFUSALS}), 0),
                 d.last_reject_reason, d.last_reject_detail,
-                COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'rate_limited'), 0)
+                COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'rate_limited'), 0),
+                (SELECT COUNT(*) FROM commands WHERE device = d.id
+                   AND state IN ('queued', 'sent', 'delivered')),
+                COALESCE((SELECT value FROM device_counters WHERE device = d.id
+                   AND counter = 'command_succeeded'), 0)
          FROM devices d ORDER BY d.configured DESC, d.id"
     ))?;
     let rows = st.query_map([], |r| {
@@ -209,6 +217,8 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
             rate_limited: r.get(11)?,
             last_reject_reason: r.get(9)?,
             last_reject_detail: r.get(10)?,
+            commands_open: r.get(12)?,
+            commands_succeeded: r.get(13)?,
         })
     })?;
     rows.collect()
