@@ -575,6 +575,47 @@ mod tests {
         }
     }
 
+    /// A reply is checked by its fixed rule: a well-formed one becomes a reply for the
+    /// writer, anything else a rejection with its reason.
+    #[test]
+    fn replies_are_checked() {
+        let t = table();
+        let reply = |p: &str| classify(&t, b"devices/k1/replies", p.as_bytes(), 5);
+        assert_eq!(
+            reply(r#"{"command_id":"c1","status":"succeeded","detail":"ok"}"#),
+            Outcome::Reply {
+                device: "k1".into(),
+                command_id: "c1".into(),
+                status: crate::buffer::commands::ReplyStatus::Succeeded,
+                detail: "ok".into(),
+                at_ms: 5,
+            }
+        );
+        let reason = |p: &str| match reply(p) {
+            Outcome::Rejected(r) => r.rejection.reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(r#"{"status":"failed"}"#), RejectReason::MissingField);
+        assert_eq!(
+            reason(r#"{"command_id":"c1","status":"done"}"#),
+            RejectReason::WrongType
+        );
+        assert_eq!(
+            reason(r#"{"command_id":"c1","status":"failed","x":1}"#),
+            RejectReason::UnknownField
+        );
+        assert_eq!(reason("[1]"), RejectReason::NotObject);
+        assert_eq!(reason("{"), RejectReason::NotJson);
+    }
+
+    proptest::proptest! {
+        /// Any bytes as a reply: an outcome, never a panic.
+        #[test]
+        fn any_reply_bytes_are_classified(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = classify(&table(), b"devices/k1/replies", &body, 0);
+        }
+    }
+
     #[test]
     fn privacy_rules_apply_before_storage() {
         let t = table_with(

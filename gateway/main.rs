@@ -527,12 +527,6 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
             detail.join(", ")
         );
     }
-    let open: i64 = r
-        .commands
-        .iter()
-        .filter(|(s, _)| !s.is_final())
-        .map(|(_, n)| n)
-        .sum();
     let states: Vec<String> = r
         .commands
         .iter()
@@ -542,7 +536,7 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
     if states.is_empty() {
         println!("commands    none");
     } else {
-        println!("commands    {open} open: {}", states.join(", "));
+        println!("commands    by state: {}", states.join(", "));
     }
     if r.quarantined.is_empty() {
         println!("quarantine  none");

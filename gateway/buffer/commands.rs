@@ -139,6 +139,12 @@ pub struct CommandRow {
 }
 
 impl CommandRow {
+    /// Nothing more happens to it: a final state, or delivered without a reply to wait for.
+    pub fn is_done(&self) -> bool {
+        self.state.is_final()
+            || (self.state == CommandState::Delivered && self.reply_timeout_ms.is_none())
+    }
+
     /// The JSON the API answers with.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -205,6 +211,11 @@ pub(super) struct Applied {
     pub answer: Option<Answer>,
 }
 
+/// A command not yet done: queued, sent, or delivered and waiting for its reply (a
+/// delivered command that gets no reply is done).
+pub const OPEN: &str = "(state IN ('queued', 'sent')
+     OR (state = 'delivered' AND reply_timeout_ms IS NOT NULL))";
+
 const COLUMNS: &str = "id, command_id, device, profile, name, args, state, detail, created_ms,
      updated_ms, expires_ms, reply_timeout_ms";
 
@@ -249,10 +260,9 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &CommandOp) -> rusqlite::Result<Ap
                 Some(reason) => (CommandState::Rejected, reason.clone()),
                 None => {
                     let open: i64 = tx
-                        .prepare_cached(
-                            "SELECT COUNT(*) FROM commands
-                             WHERE device = ?1 AND state IN ('queued', 'sent', 'delivered')",
-                        )?
+                        .prepare_cached(&format!(
+                            "SELECT COUNT(*) FROM commands WHERE device = ?1 AND {OPEN}"
+                        ))?
                         .query_row(params![c.device], |r| r.get(0))?;
                     if open as usize >= c.max_open {
                         (CommandState::Rejected, "queue_full".to_owned())
@@ -337,8 +347,7 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &CommandOp) -> rusqlite::Result<Ap
         CommandOp::Open(_) => {
             let rows = tx
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM commands
-                     WHERE state IN ('queued', 'sent', 'delivered') ORDER BY id"
+                    "SELECT {COLUMNS} FROM commands WHERE {OPEN} ORDER BY id"
                 ))?
                 .query_map([], row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -401,7 +410,7 @@ pub const MAX_FINISHED: i64 = 100_000;
 
 /// Forget finished commands past [`KEEP_FINISHED_MS`] or beyond [`MAX_FINISHED`].
 pub(super) fn prune(conn: &rusqlite::Connection, now_ms: i64) -> rusqlite::Result<usize> {
-    let finished = "state NOT IN ('queued', 'sent', 'delivered')";
+    let finished = format!("NOT {OPEN}");
     let old = conn.execute(
         &format!("DELETE FROM commands WHERE {finished} AND updated_ms < ?1"),
         params![now_ms - KEEP_FINISHED_MS],

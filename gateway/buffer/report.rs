@@ -189,6 +189,7 @@ pub struct DeviceRow {
 
 /// Every device known to the database, configured ones first, by id.
 pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
+    use super::commands::OPEN;
     let mut st = conn.prepare(&format!(
         "SELECT d.id, d.profile, d.configured, d.online, d.last_seen_ms, d.reported_status,
                 COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'accepted'), 0),
@@ -197,8 +198,7 @@ pub fn device_report(conn: &Connection) -> rusqlite::Result<Vec<DeviceRow>> {
                           AND {BROKER_REFUSALS}), 0),
                 d.last_reject_reason, d.last_reject_detail,
                 COALESCE((SELECT value FROM device_counters WHERE device = d.id AND counter = 'rate_limited'), 0),
-                (SELECT COUNT(*) FROM commands WHERE device = d.id
-                   AND state IN ('queued', 'sent', 'delivered')),
+                (SELECT COUNT(*) FROM commands WHERE device = d.id AND {OPEN}),
                 COALESCE((SELECT value FROM device_counters WHERE device = d.id
                    AND counter = 'command_succeeded'), 0)
          FROM devices d ORDER BY d.configured DESC, d.id"

@@ -420,6 +420,146 @@ mod tests {
         assert_eq!(d.open(), 0);
     }
 
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            New { device: u8, ttl: i64, reply: bool },
+            Ready { device: u8, connection: u64 },
+            Gone { device: u8, connection: u64 },
+            Ack { device: u8 },
+            Reply { device: u8 },
+            Tick { ms: i64 },
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                (0..3u8, 1..5_000i64, any::<bool>()).prop_map(|(device, ttl, reply)| Step::New {
+                    device,
+                    ttl,
+                    reply
+                }),
+                (0..3u8, 1..4u64)
+                    .prop_map(|(device, connection)| Step::Ready { device, connection }),
+                (0..3u8, 1..4u64)
+                    .prop_map(|(device, connection)| Step::Gone { device, connection }),
+                (0..3u8).prop_map(|device| Step::Ack { device }),
+                (0..3u8).prop_map(|device| Step::Reply { device }),
+                (1..2_000i64).prop_map(|ms| Step::Tick { ms }),
+            ]
+        }
+
+        /// The writer's side: every command's state, moved only as `may_become` allows.
+        #[derive(Default)]
+        struct Writer {
+            rows: Vec<CommandRow>,
+        }
+
+        impl Writer {
+            fn apply(&mut self, id: &str, to: CommandState, now: i64) -> Option<CommandRow> {
+                let r = self.rows.iter_mut().find(|r| r.command_id == id)?;
+                if !r.state.may_become(to) {
+                    return None;
+                }
+                r.state = to;
+                r.updated_ms = now;
+                Some(r.clone())
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+            /// Whatever devices, connections, acknowledgements, replies and the clock do: a
+            /// command is handed to a device only when every older command of that device
+            /// has finished (one in flight, arrival order), never after it expired or
+            /// finished, only to a connection that is ready; and every command ends final
+            /// once its device is connected, acknowledges and answers long enough.
+            #[test]
+            fn one_in_flight_in_order_never_expired(steps in prop::collection::vec(step(), 1..120)) {
+                let mut d = Dispatch::new([]);
+                let mut w = Writer::default();
+                let mut now = 0i64;
+                let mut next_id = 0i64;
+                let mut links: HashMap<String, u64> = HashMap::new();
+                let mut handed: HashMap<String, (String, u64)> = HashMap::new();
+                for s in steps {
+                    let mut actions = match s {
+                        Step::New { device, ttl, reply } => {
+                            next_id += 1;
+                            let mut r = row(next_id, &format!("d{device}"), CommandState::Queued);
+                            r.expires_ms = now + ttl;
+                            r.reply_timeout_ms = reply.then_some(1_000);
+                            w.rows.push(r.clone());
+                            d.on_changes(vec![r], now)
+                        }
+                        Step::Ready { device, connection } => {
+                            links.insert(format!("d{device}"), connection);
+                            d.on_ready(&format!("d{device}"), connection, now)
+                        }
+                        Step::Gone { device, connection } => {
+                            let dev = format!("d{device}");
+                            if links.get(&dev) == Some(&connection) {
+                                links.remove(&dev);
+                            }
+                            d.on_gone(&dev, connection);
+                            Vec::new()
+                        }
+                        Step::Ack { device } => {
+                            let dev = format!("d{device}");
+                            match handed.get(&dev).cloned() {
+                                Some((id, c)) => d.on_acked(&dev, c, &id, 0, now),
+                                None => Vec::new(),
+                            }
+                        }
+                        Step::Reply { device } => {
+                            let dev = format!("d{device}");
+                            let open = w.rows.iter().find(|r| {
+                                r.device == dev
+                                    && matches!(r.state, CommandState::Sent | CommandState::Delivered)
+                                    && r.reply_timeout_ms.is_some()
+                            }).map(|r| r.command_id.clone());
+                            let mut changes = Vec::new();
+                            if let Some(id) = open {
+                                changes.extend(w.apply(&id, CommandState::Delivered, now));
+                                changes.extend(w.apply(&id, CommandState::Succeeded, now));
+                            }
+                            d.on_changes(changes, now)
+                        }
+                        Step::Tick { ms } => {
+                            now += ms;
+                            d.on_tick(now)
+                        }
+                    };
+                    // Carry the actions out as the glue and the writer would, feeding the
+                    // committed changes back until nothing more happens.
+                    while !actions.is_empty() {
+                        let mut changes = Vec::new();
+                        for a in actions {
+                            match a {
+                                Action::Move { command_id, to, .. } => {
+                                    changes.extend(w.apply(&command_id, to, now));
+                                }
+                                Action::Deliver { device, connection, command } => {
+                                    prop_assert_eq!(links.get(&device), Some(&connection), "not a ready connection");
+                                    let me = w.rows.iter().find(|r| r.command_id == command.command_id).unwrap();
+                                    prop_assert!(!me.is_done(), "a finished command handed out");
+                                    prop_assert!(me.expires_ms > now, "an expired command handed out");
+                                    for older in w.rows.iter().filter(|r| r.device == device && r.id < command.id) {
+                                        prop_assert!(older.is_done(), "{} before {} finished", command.command_id, older.command_id);
+                                    }
+                                    handed.insert(device, (command.command_id, connection));
+                                }
+                            }
+                        }
+                        actions = d.on_changes(changes, now);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn serial_devices_take_commands_over_their_port() {
         let mut d = Dispatch::new(["gate".to_owned()]);
