@@ -276,8 +276,8 @@ fn shipped_example_config_passes() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "gateway.example.toml: ok (14 devices, 6 profiles: catalogue-kiosk, gate-counter, \
-         gate-counter-text, reading-booth, self-check-kiosk, touch-navigator)\n"
+        "gateway.example.toml: ok (15 devices, 7 profiles: catalogue-kiosk, gate-counter, \
+         gate-counter-text, lobby-screen, reading-booth, self-check-kiosk, touch-navigator)\n"
     );
     assert_eq!(text(&out.stderr), "");
     // The same from elsewhere, by absolute path: data and profiles resolve next to it.
@@ -285,7 +285,7 @@ fn shipped_example_config_passes() {
     let out = check_config(cwd.path(), &manifest_dir().join("gateway.example.toml"));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains(": ok (14 devices, 6 profiles: "),
+        text(&out.stdout).contains(": ok (15 devices, 7 profiles: "),
         "{}",
         text(&out.stdout)
     );
