@@ -32,6 +32,8 @@ pub enum AppError {
     LostAtStop { lost: u64 },
     #[error(transparent)]
     OpenFiles(#[from] crate::service::OpenFilesError),
+    #[error("devices[{device}].sip2: {message}")]
+    Sip2 { device: String, message: String },
     #[error("api.listen {listen}: {source}")]
     Api {
         listen: std::net::SocketAddr,
@@ -163,6 +165,7 @@ pub async fn run(
         &tasks,
         &shutdown,
     );
+    start_sip2(&loaded, &sink, &buffer, &tasks, &shutdown).await?;
     let forwarder = cfg.upstream.clone().zip(live_rx).map(|(settings, live)| {
         tracing::info!(url = %settings.url, prefix = %settings.topic_prefix, "forwarding to the central broker");
         let forwarder = Forwarder {
@@ -346,6 +349,89 @@ async fn stage<T>(name: &'static str, step: impl std::future::Future<Output = T>
             ),
         }
     }
+}
+
+/// Start one SIP2 tap per tapped kiosk (its listener bound now: a taken port stops the
+/// start with a clear error) and the task that hands what they derive to intake (through
+/// the kiosk's profile and rate limit, like an MQTT message) and to the counters.
+async fn start_sip2(
+    loaded: &Loaded,
+    sink: &Arc<IntakeSink>,
+    buffer: &Buffer,
+    tasks: &tokio_util::task::TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), AppError> {
+    use crate::sip2::{Kiosk, Sip2Event};
+    let (events_tx, mut events) = mpsc::channel(crate::sip2::EVENT_QUEUE);
+    let mut any = false;
+    for d in &loaded.config.devices {
+        let Some(section) = &d.sip2 else { continue };
+        let fail = |message: String| AppError::Sip2 {
+            device: d.id.clone(),
+            message,
+        };
+        let tls = match section.tls {
+            false => None,
+            true => {
+                let roots = crate::config::file::root_store(section.ca_file.as_deref())
+                    .map_err(|e| fail(format!("TLS to the ILS: {e}")))?;
+                Some(Arc::new(
+                    rustls::ClientConfig::builder()
+                        .with_root_certificates(roots)
+                        .with_no_client_auth(),
+                ))
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(section.listen)
+            .await
+            .map_err(|e| fail(format!("listen {}: {e}", section.listen)))?;
+        tracing::info!(device = %d.id, listen = %section.listen, ils = %section.ils, tls = section.tls, "SIP2 tap listening for the kiosk");
+        let kiosk = Kiosk {
+            device: d.id.clone(),
+            section: section.clone(),
+            tls,
+        };
+        tasks.spawn(crate::sip2::run(
+            kiosk,
+            listener,
+            events_tx.clone(),
+            shutdown.clone(),
+        ));
+        any = true;
+    }
+    drop(events_tx);
+    if !any {
+        return Ok(());
+    }
+    let (sink, writer) = (sink.clone(), buffer.sender());
+    tasks.spawn(async move {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                Sip2Event::Message {
+                    device,
+                    kind,
+                    payload,
+                } => {
+                    sink.submit(
+                        format!("devices/{device}/{kind}").as_bytes(),
+                        payload.as_bytes(),
+                        None,
+                    );
+                }
+                Sip2Event::Counted { device, what } => {
+                    let w = Write::Denied {
+                        device,
+                        what,
+                        count: 1,
+                        at_ms: crate::model::now_ms(),
+                        receipt: None,
+                    };
+                    let _ = writer.send(w).await;
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Start one reader per serial device and the task that turns their events into intake

@@ -6,7 +6,8 @@
 //! 1. `receipt`, `burst`, `limit` (no crate dependencies), `model` (plain data; uses
 //!    `receipt`).
 //! 2. `config` (uses `model`, `limit`); `summary` (pure rollup arithmetic, uses `config`).
-//! 3. The edges: `buffer` (the store), `broker` (the device port), `serial`. None of them
+//! 3. The edges: `buffer` (the store), `broker` (the device port), `serial`, `sip2` (the
+//!    self-check kiosks' SIP2 tap). None of them
 //!    uses another: the broker hands a device's message to a `model::PublishSink` (intake)
 //!    and waits on its `receipt`, the buffer settles receipts after commits.
 //! 4. The middle: `intake` and `upstream` talk to the buffer only through its command
@@ -39,6 +40,8 @@
 //! - [`buffer`]: SQLite in WAL mode, one writer thread, group commit; what is durable
 //!   when is its design note.
 //! - [`serial`]: serial-line devices: open, decode by profile rules, reopen after unplug.
+//! - [`sip2`]: the transparent SIP2 tap between self-check kiosks and the ILS; what the
+//!   traffic means is the sans-IO `sip2/tap.rs`.
 //! - [`commands`]: commands from central to devices and the branch notice; which command
 //!   goes where and when is the sans-IO `commands/dispatch.rs`.
 //! - [`upstream`]: forwarding to the central broker, acknowledged row by row; its delivery
@@ -67,5 +70,6 @@ pub mod receipt;
 pub mod serial;
 pub mod service;
 pub mod simulate;
+pub mod sip2;
 pub mod summary;
 pub mod upstream;

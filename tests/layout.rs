@@ -15,6 +15,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("buffer", &["config", "model", "receipt", "summary"]),
     ("broker", &["burst", "config", "model", "receipt"]),
     ("serial", &["config", "model"]),
+    ("sip2", &["config", "model"]),
     (
         "intake",
         &[

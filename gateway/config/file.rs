@@ -125,6 +125,35 @@ pub fn read_text(path: &Path, limit: u64) -> Result<String, FileError> {
     String::from_utf8(read(path, limit)?).map_err(|_| FileError::NotUtf8)
 }
 
+/// Trusted roots for a TLS client: the certificates of `ca_file` (PEM, read as above), or
+/// the system's. `Err` says what is wrong, without the file's contents.
+pub fn root_store(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = read(path, MAX_PEM_BYTES).map_err(|e| e.to_string())?;
+            let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("not a PEM certificate file: {e}"))?;
+            if certs.is_empty() {
+                return Err("holds no PEM certificate".into());
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| e.to_string())?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+            if roots.is_empty() {
+                return Err("no usable root certificates on this system (set ca_file)".into());
+            }
+        }
+    }
+    Ok(roots)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ pub mod file;
 pub mod profile;
 pub mod rate_limit;
 pub mod serial_spec;
+pub mod sip2;
 pub(crate) mod strict_json;
 mod toml_error;
 
@@ -292,6 +293,9 @@ pub struct DeviceSection {
     /// The serial line of a device that does not speak MQTT.
     #[serde(default)]
     pub serial: Option<SerialPortSection>,
+    /// A self-check kiosk tapped on its SIP2 link to the ILS (no password either).
+    #[serde(default)]
+    pub sip2: Option<sip2::Sip2Section>,
 }
 
 /// `serial = { path = "/dev/serial/by-id/...", baud = 9600, ... }` on a device.
@@ -332,6 +336,7 @@ impl fmt::Debug for DeviceSection {
             .field("profile", &self.profile)
             .field("password", &"<redacted>")
             .field("serial", &self.serial)
+            .field("sip2", &self.sip2)
             .finish()
     }
 }
@@ -569,6 +574,7 @@ impl Config {
             }
         }
         let mut seen = HashSet::new();
+        let mut sip2_listens = HashSet::new();
         for (i, d) in self.devices.iter().enumerate() {
             let key = |k: &str| format!("devices[{i}].{k} (id {:?})", d.id);
             if !valid_id(&d.id) {
@@ -580,7 +586,34 @@ impl Config {
             if !seen.insert(d.id.as_str()) {
                 push(key("id"), "is used by an earlier device".into());
             }
+            if let Some(tap) = &d.sip2 {
+                if d.serial.is_some() {
+                    push(
+                        key("sip2"),
+                        "a device is on a serial line or a SIP2 link, not both".into(),
+                    );
+                }
+                if !d.password.is_empty() {
+                    push(
+                        key("password"),
+                        "a SIP2 kiosk does not log in over MQTT: remove it".into(),
+                    );
+                }
+                for (k, message) in tap.check() {
+                    push(key(&format!("sip2.{k}")), message);
+                }
+                if !sip2_listens.insert(tap.listen) {
+                    push(
+                        key("sip2.listen"),
+                        "is used by an earlier kiosk (one listener is one kiosk)".into(),
+                    );
+                }
+                if tap.listen == self.broker.listen {
+                    push(key("sip2.listen"), "is the broker's address".into());
+                }
+            }
             match &d.serial {
+                None if d.sip2.is_some() => {}
                 None => {
                     if let Err(e) = Password::parse(&d.password) {
                         push(key("password"), e);
@@ -829,9 +862,9 @@ impl Loaded {
         let mut devices = HashMap::new();
         for d in &self.config.devices {
             // `load` has already checked that the password parses and the profile exists.
-            let password = match d.serial {
-                Some(_) => Ok(Password::None),
-                None => Password::parse(&d.password),
+            let password = match (&d.serial, &d.sip2) {
+                (None, None) => Password::parse(&d.password),
+                _ => Ok(Password::None),
             };
             if let (Ok(password), Some(profile)) = (password, self.profiles.get(&d.profile)) {
                 devices.insert(

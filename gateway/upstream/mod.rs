@@ -112,37 +112,19 @@ pub fn tls_config(s: &UpstreamSection) -> Result<Option<Arc<rustls::ClientConfig
             }
         })
     };
-    let mut roots = rustls::RootCertStore::empty();
-    match &s.ca_file {
-        Some(path) => {
-            let pem = read("ca_file", path)?;
-            let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
-                .collect::<Result<_, _>>()
-                .map_err(|e| TlsError::File {
-                    key: "ca_file",
-                    path: path.clone(),
-                    message: format!("not a PEM certificate file: {e}"),
-                })?;
-            if certs.is_empty() {
+    let roots = match crate::config::file::root_store(s.ca_file.as_deref()) {
+        Ok(r) => r,
+        Err(message) => match &s.ca_file {
+            Some(path) => {
                 return Err(TlsError::File {
                     key: "ca_file",
                     path: path.clone(),
-                    message: "holds no PEM certificate".into(),
-                });
+                    message,
+                })
             }
-            for c in certs {
-                roots.add(c)?;
-            }
-        }
-        None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-            if roots.is_empty() {
-                return Err(TlsError::NoRoots);
-            }
-        }
-    }
+            None => return Err(TlsError::NoRoots),
+        },
+    };
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
     let config = match (&s.client_cert, &s.client_key) {
         (Some(cert), Some(key)) => {

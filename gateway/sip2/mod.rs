@@ -1,0 +1,222 @@
+//! Self-check kiosks as they are: a transparent SIP2 tap between each kiosk and the ILS.
+//!
+//! The kiosk's SIP2 host and port point at the kiosk's `sip2.listen`; for each connection
+//! the gateway connects to the ILS (`sip2.ils`, over TLS with `tls = true`) and passes every
+//! byte on, unchanged and in order, in both directions, before looking at it: the tap
+//! ([`tap`], sans-IO) reads copies and derives the kiosk's events, telemetry and counters,
+//! which go to intake like any device message of the kiosk's profile. The gateway never
+//! answers in the ILS's place: if the ILS cannot be reached the kiosk's connection is closed
+//! (the kiosk goes to its own offline mode). Nothing here logs or stores a SIP2 line.
+//!
+//! Bounds: `sip2.max_connections` kiosk connections per listener (more are closed at
+//! accept), [`tap::MAX_LINE`] bytes of a message held per direction, 16 requests awaiting
+//! their response, [`READ_CHUNK`] bytes read at a time.
+
+pub(crate) mod tap;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::sip2::Sip2Section;
+use crate::model::{now_ms, DeviceId};
+use tap::{Derived, Tap};
+
+/// How long connecting to the ILS may take before the kiosk's connection is closed.
+pub const ILS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes read from either side at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What a tap tells the app (which hands it to intake and the counters).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sip2Event {
+    /// A derived message of the kiosk: `kind` is `events` or `telemetry`, `payload` JSON.
+    Message {
+        device: DeviceId,
+        kind: &'static str,
+        payload: String,
+    },
+    /// A counter of the kiosk.
+    Counted {
+        device: DeviceId,
+        what: &'static str,
+    },
+}
+
+/// Events that may wait for the app.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// One tapped kiosk.
+#[derive(Clone)]
+pub struct Kiosk {
+    pub device: DeviceId,
+    pub section: Sip2Section,
+    /// For `tls = true`: built at start from `ca_file` or the system's roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Serve one kiosk's listener until `shutdown`.
+pub async fn run(
+    kiosk: Kiosk,
+    listener: TcpListener,
+    events: mpsc::Sender<Sip2Event>,
+    shutdown: CancellationToken,
+) {
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(device = %kiosk.device, error = %e, "SIP2 listener cannot accept; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if open.load(Ordering::Relaxed) >= kiosk.section.max_connections {
+            count(&events, &kiosk.device, "sip2_connections_full").await;
+            continue; // dropped: closed
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        let (kiosk, events, stop, open) = (
+            kiosk.clone(),
+            events.clone(),
+            shutdown.clone(),
+            open.clone(),
+        );
+        tokio::spawn(async move {
+            serve(&kiosk, stream, &events, stop).await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn count(events: &mpsc::Sender<Sip2Event>, device: &str, what: &'static str) {
+    let _ = events
+        .send(Sip2Event::Counted {
+            device: device.to_owned(),
+            what,
+        })
+        .await;
+}
+
+async fn connect_ils(kiosk: &Kiosk) -> Result<Box<dyn Io>, String> {
+    let (host, port) = kiosk
+        .section
+        .ils_addr()
+        .ok_or_else(|| "ils is not host:port".to_owned())?;
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    match &kiosk.tls {
+        None => Ok(Box::new(tcp)),
+        Some(cfg) => {
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("TLS: {e}"))?;
+            let s = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            Ok(Box::new(s))
+        }
+    }
+}
+
+/// One kiosk connection: connect to the ILS, then pass bytes both ways until either side
+/// closes.
+async fn serve(
+    kiosk: &Kiosk,
+    kiosk_stream: TcpStream,
+    events: &mpsc::Sender<Sip2Event>,
+    shutdown: CancellationToken,
+) {
+    let _ = kiosk_stream.set_nodelay(true);
+    let device = kiosk.device.as_str();
+    let ils = match tokio::time::timeout(ILS_CONNECT_TIMEOUT, connect_ils(kiosk)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(device, error = %e, "ILS unreachable: kiosk connection closed (the kiosk works offline)");
+            count(events, device, "sip2_ils_unreachable").await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                device,
+                timeout_s = ILS_CONNECT_TIMEOUT.as_secs(),
+                "ILS did not answer: kiosk connection closed (the kiosk works offline)"
+            );
+            count(events, device, "sip2_ils_unreachable").await;
+            return;
+        }
+    };
+    count(events, device, "sip2_connections").await;
+    let (mut kiosk_rx, mut kiosk_tx) = kiosk_stream.into_split();
+    let (mut ils_rx, mut ils_tx) = tokio::io::split(ils);
+    let mut tap = Tap::default();
+    let mut up = vec![0u8; READ_CHUNK];
+    let mut down = vec![0u8; READ_CHUNK];
+    loop {
+        let derived = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = kiosk_rx.read(&mut up) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    // Forward first: the tap never delays the exchange.
+                    if ils_tx.write_all(&up[..n]).await.is_err() || ils_tx.flush().await.is_err() {
+                        break;
+                    }
+                    tap.kiosk_sent(&up[..n], now_ms())
+                }
+            },
+            r = ils_rx.read(&mut down) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if kiosk_tx.write_all(&down[..n]).await.is_err() {
+                        break;
+                    }
+                    tap.ils_sent(&down[..n], now_ms())
+                }
+            },
+        };
+        deliver(device, derived, events).await;
+    }
+    deliver(device, tap.closed(now_ms()), events).await;
+    let _ = kiosk_tx.shutdown().await;
+    let _ = ils_tx.shutdown().await;
+}
+
+async fn deliver(device: &str, derived: Vec<Derived>, events: &mpsc::Sender<Sip2Event>) {
+    for d in derived {
+        let ev = match d {
+            Derived::Count(what) => Sip2Event::Counted {
+                device: device.to_owned(),
+                what,
+            },
+            Derived::Event(v) => Sip2Event::Message {
+                device: device.to_owned(),
+                kind: "events",
+                payload: v.to_string(),
+            },
+            Derived::Telemetry(v) => Sip2Event::Message {
+                device: device.to_owned(),
+                kind: "telemetry",
+                payload: v.to_string(),
+            },
+        };
+        if events.send(ev).await.is_err() {
+            return;
+        }
+    }
+}
