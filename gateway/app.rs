@@ -165,7 +165,15 @@ pub async fn run(
         &tasks,
         &shutdown,
     );
-    start_sip2(&loaded, &sink, &buffer, &tasks, &shutdown).await?;
+    start_sip2(
+        &loaded,
+        &sink,
+        &buffer,
+        broker.shared().clone(),
+        &tasks,
+        &shutdown,
+    )
+    .await?;
     let forwarder = cfg.upstream.clone().zip(live_rx).map(|(settings, live)| {
         tracing::info!(url = %settings.url, prefix = %settings.topic_prefix, "forwarding to the central broker");
         let forwarder = Forwarder {
@@ -358,6 +366,7 @@ async fn start_sip2(
     loaded: &Loaded,
     sink: &Arc<IntakeSink>,
     buffer: &Buffer,
+    board: Arc<crate::broker::Shared>,
     tasks: &tokio_util::task::TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<(), AppError> {
@@ -405,8 +414,20 @@ async fn start_sip2(
     }
     let (sink, writer) = (sink.clone(), buffer.sender());
     tasks.spawn(async move {
+        // Kiosk connections linked to the ILS, per kiosk: online while there is one.
+        let mut linked: HashMap<DeviceId, usize> = HashMap::new();
         while let Some(ev) = events.recv().await {
             match ev {
+                Sip2Event::Link { device, up } => {
+                    let n = linked.entry(device.clone()).or_default();
+                    let was = *n;
+                    *n = if up { was + 1 } else { was.saturating_sub(1) };
+                    board.presence.update(&device, up);
+                    if (was == 0) == up {
+                        let status: &[u8] = if up { b"online" } else { b"offline" };
+                        sink.submit_own(format!("devices/{device}/status").as_bytes(), status);
+                    }
+                }
                 Sip2Event::Message {
                     device,
                     kind,

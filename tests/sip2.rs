@@ -221,6 +221,17 @@ fn a_scripted_day_passes_unchanged_and_becomes_events_without_patron_data() {
         (Some(0), Some("2.00"))
     );
     assert_eq!(branch.counter("kiosk-01", "sip2_login_ok"), 1);
+    // Presence: online while linked, offline once the kiosk left.
+    let statuses = "SELECT COUNT(*) FROM messages WHERE device = 'kiosk-01' AND kind = 'status'";
+    assert_eq!(branch.wait_count(statuses, 2, Duration::from_secs(10)), 2);
+    let presence: Vec<String> = db
+        .prepare("SELECT payload FROM messages WHERE device = 'kiosk-01' AND kind = 'status' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(presence, ["online", "offline"]);
     // The SC status carried a right checksum (AY1AZFCA5): nothing counted.
     assert_eq!(branch.counter("kiosk-01", "sip2_checksum_errors"), 0);
 
@@ -302,9 +313,22 @@ fn an_unreachable_ils_closes_the_kiosk_connection() {
         branch.wait_counter("kiosk-01", "sip2_ils_unreachable", 1),
         1
     );
-    let messages = branch
-        .count("SELECT COUNT(*) FROM messages WHERE device = 'kiosk-01' AND kind <> 'status'");
-    assert_eq!(messages, 0);
+    // Only the link's state: no event, no status invented.
+    let telemetry =
+        "SELECT COUNT(*) FROM messages WHERE device = 'kiosk-01' AND kind = 'telemetry'";
+    assert_eq!(branch.wait_count(telemetry, 1, Duration::from_secs(10)), 1);
+    let link: String = branch
+        .db()
+        .query_row(
+            "SELECT payload FROM messages WHERE device = 'kiosk-01' AND kind = 'telemetry'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(link, r#"{"sip_link":"down"}"#);
+    let others = branch
+        .count("SELECT COUNT(*) FROM messages WHERE device = 'kiosk-01' AND kind <> 'telemetry'");
+    assert_eq!(others, 0);
     assert!(gw.log().contains("ILS unreachable"), "{}", gw.log());
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");

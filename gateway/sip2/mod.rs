@@ -46,6 +46,8 @@ pub enum Sip2Event {
         device: DeviceId,
         what: &'static str,
     },
+    /// A kiosk connection is linked to the ILS (`up`) or ended: the kiosk's presence.
+    Link { device: DeviceId, up: bool },
 }
 
 /// Events that may wait for the app.
@@ -111,6 +113,19 @@ async fn count(events: &mpsc::Sender<Sip2Event>, device: &str, what: &'static st
         .await;
 }
 
+/// The ILS could not be reached for a kiosk connection: counted, and the link's state in
+/// the kiosk's telemetry.
+async fn link_down(events: &mpsc::Sender<Sip2Event>, device: &str) {
+    count(events, device, "sip2_ils_unreachable").await;
+    let _ = events
+        .send(Sip2Event::Message {
+            device: device.to_owned(),
+            kind: "telemetry",
+            payload: r#"{"sip_link":"down"}"#.to_owned(),
+        })
+        .await;
+}
+
 async fn connect_ils(kiosk: &Kiosk) -> Result<Box<dyn Io>, String> {
     let (host, port) = kiosk
         .section
@@ -148,7 +163,7 @@ async fn serve(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(device, error = %e, "ILS unreachable: kiosk connection closed (the kiosk works offline)");
-            count(events, device, "sip2_ils_unreachable").await;
+            link_down(events, device).await;
             return;
         }
         Err(_) => {
@@ -157,11 +172,16 @@ async fn serve(
                 timeout_s = ILS_CONNECT_TIMEOUT.as_secs(),
                 "ILS did not answer: kiosk connection closed (the kiosk works offline)"
             );
-            count(events, device, "sip2_ils_unreachable").await;
+            link_down(events, device).await;
             return;
         }
     };
     count(events, device, "sip2_connections").await;
+    let link = |up| Sip2Event::Link {
+        device: device.to_owned(),
+        up,
+    };
+    let _ = events.send(link(true)).await;
     let (mut kiosk_rx, mut kiosk_tx) = kiosk_stream.into_split();
     let (mut ils_rx, mut ils_tx) = tokio::io::split(ils);
     let mut tap = Tap::default();
@@ -193,6 +213,7 @@ async fn serve(
         deliver(device, derived, events).await;
     }
     deliver(device, tap.closed(now_ms()), events).await;
+    let _ = events.send(link(false)).await;
     let _ = kiosk_tx.shutdown().await;
     let _ = ils_tx.shutdown().await;
 }
