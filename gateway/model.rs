@@ -382,6 +382,8 @@ pub enum Capture {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceCommand {
     pub command_id: String,
+    /// Not written after this (Unix ms): it expired on its way.
+    pub expires_ms: i64,
     pub topic: String,
     /// `{"command_id": ..., "args": {...}}`.
     pub payload: Vec<u8>,
@@ -399,6 +401,15 @@ pub enum CommandLink {
     },
     /// That connection closed or dropped its command subscription.
     Gone { device: DeviceId, connection: u64 },
+    /// The connection cannot take this command: `why` is `not_subscribed` (no
+    /// subscription matches its topic), `too_large` (over the device's Maximum Packet Size)
+    /// or `expired`. Nothing was written.
+    Refused {
+        device: DeviceId,
+        connection: u64,
+        command_id: String,
+        why: &'static str,
+    },
     /// The device acknowledged the command (PUBACK, with its MQTT 5 reason code; 0 on
     /// 3.1.1 and for a serial line's write).
     Acked {

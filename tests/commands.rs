@@ -68,7 +68,7 @@ impl Paho {
         // A persistent session may get a command before paho reports its SUBACK.
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut line = rx.recv_timeout(Duration::from_secs(15));
-        while matches!(&line, Ok(l) if l.starts_with("got ")) {
+        while matches!(&line, Ok(l) if l != "ready") {
             line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
         }
         match line {
@@ -231,9 +231,10 @@ async fn states_offline_devices_expiry_rejections_repeats_and_the_api() {
     let central = Central::start();
     let mut consumer = Consumer::start(central.port, PREFIX).await;
     let (s1, s2) = (device("s1", "lobby-screen"), device("s2", "lobby-screen"));
+    let s3 = device("s3", "lobby-screen");
     let api = free_port();
     let branch = branch_with(
-        &[s1.clone(), s2.clone()],
+        &[s1.clone(), s2.clone(), s3.clone()],
         &central,
         api,
         "[commands]\nmax_per_device = 3\n",
@@ -374,6 +375,58 @@ async fn states_offline_devices_expiry_rejections_repeats_and_the_api() {
     assert_eq!(v["counts"]["succeeded"], 4, "{body}");
     assert_eq!(done_ids(&done), ["c1", "c2", "c4", "a1"]);
 
+    // A device that subscribes to `notice` only: a `brightness` for it fails once (not
+    // sent), and its `notice` still arrives.
+    let mut sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &branch.port.to_string(),
+            "-u",
+            &s3.id,
+            "-P",
+            &s3.password,
+        ])
+        .args([
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            "devices/s3/commands/notice",
+            "-W",
+            "30",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    branch.wait_counter("s3", "connects", 1);
+    command(
+        &central,
+        "s3",
+        r#"{"command_id":"b1","name":"brightness","args":{"percent":10}}"#,
+    );
+    states
+        .wait(&mut consumer, "b1", &["queued", "sent", "failed"], log)
+        .await;
+    assert!(
+        states.detail("b1").starts_with("not_subscribed"),
+        "{}",
+        states.detail("b1")
+    );
+    command(&central, "s3", &notice_cmd("n1", "hello"));
+    // mosquitto_sub acknowledges (delivered) and never replies.
+    states
+        .wait(&mut consumer, "n1", &["queued", "sent", "delivered"], log)
+        .await;
+    let _ = sub.kill();
+    let mut got = String::new();
+    sub.stdout.take().unwrap().read_to_string(&mut got).unwrap();
+    let _ = sub.wait();
+    assert!(got.contains(r#""command_id":"n1""#), "{got}");
+
     // Counted per state in /metrics and per device.
     let (_, metrics) = http_get(api, "/metrics", Some(TOKEN));
     assert!(
@@ -381,7 +434,8 @@ async fn states_offline_devices_expiry_rejections_repeats_and_the_api() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("branch_gateway_commands{state=\"rejected\"} 7"),
+        metrics.contains("branch_gateway_commands{state=\"rejected\"} 7")
+            && metrics.contains("branch_gateway_commands{state=\"failed\"} 1"),
         "{metrics}"
     );
     assert_eq!(branch.counter("s1", "command_succeeded"), 4);

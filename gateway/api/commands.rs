@@ -47,6 +47,7 @@ pub(super) async fn post(
             };
             (status, Json(command)).into_response()
         }
+        Ok(Err(why)) if why == "the gateway is stopping" => busy("the gateway is stopping"),
         Ok(Err(why)) => error(StatusCode::BAD_REQUEST, why),
         Err(_) => busy("the gateway is stopping"),
     }

@@ -624,13 +624,19 @@ impl Conn {
                     }
                 }
                 Some(command) = li.commands.recv() => {
-                    if !li.session.deliver(&command, &mut self.wbuf) {
-                        // No subscription matches it (or it is too large for the device):
-                        // the dispatcher waits for this device's next ready connection.
-                        shared.deny(Some(&li.device), Denial::DeliveryTooLarge, "command not deliverable on this connection");
-                        li.commands_ready = false;
+                    if let Err(why) = li.session.deliver(&command, &mut self.wbuf) {
+                        // Nothing written: the command fails (or expired), the next goes on.
+                        if why == "too_large" {
+                            shared.deny(Some(&li.device), Denial::DeliveryTooLarge, "command larger than the device's Maximum Packet Size: not sent");
+                        }
                         if let Some(links) = shared.command_links.get() {
-                            let _ = links.send(crate::model::CommandLink::Gone { device: li.device.clone(), connection: li.connection }).await;
+                            let refused = crate::model::CommandLink::Refused {
+                                device: li.device.clone(),
+                                connection: li.connection,
+                                command_id: command.command_id,
+                                why,
+                            };
+                            let _ = links.send(refused).await;
                         }
                     }
                 }

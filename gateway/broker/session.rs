@@ -334,16 +334,27 @@ impl Session {
         })
     }
 
-    /// Write `command` as a QoS 1 PUBLISH; `false` (nothing written) when no subscription of
-    /// the device matches its topic or it is larger than the device's Maximum Packet Size.
-    pub fn deliver(&mut self, command: &crate::model::DeviceCommand, out: &mut BytesMut) -> bool {
+    /// Write `command` as a QoS 1 PUBLISH; `Err` (nothing written) when no subscription of
+    /// the device matches its topic (`not_subscribed`), it is larger than the device's
+    /// Maximum Packet Size (`too_large`) or it expired on its way (`expired`).
+    pub fn deliver(
+        &mut self,
+        command: &crate::model::DeviceCommand,
+        out: &mut BytesMut,
+    ) -> Result<(), &'static str> {
         let subscribed = self
             .subscriptions
             .keys()
             .any(|f| acl::matches(f, &command.topic));
         let size = 5 + 2 + command.topic.len() + 2 + 1 + command.payload.len();
-        if !subscribed || size > self.limits.peer_max_packet || command.topic.len() > 1024 {
-            return false;
+        if !subscribed {
+            return Err("not_subscribed");
+        }
+        if size > self.limits.peer_max_packet || command.topic.len() > 1024 {
+            return Err("too_large");
+        }
+        if crate::model::now_ms() >= command.expires_ms {
+            return Err("expired");
         }
         self.command_pkid = self.command_pkid.checked_add(1).unwrap_or(1);
         encode::publish_qos1(
@@ -354,7 +365,7 @@ impl Session {
             &command.payload,
         );
         self.command_out = Some((self.command_pkid, command.command_id.clone()));
-        true
+        Ok(())
     }
 
     /// The commands acknowledged since the last call: (command id, reason code).
@@ -666,8 +677,12 @@ impl Session {
             return None;
         }
         let mut codes = Vec::with_capacity(subscribe.filters.len());
+        let commands = format!("devices/{}/commands", self.device);
         for f in &mut subscribe.filters {
-            // Granted at QoS 0 (see the module note).
+            // A command filter is granted the QoS asked, at most 1: commands are written at
+            // QoS 1 by the gateway itself (never through the router).
+            let asked = !matches!(f.qos, protocol::QoS::AtMostOnce);
+            // Everything else at QoS 0 (see the module note).
             f.qos = protocol::QoS::AtMostOnce;
             let refused =
                 if f.path.len() > self.limits.max_filter_bytes || !acl::valid_filter(&f.path) {
@@ -692,7 +707,11 @@ impl Session {
                 }
                 None => {
                     self.subscriptions.insert(f.path.clone(), f.clone());
-                    codes.push(None);
+                    let is_commands = f
+                        .path
+                        .strip_prefix(&commands)
+                        .is_some_and(|r| r.is_empty() || r.starts_with('/'));
+                    codes.push(is_commands.then_some(u8::from(asked)));
                 }
             }
         }
@@ -1126,16 +1145,20 @@ mod tests {
             let mut out = BytesMut::new();
             let command = crate::model::DeviceCommand {
                 command_id: "c1".into(),
+                expires_ms: i64::MAX,
                 topic: "devices/k1/commands/notice".into(),
                 payload: br#"{"command_id":"c1","args":{}}"#.to_vec(),
             };
             assert!(!s.commands_subscribed());
-            assert!(!s.deliver(&command, &mut out), "not subscribed: not sent");
+            assert_eq!(s.deliver(&command, &mut out), Err("not_subscribed"));
             assert!(out.is_empty());
             s.on_device(&e, subscribe(1, &["devices/k1/commands/+"]), None, &mut out)
                 .unwrap();
+            // Answered here (commands never go through the router), granted as asked.
+            assert_eq!(out[0], 0x90, "a SUBACK");
+            out.clear();
             assert!(s.commands_subscribed());
-            assert!(s.deliver(&command, &mut out));
+            assert_eq!(s.deliver(&command, &mut out), Ok(()));
             let (packet, meta) = match next_packet(&mut out, v5, 1 << 16).unwrap() {
                 Next::Packet(p, m) => (p, m.unwrap()),
                 Next::Incomplete { .. } => panic!("not a whole packet"),

@@ -64,7 +64,8 @@ impl CommandState {
 
     /// May a command in `self` move to `to`? Only forward: queued -> sent -> delivered ->
     /// succeeded | failed | timed_out; queued or sent -> expired; queued -> delivered (a
-    /// serial line: written is delivered). A final state never changes.
+    /// serial line: written is delivered); sent -> failed (the connection could not take
+    /// it). A final state never changes.
     pub fn may_become(self, to: CommandState) -> bool {
         use CommandState::*;
         matches!(
@@ -74,6 +75,7 @@ impl CommandState {
                 | (Queued, Expired)
                 | (Sent, Delivered)
                 | (Sent, Expired)
+                | (Sent, Failed)
                 | (Delivered, Succeeded)
                 | (Delivered, Failed)
                 | (Delivered, TimedOut)
@@ -207,6 +209,9 @@ pub(super) struct Applied {
     /// A command sent again (its `command_id` known): its state goes to the outbox again,
     /// nothing changes.
     pub reported: Option<CommandRow>,
+    /// Changed without a new state (an `in_progress` reply restarts the reply timeout):
+    /// for the dispatcher only, not the outbox.
+    pub touched: Option<CommandRow>,
     pub counter: Option<(DeviceId, &'static str)>,
     pub answer: Option<Answer>,
 }
@@ -281,17 +286,22 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &CommandOp) -> rusqlite::Result<Ap
                 c.device,
                 c.profile,
                 c.name,
-                c.args,
+                // A refused command's arguments are not kept (up to 16 KiB each, and
+                // central may send any number).
+                if state == CommandState::Rejected {
+                    "{}"
+                } else {
+                    c.args.as_str()
+                },
                 state.as_str(),
                 detail,
                 c.at_ms,
                 c.expires_ms,
                 c.reply_timeout_ms
             ])?;
-            let new = by_command_id(tx, &c.command_id)?.expect("inserted in this transaction");
-            if state == CommandState::Rejected {
-                applied.counter = Some((c.device.clone(), "command_rejected"));
-            }
+            let Some(new) = by_command_id(tx, &c.command_id)? else {
+                return Ok(applied);
+            };
             applied.changed.push(new.clone());
             applied.answer = Some(Answer::Row(new));
         }
@@ -331,6 +341,7 @@ pub(super) fn apply(tx: &Transaction<'_>, op: &CommandOp) -> rusqlite::Result<Ap
                         "UPDATE commands SET updated_ms = ?2, detail = ?3 WHERE command_id = ?1",
                     )?
                     .execute(params![command_id, at_ms, detail])?;
+                    applied.touched = by_command_id(tx, command_id)?;
                 }
                 ReplyStatus::Succeeded | ReplyStatus::Failed => {
                     let to = if *status == ReplyStatus::Succeeded {

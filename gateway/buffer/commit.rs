@@ -182,6 +182,7 @@ impl Writer {
                             command_counts.push((device, what, crate::model::now_ms()));
                         }
                         self.command_changes.extend(applied.changed);
+                        self.command_changes.extend(applied.touched);
                         if let Some(a) = applied.answer {
                             self.answers.push(a);
                         }

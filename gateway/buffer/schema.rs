@@ -219,7 +219,7 @@ CREATE TABLE quarantine (
     // branch notice republished for screens.
     r#"
 CREATE TABLE commands (
-    id               INTEGER PRIMARY KEY,
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
     command_id       TEXT    NOT NULL UNIQUE,
     device           TEXT    NOT NULL,
     profile          TEXT    NOT NULL,

@@ -317,7 +317,7 @@ impl Writer {
         }
         if let Some(tx) = &self.commands_tx {
             if tx.try_send(changes).is_err() {
-                self.stats.commands_resync.store(true, Ordering::Relaxed);
+                self.stats.commands_resync.store(true, Ordering::Release);
             }
         }
     }

@@ -33,8 +33,9 @@ pub(crate) enum Action {
 #[derive(Debug, Default)]
 struct Device {
     open: VecDeque<CommandRow>,
-    /// The connection that takes this device's commands now.
-    link: Option<u64>,
+    /// The connections that take this device's commands, newest last (commands go to the
+    /// newest; bounded by the broker's connections per device).
+    links: Vec<u64>,
     /// The command written and not yet acknowledged, and over which connection.
     in_flight: Option<(String, u64)>,
 }
@@ -52,7 +53,7 @@ impl Dispatch {
     pub(crate) fn new(serial: impl IntoIterator<Item = String>) -> Dispatch {
         let mut d = Dispatch::default();
         for device in serial {
-            d.devices.entry(device).or_default().link = Some(SERIAL);
+            d.devices.entry(device).or_default().links = vec![SERIAL];
         }
         d
     }
@@ -135,7 +136,8 @@ impl Dispatch {
     /// A connection of `device` takes commands now (it replaces any other).
     pub(crate) fn on_ready(&mut self, device: &str, connection: u64, now: i64) -> Vec<Action> {
         let d = self.devices.entry(device.to_owned()).or_default();
-        d.link = Some(connection);
+        d.links.retain(|c| *c != connection);
+        d.links.push(connection);
         if d.in_flight.as_ref().is_some_and(|(_, c)| *c != connection) {
             // Written to a connection that is gone: it goes again on this one.
             d.in_flight = None;
@@ -148,9 +150,56 @@ impl Dispatch {
     /// That connection is gone (or no longer subscribed).
     pub(crate) fn on_gone(&mut self, device: &str, connection: u64) {
         if let Some(d) = self.devices.get_mut(device) {
-            if d.link == Some(connection) {
-                d.link = None;
+            d.links.retain(|c| *c != connection);
+            if d.in_flight.as_ref().is_some_and(|(_, c)| *c == connection) {
+                d.in_flight = None;
             }
+        }
+    }
+
+    /// The connection could not take the command it was handed (`why`: see
+    /// [`crate::model::CommandLink::Refused`]): it fails (or expired), and the next goes on.
+    pub(crate) fn on_refused(
+        &mut self,
+        device: &str,
+        connection: u64,
+        command_id: &str,
+        why: &str,
+        now: i64,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(d) = self.devices.get_mut(device) else {
+            return out;
+        };
+        if d.in_flight.as_ref() != Some(&(command_id.to_owned(), connection)) {
+            return out;
+        }
+        d.in_flight = None;
+        if let Some(c) = d.open.iter_mut().find(|c| c.command_id == command_id) {
+            let (to, detail) = match why {
+                "expired" => (CommandState::Expired, String::new()),
+                "not_subscribed" => (
+                    CommandState::Failed,
+                    format!("not_subscribed: the device does not subscribe to devices/{device}/commands/{}", c.name),
+                ),
+                other => (CommandState::Failed, format!("{other}: not deliverable to the device")),
+            };
+            c.state = to;
+            out.push(Action::Move {
+                command_id: c.command_id.clone(),
+                to,
+                detail,
+            });
+        }
+        d.open.retain(|c| !c.state.is_final());
+        self.pump(device, now, &mut out);
+        out
+    }
+
+    /// The connection could not be handed the command now (its mailbox was full): it goes
+    /// again on the next tick.
+    pub(crate) fn on_busy(&mut self, device: &str, connection: u64) {
+        if let Some(d) = self.devices.get_mut(device) {
             if d.in_flight.as_ref().is_some_and(|(_, c)| *c == connection) {
                 d.in_flight = None;
             }
@@ -260,7 +309,7 @@ impl Dispatch {
                     Some(_) => return, // waiting for its reply
                 },
                 CommandState::Queued | CommandState::Sent => {
-                    let (Some(connection), None) = (d.link, &d.in_flight) else {
+                    let (Some(&connection), None) = (d.links.last(), &d.in_flight) else {
                         return;
                     };
                     d.in_flight = Some((head.command_id.clone(), connection));
@@ -482,7 +531,7 @@ mod tests {
                 let mut w = Writer::default();
                 let mut now = 0i64;
                 let mut next_id = 0i64;
-                let mut links: HashMap<String, u64> = HashMap::new();
+                let mut links: HashMap<String, Vec<u64>> = HashMap::new();
                 let mut handed: HashMap<String, (String, u64)> = HashMap::new();
                 for s in steps {
                     let mut actions = match s {
@@ -495,13 +544,15 @@ mod tests {
                             d.on_changes(vec![r], now)
                         }
                         Step::Ready { device, connection } => {
-                            links.insert(format!("d{device}"), connection);
+                            let l = links.entry(format!("d{device}")).or_default();
+                            l.retain(|c| *c != connection);
+                            l.push(connection);
                             d.on_ready(&format!("d{device}"), connection, now)
                         }
                         Step::Gone { device, connection } => {
                             let dev = format!("d{device}");
-                            if links.get(&dev) == Some(&connection) {
-                                links.remove(&dev);
+                            if let Some(l) = links.get_mut(&dev) {
+                                l.retain(|c| *c != connection);
                             }
                             d.on_gone(&dev, connection);
                             Vec::new()
@@ -542,7 +593,7 @@ mod tests {
                                     changes.extend(w.apply(&command_id, to, now));
                                 }
                                 Action::Deliver { device, connection, command } => {
-                                    prop_assert_eq!(links.get(&device), Some(&connection), "not a ready connection");
+                                    prop_assert!(links.get(&device).is_some_and(|l| l.contains(&connection)), "not a ready connection");
                                     let me = w.rows.iter().find(|r| r.command_id == command.command_id).unwrap();
                                     prop_assert!(!me.is_done(), "a finished command handed out");
                                     prop_assert!(me.expires_ms > now, "an expired command handed out");
@@ -558,6 +609,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A connection that cannot take a command (no matching subscription, too large,
+    /// expired on its way) fails it once, and the next command goes on: never a loop.
+    #[test]
+    fn a_refused_command_fails_and_the_next_goes_on() {
+        let mut d = Dispatch::new([]);
+        d.on_changes(vec![row(1, "k1", Queued), row(2, "k1", Queued)], 0);
+        d.on_ready("k1", 1, 0);
+        let a = d.on_refused("k1", 1, "c1", "not_subscribed", 0);
+        assert_eq!(moves(&a), vec![("c1".into(), Failed), ("c2".into(), Sent)]);
+        assert_eq!(delivered(&a), vec![("c2".into(), 1)]);
+        assert!(
+            d.on_refused("k1", 1, "c1", "not_subscribed", 0).is_empty(),
+            "once"
+        );
+    }
+
+    /// Two connections of one device take commands: one going leaves the other.
+    #[test]
+    fn a_device_with_two_connections_keeps_the_other() {
+        let mut d = Dispatch::new([]);
+        d.on_ready("k1", 1, 0);
+        d.on_ready("k1", 2, 0);
+        d.on_gone("k1", 2);
+        let a = d.on_changes(vec![row(1, "k1", Queued)], 0);
+        assert_eq!(delivered(&a), vec![("c1".into(), 1)]);
+        // A busy mailbox: tried again on the next tick, same connection.
+        d.on_busy("k1", 1);
+        assert_eq!(delivered(&d.on_tick(1)), vec![("c1".into(), 1)]);
     }
 
     #[test]

@@ -70,6 +70,13 @@ pub struct Dispatcher {
     pub stats: Arc<CommandStats>,
 }
 
+/// What handing a command to a connection came to.
+enum Handed {
+    Yes,
+    Busy,
+    Gone,
+}
+
 struct Glue {
     d: Dispatcher,
     mailboxes: HashMap<u64, mpsc::Sender<DeviceCommand>>,
@@ -98,7 +105,18 @@ impl Dispatcher {
         loop {
             let actions = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                Some(rows) = g.d.changes.recv() => dispatch.on_changes(rows, now_ms()),
+                Some(rows) = g.d.changes.recv() => {
+                    // A batch was dropped before this one (its channel was full): applying
+                    // this one could run ahead of it; read everything back instead.
+                    if g.d.buffer.commands_resync.swap(false, Ordering::AcqRel) {
+                        if !g.reload(&mut dispatch).await {
+                            return;
+                        }
+                        Vec::new()
+                    } else {
+                        dispatch.on_changes(rows, now_ms())
+                    }
+                }
                 Some(link) = g.d.links.recv() => g.on_link(&mut dispatch, link),
                 Some(msg) = g.d.central.recv() => {
                     g.take_central(msg).await;
@@ -109,7 +127,7 @@ impl Dispatcher {
                     Vec::new()
                 }
                 _ = tick.tick() => {
-                    if g.d.buffer.commands_resync.swap(false, Ordering::Relaxed)
+                    if g.d.buffer.commands_resync.swap(false, Ordering::AcqRel)
                         && !g.reload(&mut dispatch).await
                     {
                         return;
@@ -169,6 +187,15 @@ impl Glue {
                 dispatch.on_gone(&device, connection);
                 Vec::new()
             }
+            CommandLink::Refused {
+                device,
+                connection,
+                command_id,
+                why,
+            } => {
+                tracing::debug!(%device, connection, %command_id, why, "command refused by the device connection");
+                dispatch.on_refused(&device, connection, &command_id, why, now)
+            }
             CommandLink::Acked {
                 device,
                 connection,
@@ -201,25 +228,34 @@ impl Glue {
                     device,
                     connection,
                     command,
-                } => {
-                    // Not possible now: the device waits for its next ready connection
-                    // (a serial port: the next tick).
-                    if !self.deliver(&device, connection, &command) {
+                } => match self.deliver(&device, connection, &command) {
+                    Handed::Yes => {}
+                    // Tried again on the next tick.
+                    Handed::Busy => dispatch.on_busy(&device, connection),
+                    // That connection is gone (its `Gone` is on its way).
+                    Handed::Gone => {
                         dispatch.on_gone(&device, connection);
                         self.mailboxes.remove(&connection);
                     }
-                }
+                },
             }
         }
     }
 
-    /// Hand one command to its connection or port; `false` if that is not possible now.
-    fn deliver(&mut self, device: &str, connection: u64, c: &CommandRow) -> bool {
+    /// Hand one command to its connection or port.
+    fn deliver(&mut self, device: &str, connection: u64, c: &CommandRow) -> Handed {
         if connection == SERIAL {
             let (tx, rx) = oneshot::channel();
-            if let Err(e) = self.d.serial.send_then(device, &c.name, Some(tx)) {
-                tracing::warn!(device, command = %c.name, error = %e, "serial command not queued; will retry");
-                return false;
+            if let Err(e) = self
+                .d
+                .serial
+                .send_then(device, &c.name, c.expires_ms, Some(tx))
+            {
+                let key: &'static str = "serial command not queued";
+                if let Some(suppressed) = self.log.hit(&key, now_ms()) {
+                    tracing::warn!(device, command = %c.name, error = %e, suppressed_since_last_report = suppressed, "serial command not queued; will retry");
+                }
+                return Handed::Busy;
             }
             let links = self.d.links_tx.clone();
             let (device, command_id) = (device.to_owned(), c.command_id.clone());
@@ -238,25 +274,30 @@ impl Glue {
                 .stats
                 .delivered_to_link
                 .fetch_add(1, Ordering::Relaxed);
-            return true;
+            return Handed::Yes;
         }
         let Some(mailbox) = self.mailboxes.get(&connection) else {
-            return false;
+            return Handed::Gone;
         };
         let command = DeviceCommand {
             command_id: c.command_id.clone(),
+            expires_ms: c.expires_ms,
             topic: format!("devices/{device}/commands/{}", c.name),
             payload: parse::device_payload(&c.command_id, &c.args),
         };
-        let ok = mailbox.try_send(command).is_ok();
-        tracing::debug!(device, connection, command_id = %c.command_id, ok, "command handed to the device connection");
-        if ok {
-            self.d
-                .stats
-                .delivered_to_link
-                .fetch_add(1, Ordering::Relaxed);
+        let sent = mailbox.try_send(command);
+        tracing::debug!(device, connection, command_id = %c.command_id, ok = sent.is_ok(), "command handed to the device connection");
+        match sent {
+            Ok(()) => {
+                self.d
+                    .stats
+                    .delivered_to_link
+                    .fetch_add(1, Ordering::Relaxed);
+                Handed::Yes
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Handed::Busy,
+            Err(mpsc::error::TrySendError::Closed(_)) => Handed::Gone,
         }
-        ok
     }
 
     fn unusable(&mut self, source: &'static str, why: &str) {

@@ -72,7 +72,9 @@ pub struct Commands {
 }
 
 /// Bytes for a port, and who to tell once they are written.
-pub type Written = (Vec<u8>, Option<tokio::sync::oneshot::Sender<()>>);
+/// `(bytes, not after (Unix ms), who to tell once written)`: bytes whose time has passed
+/// while the port was closed are not written.
+pub type Written = (Vec<u8>, i64, Option<tokio::sync::oneshot::Sender<()>>);
 
 impl Commands {
     pub fn insert(&mut self, device: DeviceId, spec: Arc<SerialSpec>, tx: mpsc::Sender<Written>) {
@@ -87,7 +89,7 @@ impl Commands {
     /// Queue the named command; it is written when the port is open (held while it is
     /// closed, in a queue of [`COMMAND_QUEUE`]).
     pub fn send(&self, device: &str, command: &str) -> Result<(), CommandError> {
-        self.send_then(device, command, None)
+        self.send_then(device, command, i64::MAX, None)
     }
 
     /// [`Commands::send`], telling `written` once the bytes are written to the port.
@@ -95,6 +97,7 @@ impl Commands {
         &self,
         device: &str,
         command: &str,
+        not_after_ms: i64,
         written: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<(), CommandError> {
         let (spec, tx) = self
@@ -109,7 +112,7 @@ impl Commands {
                 device: device.to_owned(),
                 command: command.to_owned(),
             })?;
-        tx.try_send((bytes, written))
+        tx.try_send((bytes, not_after_ms, written))
             .map_err(|_| CommandError::Busy(device.to_owned()))
     }
 }
@@ -248,7 +251,11 @@ pub async fn run(
                     awaiting = None;
                     count("serial_poll_timeout");
                 }
-                Some((cmd, written)) = commands.recv() => {
+                Some((cmd, not_after_ms, written)) = commands.recv() => {
+                    if crate::model::now_ms() >= not_after_ms {
+                        count("serial_command_expired");
+                        continue;
+                    }
                     if let Err(e) = stream.write_all(&cmd).await {
                         break e.to_string();
                     }

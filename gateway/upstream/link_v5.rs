@@ -447,15 +447,32 @@ pub(super) async fn drive(
                         payload: p.payload.to_vec(),
                         stored,
                     };
-                    if unstored.len() >= usize::from(RECEIVE_MAXIMUM) {
+                    // QoS 0 needs no acknowledgement and does not count (the queue's own
+                    // bound holds it).
+                    let awaiting = unstored.iter().filter(|(pkid, _)| *pkid != 0).count();
+                    if p.qos != QoS::AtMostOnce && awaiting >= usize::from(RECEIVE_MAXIMUM) {
                         let e = "central sent more than its Receive Maximum unacknowledged";
                         let _ = events.send((generation, lost(e.into()))).await;
                         return;
                     }
                     if c.tx.send(msg).await.is_err() {
+                        let e = "the command dispatcher stopped";
+                        let _ = events.send((generation, lost(e.into()))).await;
                         return;
                     }
                     unstored.push_back((if p.qos == QoS::AtMostOnce { 0 } else { p.pkid }, rx));
+                    continue;
+                }
+                Event::Incoming(Packet::SubAck(ack)) => {
+                    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode as Code;
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .filter(|c| !matches!(c, Code::Success(_)))
+                        .count();
+                    if refused > 0 {
+                        tracing::warn!(refused, codes = ?ack.return_codes, "central refused the gateway's subscription to commands or notices: none will arrive (check central's ACL)");
+                    }
                     continue;
                 }
                 Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Sent(pkid),
