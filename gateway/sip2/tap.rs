@@ -21,6 +21,14 @@ use serde_json::{json, Value};
 
 /// Longest SIP2 message the tap parses (a longer one is still forwarded: `sip2_unparsed`).
 pub(crate) const MAX_LINE: usize = 8 * 1024;
+/// A patron session with no request of its patron for this long ends as `timeout` (a
+/// kiosk that never sends End Patron Session 35).
+pub(crate) const SESSION_IDLE_MS: i64 = 5 * 60 * 1000;
+/// The most a session's figures say (the profile's bounds): a session is one patron at the
+/// kiosk, so a kiosk that never ends one cannot produce a `session_end` the profile refuses.
+const SESSION_MAX_COUNT: i64 = 50;
+const SESSION_MAX_S: i64 = 3600;
+
 /// Requests awaiting their response (a kiosk sends one at a time; more are dropped from the
 /// front, counted `sip2_unmatched`).
 const MAX_PENDING: usize = 16;
@@ -171,6 +179,8 @@ struct Session {
     reference: String,
     patron: String,
     started_ms: i64,
+    /// The last request naming the patron.
+    last_ms: i64,
     valid: Option<bool>,
     checkouts_ok: i64,
     checkouts_failed: i64,
@@ -352,7 +362,17 @@ impl Tap {
             return; // 97 (resend) and the like: nothing to pair
         }
         let patron = m.field("AA").filter(|p| !p.is_empty());
+        if self
+            .session
+            .as_ref()
+            .is_some_and(|s| now_ms - s.last_ms >= SESSION_IDLE_MS)
+        {
+            self.end_session("timeout", now_ms, out);
+        }
         if let Some(p) = &patron {
+            if let Some(s) = self.session.as_mut().filter(|s| &s.patron == p) {
+                s.last_ms = now_ms;
+            }
             if self.session.as_ref().is_some_and(|s| &s.patron != p) {
                 self.end_session("abandoned", now_ms, out);
             }
@@ -361,6 +381,7 @@ impl Tap {
                     reference: reference(),
                     patron: p.clone(),
                     started_ms: now_ms,
+                    last_ms: now_ms,
                     valid: None,
                     checkouts_ok: 0,
                     checkouts_failed: 0,
@@ -458,7 +479,9 @@ impl Tap {
                     "29" => ("renew", "renewal"),
                     _ => ("checkin", "return"),
                 };
-                if let Some(s) = self.session.as_mut() {
+                // Only what names the session's patron is part of it (a return names nobody).
+                let mine = |s: &Session| req.patron.as_deref() == Some(s.patron.as_str());
+                if let Some(s) = self.session.as_mut().filter(|s| mine(s)) {
                     match (req.code, ok) {
                         ("11", true) => s.checkouts_ok += 1,
                         ("11", false) => s.checkouts_failed += 1,
@@ -522,11 +545,11 @@ impl Tap {
         let mut e = json!({
             "event": "session_end",
             "session_ref": s.reference,
-            "duration_s": ((now_ms - s.started_ms).max(0) / 1000),
-            "checkouts_ok": s.checkouts_ok,
-            "checkouts_failed": s.checkouts_failed,
-            "checkins": s.checkins,
-            "renewals": s.renewals,
+            "duration_s": ((now_ms - s.started_ms).max(0) / 1000).min(SESSION_MAX_S),
+            "checkouts_ok": s.checkouts_ok.min(SESSION_MAX_COUNT),
+            "checkouts_failed": s.checkouts_failed.min(SESSION_MAX_COUNT),
+            "checkins": s.checkins.min(SESSION_MAX_COUNT),
+            "renewals": s.renewals.min(SESSION_MAX_COUNT),
             // Replaced by the branch's HMAC at intake, before anything is stored.
             "patron_id": s.patron,
             "end_reason": why,
@@ -644,7 +667,10 @@ mod tests {
         assert_eq!(end["checkouts_ok"], 1);
         assert_eq!(end["checkouts_failed"], 1);
         assert_eq!(end["renewals"], 1);
-        assert_eq!(end["checkins"], 1);
+        assert_eq!(
+            end["checkins"], 0,
+            "the return named no patron: not the session's"
+        );
         assert_eq!(end["patron_valid"], true);
         assert_eq!(end["end_reason"], "end_session");
         let session = events[0]["session_ref"].as_str().unwrap();
@@ -664,6 +690,34 @@ mod tests {
         for secret in ["secret", "pin", "Jane", "hold-patron", "Title"] {
             assert!(!all.contains(secret), "{secret} in {all}");
         }
+    }
+
+    /// A kiosk that never ends its sessions: an idle one ends as `timeout`, and no
+    /// figure passes the profile's bounds.
+    #[test]
+    fn sessions_end_by_timeout_and_stay_in_bounds() {
+        let d = "20261203    101502";
+        let mut tap = Tap::default();
+        let mut out = Vec::new();
+        for i in 0..60 {
+            let t = i * 100;
+            out.extend(tap.kiosk_sent(format!("11YN{d}{d}AOBR01|AAp1|AB{i:04}|\r").as_bytes(), t));
+            out.extend(tap.ils_sent(format!("121NUN{d}AB{i:04}|CK001|\r").as_bytes(), t + 1));
+        }
+        out.extend(tap.kiosk_sent(
+            format!("11YN{d}{d}AOBR01|AAp1|AB9999|\r").as_bytes(),
+            6_000 + SESSION_IDLE_MS,
+        ));
+        let ends: Vec<&Value> = out
+            .iter()
+            .filter_map(|d| match d {
+                Derived::Event(e) if e["event"] == "session_end" => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends.len(), 1);
+        assert_eq!(ends[0]["end_reason"], "timeout");
+        assert_eq!(ends[0]["checkouts_ok"], SESSION_MAX_COUNT);
     }
 
     #[test]
