@@ -538,6 +538,40 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
     } else {
         println!("commands    by state: {}", states.join(", "));
     }
+    // Tapped kiosks: when each last sent an SC status, and how often its ILS link failed.
+    for d in cfg.devices.iter().filter(|d| d.sip2.is_some()) {
+        let last_status: Option<i64> = conn
+            .query_row(
+                "SELECT MAX(received_ms) FROM messages WHERE device = ?1 AND kind = 'telemetry'
+                   AND payload LIKE '%\"acs_online\"%'",
+                [&d.id],
+                |row| row.get(0),
+            )
+            .context("cannot read the buffer")?;
+        let failed: Option<(i64, i64)> = conn
+            .query_row(
+                "SELECT value, last_ms FROM device_counters
+                 WHERE device = ?1 AND counter = 'sip2_ils_unreachable'",
+                [&d.id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .ok();
+        let status = match last_status {
+            Some(ms) if now - ms > SC_STATUS_STALE_MS => {
+                format!(
+                    "NO SC STATUS for {} (kiosks send one every few minutes)",
+                    ago(now - ms).trim_end_matches(" ago")
+                )
+            }
+            Some(ms) => format!("SC status {}", ago(now - ms)),
+            None => "no SC status yet".to_owned(),
+        };
+        let link = match failed {
+            Some((n, at)) => format!("; ILS unreachable {n} times, last {}", ago(now - at)),
+            None => String::new(),
+        };
+        println!("kiosk       {}: {status}{link}", d.id);
+    }
     if r.quarantined.is_empty() {
         println!("quarantine  none");
     } else {
@@ -597,6 +631,9 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A tapped kiosk that has sent no SC status (99) for this long is reported by `status`.
+const SC_STATUS_STALE_MS: i64 = 10 * 60 * 1000;
 
 fn ago_secs(s: i64) -> String {
     match s {

@@ -238,6 +238,9 @@ fn a_scripted_day_passes_unchanged_and_becomes_events_without_patron_data() {
     // Patron data: nowhere in the database files or the log.
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
+    let (ok, out, _) = branch.cli(&["status"]);
+    assert!(ok.success());
+    assert!(out.contains("kiosk       kiosk-01: SC status "), "{out}");
     let mut files = vec![branch.db_path()];
     for ext in ["-wal", "-shm"] {
         files.push(std::path::PathBuf::from(format!(
@@ -330,6 +333,12 @@ fn an_unreachable_ils_closes_the_kiosk_connection() {
         .count("SELECT COUNT(*) FROM messages WHERE device = 'kiosk-01' AND kind <> 'telemetry'");
     assert_eq!(others, 0);
     assert!(gw.log().contains("ILS unreachable"), "{}", gw.log());
+    let (ok, out, _) = branch.cli(&["status"]);
+    assert!(ok.success());
+    assert!(
+        out.contains("kiosk       kiosk-01: no SC status yet; ILS unreachable 1 times, last "),
+        "{out}"
+    );
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }
