@@ -733,6 +733,38 @@ async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyho
             Err(e) => println!("cannot simulate serial device {}: {e}", d.id),
         }
     }
+    // Tapped SIP2 kiosks of the example branch: a simulated ILS where the config points
+    // (on this machine) and a simulated kiosk talking to the tap.
+    for d in &loaded.config.devices {
+        let Some(tap) = &d.sip2 else { continue };
+        use branch_gateway::sip2::sim;
+        let Some((host, port)) = tap.ils_addr() else {
+            continue;
+        };
+        if host != "127.0.0.1" && host != "localhost" {
+            continue; // a real ILS
+        }
+        match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => {
+                tokio::spawn(sim::ils(l, model::now_ms() as u64, shutdown.child_token()));
+            }
+            Err(e) => {
+                println!("cannot simulate the ILS of {} on port {port}: {e}", d.id);
+                continue;
+            }
+        }
+        let listen = branch_gateway::broker::probe_addr(tap.listen);
+        println!(
+            "SIP2 kiosk {} played by a simulated kiosk through the tap on {listen}, against a simulated ILS on 127.0.0.1:{port}",
+            d.id
+        );
+        tokio::spawn(sim::kiosk(
+            listen,
+            speed,
+            model::now_ms() as u64 ^ port as u64,
+            shutdown.child_token(),
+        ));
+    }
     let db = loaded.database_path();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;

@@ -276,7 +276,7 @@ fn shipped_example_config_passes() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "gateway.example.toml: ok (15 devices, 7 profiles: catalogue-kiosk, gate-counter, \
+        "gateway.example.toml: ok (16 devices, 7 profiles: catalogue-kiosk, gate-counter, \
          gate-counter-text, lobby-screen, reading-booth, self-check-kiosk, touch-navigator)\n"
     );
     assert_eq!(text(&out.stderr), "");
@@ -285,7 +285,7 @@ fn shipped_example_config_passes() {
     let out = check_config(cwd.path(), &manifest_dir().join("gateway.example.toml"));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains(": ok (15 devices, 7 profiles: "),
+        text(&out.stdout).contains(": ok (16 devices, 7 profiles: "),
         "{}",
         text(&out.stdout)
     );

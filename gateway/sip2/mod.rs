@@ -12,6 +12,7 @@
 //! accept), [`tap::MAX_LINE`] bytes of a message held per direction, 16 requests awaiting
 //! their response, [`READ_CHUNK`] bytes read at a time.
 
+pub mod sim;
 pub(crate) mod tap;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
