@@ -164,6 +164,20 @@ fn serial_device_with_a_password_and_a_bad_baud() {
 }
 
 #[test]
+fn sip2_kiosks_are_checked() {
+    assert_fails(
+        "sip2-bad.toml",
+        &config_file("sip2-bad.toml"),
+        &[
+            "devices[2].password (id \"kiosk-a\"): a SIP2 kiosk does not log in over MQTT",
+            "devices[2].sip2.ils (id \"kiosk-a\"): must be host:port",
+            "devices[3].sip2.listen (id \"kiosk-b\"): is used by an earlier kiosk",
+            "devices[3].sip2.ca_file (id \"kiosk-b\"): only with tls = true",
+        ],
+    );
+}
+
+#[test]
 fn serial_device_whose_profile_cannot_decode_serial() {
     assert_fails(
         "serial-profile-without-serial.toml",

@@ -43,6 +43,11 @@ fn answer(request: &str) -> Option<String> {
 
 impl Ils {
     fn start(split: bool) -> Ils {
+        Self::start_slow(split, Duration::ZERO)
+    }
+
+    /// An ILS that takes `delay` to answer each request.
+    fn start_slow(split: bool, delay: Duration) -> Ils {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -69,6 +74,7 @@ impl Ils {
                             let req = String::from_utf8_lossy(&line).into_owned();
                             line.clear();
                             let Some(a) = answer(&req) else { continue };
+                            std::thread::sleep(delay);
                             let bytes = format!("{a}\r").into_bytes();
                             let (x, y) =
                                 bytes.split_at(if split { bytes.len() / 2 } else { bytes.len() });
@@ -338,6 +344,46 @@ fn an_unreachable_ils_closes_the_kiosk_connection() {
     assert!(
         out.contains("kiosk       kiosk-01: no SC status yet; ILS unreachable 1 times, last "),
         "{out}"
+    );
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// A slow ILS (60 ms per answer) and a kiosk that sends three requests in one segment:
+/// the answers reach the kiosk whole, in order, unchanged.
+#[test]
+fn a_slow_ils_changes_no_order() {
+    let ils = Ils::start_slow(false, Duration::from_millis(60));
+    let listen = free_port();
+    let branch = kiosk_branch(listen, ils.port);
+    let gw = branch.start();
+    let mut kiosk = TcpStream::connect(("127.0.0.1", listen)).unwrap();
+    kiosk
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let burst = format!(
+        "9900302.00\r11YN{D}{D}AOBR01|AA{PATRON}|AB3001|AC|\r09N{D}{D}APBR01|AOBR01|AB3004|AC|\r"
+    );
+    kiosk.write_all(burst.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    read_answers(&mut kiosk, 3, &mut got);
+    assert_eq!(got, *ils.sent.lock().unwrap());
+    let codes: Vec<&str> = std::str::from_utf8(&got)
+        .unwrap()
+        .split('\r')
+        .filter(|l| !l.is_empty())
+        .map(|l| &l[..2])
+        .collect();
+    assert_eq!(codes, ["98", "12", "10"]);
+    assert_eq!(*ils.received.lock().unwrap(), burst.as_bytes());
+    drop(kiosk);
+    let events = "SELECT COUNT(*) FROM messages WHERE device = 'kiosk-01' AND kind = 'events'";
+    // loan, return, and the session the patron's checkout opened.
+    assert_eq!(
+        branch.wait_count(events, 3, Duration::from_secs(10)),
+        3,
+        "{}",
+        gw.log()
     );
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
