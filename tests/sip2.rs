@@ -388,3 +388,103 @@ fn a_slow_ils_changes_no_order() {
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }
+
+/// `tls = true`: the tap speaks TLS to the ILS (here a rustls server with a test CA made
+/// with rcgen, as an stunnel in front of the ILS would), the kiosk plain TCP; a kiosk's
+/// exchange passes unchanged. An ILS certificate the CA did not sign: the kiosk is
+/// disconnected, nothing answered.
+#[test]
+fn the_ils_link_can_be_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let mut server_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    server_params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let server_key = KeyPair::generate().unwrap();
+    let server = server_params.signed_by(&server_key, &ca).unwrap();
+    let chain = vec![server.der().clone()];
+    let key = rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ils_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { return };
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut line = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = match tls.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    for &b in &buf[..n] {
+                        if b != b'\r' {
+                            line.push(b);
+                            continue;
+                        }
+                        let req = String::from_utf8_lossy(&line).into_owned();
+                        line.clear();
+                        if let Some(a) = answer(&req) {
+                            let _ = tls.write_all(format!("{a}\r").as_bytes());
+                            let _ = tls.flush();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let right = dir.path().join("ca.pem");
+    std::fs::write(&right, ca.pem()).unwrap();
+    let other_ca = {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
+    };
+    let wrong = dir.path().join("other-ca.pem");
+    std::fs::write(&wrong, other_ca.pem()).unwrap();
+    for (ca_file, works) in [(&right, true), (&wrong, false)] {
+        let listen = free_port();
+        let branch = Branch::with_extra(
+            &[],
+            &format!(
+                "[[devices]]\nid = \"kiosk-01\"\nprofile = \"self-check-kiosk\"\nsip2 = {{ listen = \"127.0.0.1:{listen}\", ils = \"127.0.0.1:{ils_port}\", tls = true, ca_file = \"{}\" }}\n",
+                ca_file.display()
+            ),
+        );
+        let gw = branch.start();
+        let mut kiosk = TcpStream::connect(("127.0.0.1", listen)).unwrap();
+        kiosk
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        kiosk.write_all(b"9900302.00\r").unwrap();
+        let mut got = Vec::new();
+        if works {
+            read_answers(&mut kiosk, 1, &mut got);
+            assert_eq!(got, format!("{}\r", answer("99").unwrap()).as_bytes());
+        } else {
+            let mut buf = [0u8; 64];
+            assert_eq!(kiosk.read(&mut buf).unwrap_or(0), 0, "nothing answered");
+            assert_eq!(
+                branch.wait_counter("kiosk-01", "sip2_ils_unreachable", 1),
+                1
+            );
+            assert!(gw.log().contains("ILS unreachable"), "{}", gw.log());
+        }
+        drop(kiosk);
+        let (status, log) = gw.terminate();
+        assert!(status.success(), "{log}");
+    }
+}
