@@ -28,6 +28,23 @@ use crate::config::sip2::Sip2Section;
 use crate::model::{now_ms, DeviceId};
 use tap::{Derived, Tap};
 
+/// Arbitrary bytes through the tap, as a kiosk (first byte odd) or an ILS would send them,
+/// split at arbitrary points: for the fuzz target (`fuzz/fuzz_targets/sip2_bytes.rs`).
+#[doc(hidden)]
+pub fn fuzz_sip2_bytes(data: &[u8]) {
+    let mut tap = Tap::default();
+    let mut now = 0;
+    for chunk in data.chunks(data.first().copied().unwrap_or(1).max(1) as usize) {
+        now += 7;
+        if chunk[0] % 2 == 1 {
+            tap.kiosk_sent(chunk, now);
+        } else {
+            tap.ils_sent(chunk, now);
+        }
+    }
+    tap.closed(now);
+}
+
 /// How long connecting to the ILS may take before the kiosk's connection is closed.
 pub const ILS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes read from either side at a time.
