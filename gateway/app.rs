@@ -439,11 +439,11 @@ async fn start_sip2(
                         None,
                     );
                 }
-                Sip2Event::Counted { device, what } => {
+                Sip2Event::Counted { device, what, n } => {
                     let w = Write::Denied {
                         device,
                         what,
-                        count: 1,
+                        count: n,
                         at_ms: crate::model::now_ms(),
                         receipt: None,
                     };

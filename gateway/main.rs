@@ -301,12 +301,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// `RUST_LOG` wins over the config's level. rumqttd logs every disconnect as an error;
-/// the gateway reports connections itself, so rumqttd is quiet unless asked for.
+/// the gateway reports connections itself, so rumqttd is quiet unless asked for. The
+/// `sip2` crate is always silent: it logs SIP2 messages whole (patron data).
 fn init_logging(level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = match std::env::var("RUST_LOG") {
-        Ok(s) if !s.is_empty() => EnvFilter::new(s),
-        _ => EnvFilter::new(format!("{level},rumqttd=off")),
+        Ok(s) if !s.is_empty() => EnvFilter::new(format!("{s},sip2=off")),
+        _ => EnvFilter::new(format!("{level},rumqttd=off,sip2=off")),
     };
     use std::io::IsTerminal;
     if stderr_is_journal() {

@@ -488,3 +488,33 @@ fn the_ils_link_can_be_tls() {
         assert!(status.success(), "{log}");
     }
 }
+
+/// With `allow`, only the kiosk's address may use the tap: anyone else is closed at
+/// accept and never reaches the ILS.
+#[test]
+fn only_the_kiosks_address_may_use_the_tap() {
+    let ils = Ils::start(false);
+    let listen = free_port();
+    let branch = Branch::with_extra(
+        &[],
+        &format!(
+            "[[devices]]\nid = \"kiosk-01\"\nprofile = \"self-check-kiosk\"\nsip2 = {{ listen = \"127.0.0.1:{listen}\", ils = \"127.0.0.1:{}\", allow = [\"192.0.2.7\"] }}\n",
+            ils.port
+        ),
+    );
+    let gw = branch.start();
+    let mut other = TcpStream::connect(("127.0.0.1", listen)).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = other.write_all(b"9900302.00\r");
+    let mut buf = [0u8; 64];
+    assert_eq!(other.read(&mut buf).unwrap_or(0), 0);
+    assert_eq!(branch.wait_counter("kiosk-01", "sip2_address_denied", 1), 1);
+    assert!(
+        ils.received.lock().unwrap().is_empty(),
+        "the ILS saw nothing"
+    );
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+}

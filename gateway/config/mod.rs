@@ -1053,6 +1053,20 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
         }
     }
     for (i, d) in config.devices.iter().enumerate() {
+        // The tap hands a patron session's card number to intake as `events.patron_id`:
+        // only a profile that hashes it may take it.
+        let hashes_patron = profiles
+            .get(&d.profile)
+            .map(|p| p.hashed_fields().iter().any(|f| f == "events.patron_id"));
+        if d.sip2.is_some() && hashes_patron == Some(false) {
+            problems.push(Problem {
+                key: format!("devices[{i}].sip2 (id {:?})", d.id),
+                message: format!(
+                    "profile {:?} does not hash `events.patron_id` (`privacy: hash`): a SIP2 kiosk needs a profile like self-check-kiosk",
+                    d.profile
+                ),
+            });
+        }
         let serial_profile = profiles.get(&d.profile).map(|p| p.serial.is_some());
         if d.serial.is_some() && serial_profile == Some(false) {
             problems.push(Problem {

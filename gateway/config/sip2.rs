@@ -21,6 +21,10 @@ pub struct Sip2Section {
     /// CA certificates (PEM) for the ILS's TLS certificate; else the system's roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// The kiosk's address(es): a connection from anywhere else is closed at accept (so
+    /// the tap is no open path to the ILS for the rest of the LAN). Empty: any address.
+    #[serde(default)]
+    pub allow: Vec<std::net::IpAddr>,
     /// Kiosk connections at once on this listener (a kiosk reconnecting while its old
     /// connection lingers); past it a new one is closed at accept.
     #[serde(default = "default_max_connections")]

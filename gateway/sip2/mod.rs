@@ -47,6 +47,11 @@ pub fn fuzz_sip2_bytes(data: &[u8]) {
 
 /// How long connecting to the ILS may take before the kiosk's connection is closed.
 pub const ILS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A side that takes nothing of what is written to it for this long ends the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection with no byte either way for this long is closed (kiosks send an SC
+/// status every few minutes).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Bytes read from either side at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -59,10 +64,11 @@ pub enum Sip2Event {
         kind: &'static str,
         payload: String,
     },
-    /// A counter of the kiosk.
+    /// A counter of the kiosk, `n` times.
     Counted {
         device: DeviceId,
         what: &'static str,
+        n: u64,
     },
     /// A kiosk connection is linked to the ILS (`up`) or ended: the kiosk's presence.
     Link { device: DeviceId, up: bool },
@@ -96,7 +102,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
-        let (stream, _) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(device = %kiosk.device, error = %e, "SIP2 listener cannot accept; retrying");
@@ -104,8 +110,13 @@ pub async fn run(
                 continue;
             }
         };
+        let allowed = &kiosk.section.allow;
+        if !allowed.is_empty() && !allowed.contains(&peer.ip().to_canonical()) {
+            count(&events, &kiosk.device, "sip2_address_denied");
+            continue; // dropped: closed
+        }
         if open.load(Ordering::Relaxed) >= kiosk.section.max_connections {
-            count(&events, &kiosk.device, "sip2_connections_full").await;
+            count(&events, &kiosk.device, "sip2_connections_full");
             continue; // dropped: closed
         }
         open.fetch_add(1, Ordering::Relaxed);
@@ -122,26 +133,50 @@ pub async fn run(
     }
 }
 
-async fn count(events: &mpsc::Sender<Sip2Event>, device: &str, what: &'static str) {
-    let _ = events
-        .send(Sip2Event::Counted {
+/// Hand an event to the app without waiting: forwarding never waits for intake. A full
+/// queue drops it, counted in [`DROPPED`] and logged once per burst.
+fn offer(events: &mpsc::Sender<Sip2Event>, ev: Sip2Event) {
+    if events.try_send(ev).is_err() {
+        let n = DROPPED.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let last = LAST_DROP_LOG_MS.load(Ordering::Relaxed);
+        if now - last >= 10_000
+            && LAST_DROP_LOG_MS
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(dropped_so_far = n + 1, "SIP2 tap: derived events dropped, intake is not keeping up (the traffic itself passed)");
+        }
+    }
+}
+
+/// Derived events and counts dropped because the app's queue was full.
+pub static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static LAST_DROP_LOG_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+fn count(events: &mpsc::Sender<Sip2Event>, device: &str, what: &'static str) {
+    offer(
+        events,
+        Sip2Event::Counted {
             device: device.to_owned(),
             what,
-        })
-        .await;
+            n: 1,
+        },
+    );
 }
 
 /// The ILS could not be reached for a kiosk connection: counted, and the link's state in
 /// the kiosk's telemetry.
-async fn link_down(events: &mpsc::Sender<Sip2Event>, device: &str) {
-    count(events, device, "sip2_ils_unreachable").await;
-    let _ = events
-        .send(Sip2Event::Message {
+fn link_down(events: &mpsc::Sender<Sip2Event>, device: &str) {
+    count(events, device, "sip2_ils_unreachable");
+    offer(
+        events,
+        Sip2Event::Message {
             device: device.to_owned(),
             kind: "telemetry",
             payload: r#"{"sip_link":"down"}"#.to_owned(),
-        })
-        .await;
+        },
+    );
 }
 
 async fn connect_ils(kiosk: &Kiosk) -> Result<Box<dyn Io>, String> {
@@ -181,7 +216,7 @@ async fn serve(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(device, error = %e, "ILS unreachable: kiosk connection closed (the kiosk works offline)");
-            link_down(events, device).await;
+            link_down(events, device);
             return;
         }
         Err(_) => {
@@ -190,15 +225,16 @@ async fn serve(
                 timeout_s = ILS_CONNECT_TIMEOUT.as_secs(),
                 "ILS did not answer: kiosk connection closed (the kiosk works offline)"
             );
-            link_down(events, device).await;
+            link_down(events, device);
             return;
         }
     };
-    count(events, device, "sip2_connections").await;
+    count(events, device, "sip2_connections");
     let link = |up| Sip2Event::Link {
         device: device.to_owned(),
         up,
     };
+    // Presence matters more than a derived event: waited for (the app drains quickly).
     let _ = events.send(link(true)).await;
     let (mut kiosk_rx, mut kiosk_tx) = kiosk_stream.into_split();
     let (mut ils_rx, mut ils_tx) = tokio::io::split(ils);
@@ -208,11 +244,19 @@ async fn serve(
     loop {
         let derived = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(IDLE_TIMEOUT) => {
+                count(events, device, "sip2_idle_closed");
+                break;
+            }
             r = kiosk_rx.read(&mut up) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     // Forward first: the tap never delays the exchange.
-                    if ils_tx.write_all(&up[..n]).await.is_err() || ils_tx.flush().await.is_err() {
+                    let write = async {
+                        ils_tx.write_all(&up[..n]).await?;
+                        ils_tx.flush().await
+                    };
+                    if !within(write, &shutdown).await {
                         break;
                     }
                     tap.kiosk_sent(&up[..n], now_ms())
@@ -221,28 +265,45 @@ async fn serve(
             r = ils_rx.read(&mut down) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if kiosk_tx.write_all(&down[..n]).await.is_err() {
+                    if !within(kiosk_tx.write_all(&down[..n]), &shutdown).await {
                         break;
                     }
                     tap.ils_sent(&down[..n], now_ms())
                 }
             },
         };
-        deliver(device, derived, events).await;
+        deliver(device, derived, events);
     }
-    deliver(device, tap.closed(now_ms()), events).await;
+    deliver(device, tap.closed(now_ms()), events);
     let _ = events.send(link(false)).await;
-    let _ = kiosk_tx.shutdown().await;
-    let _ = ils_tx.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), kiosk_tx.shutdown()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), ils_tx.shutdown()).await;
 }
 
-async fn deliver(device: &str, derived: Vec<Derived>, events: &mpsc::Sender<Sip2Event>) {
+/// A write, given up after [`WRITE_TIMEOUT`] or at shutdown: `true` if it completed.
+async fn within(
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        r = tokio::time::timeout(WRITE_TIMEOUT, write) => matches!(r, Ok(Ok(()))),
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+/// Hand what the tap derived to the app, counts merged per kind (a flood of garbage is one
+/// event per chunk, not one per line), without waiting.
+fn deliver(device: &str, derived: Vec<Derived>, events: &mpsc::Sender<Sip2Event>) {
+    let mut counts: Vec<(&'static str, u64)> = Vec::new();
     for d in derived {
         let ev = match d {
-            Derived::Count(what) => Sip2Event::Counted {
-                device: device.to_owned(),
-                what,
-            },
+            Derived::Count(what) => {
+                match counts.iter_mut().find(|(w, _)| *w == what) {
+                    Some(c) => c.1 += 1,
+                    None => counts.push((what, 1)),
+                }
+                continue;
+            }
             Derived::Event(v) => Sip2Event::Message {
                 device: device.to_owned(),
                 kind: "events",
@@ -254,8 +315,16 @@ async fn deliver(device: &str, derived: Vec<Derived>, events: &mpsc::Sender<Sip2
                 payload: v.to_string(),
             },
         };
-        if events.send(ev).await.is_err() {
-            return;
-        }
+        offer(events, ev);
+    }
+    for (what, n) in counts {
+        offer(
+            events,
+            Sip2Event::Counted {
+                device: device.to_owned(),
+                what,
+                n,
+            },
+        );
     }
 }

@@ -29,6 +29,9 @@ pub(crate) const SESSION_IDLE_MS: i64 = 5 * 60 * 1000;
 const SESSION_MAX_COUNT: i64 = 50;
 const SESSION_MAX_S: i64 = 3600;
 
+/// A request unanswered for this long is forgotten (and no exchange's latency is more).
+pub(crate) const PENDING_MAX_MS: i64 = 60_000;
+
 /// Requests awaiting their response (a kiosk sends one at a time; more are dropped from the
 /// front, counted `sip2_unmatched`).
 const MAX_PENDING: usize = 16;
@@ -369,27 +372,14 @@ impl Tap {
         {
             self.end_session("timeout", now_ms, out);
         }
+        // Sessions start and change on the ILS's answer only (see `confirm`): requests
+        // alone (anyone can send them) make no session.
         if let Some(p) = &patron {
             if let Some(s) = self.session.as_mut().filter(|s| &s.patron == p) {
                 s.last_ms = now_ms;
             }
-            if self.session.as_ref().is_some_and(|s| &s.patron != p) {
-                self.end_session("abandoned", now_ms, out);
-            }
-            if self.session.is_none() && m.code != "35" {
-                self.session = Some(Session {
-                    reference: reference(),
-                    patron: p.clone(),
-                    started_ms: now_ms,
-                    last_ms: now_ms,
-                    valid: None,
-                    checkouts_ok: 0,
-                    checkouts_failed: 0,
-                    checkins: 0,
-                    renewals: 0,
-                });
-            }
         }
+        self.expire_pending(now_ms, out);
         let status = (m.code == "99").then(|| {
             (
                 m.fixed(0).trim().parse().unwrap_or(-1),
@@ -413,7 +403,42 @@ impl Tap {
         });
     }
 
+    /// Requests older than [`PENDING_MAX_MS`] were never answered: forgotten (a later
+    /// answer must not pair with them), counted `sip2_unmatched`.
+    fn expire_pending(&mut self, now_ms: i64, out: &mut Vec<Derived>) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| now_ms - p.at_ms > PENDING_MAX_MS)
+        {
+            self.pending.pop_front();
+            out.push(Derived::Count("sip2_unmatched"));
+        }
+    }
+
+    /// The ILS confirmed `patron` at the kiosk (a valid patron, a checkout or renewal
+    /// done): the patron session is theirs, started at `at_ms` (another one ends).
+    fn confirm(&mut self, patron: &str, at_ms: i64, now_ms: i64, out: &mut Vec<Derived>) {
+        if self.session.as_ref().is_some_and(|s| s.patron != patron) {
+            self.end_session("abandoned", now_ms, out);
+        }
+        if self.session.is_none() {
+            self.session = Some(Session {
+                reference: reference(),
+                patron: patron.to_owned(),
+                started_ms: at_ms,
+                last_ms: now_ms,
+                valid: None,
+                checkouts_ok: 0,
+                checkouts_failed: 0,
+                checkins: 0,
+                renewals: 0,
+            });
+        }
+    }
+
     fn response(&mut self, m: Parsed, now_ms: i64, out: &mut Vec<Derived>) {
+        self.expire_pending(now_ms, out);
         // Responses come in the order of their requests: anything before the match was
         // never answered.
         let Some(at) = self
@@ -431,12 +456,23 @@ impl Tap {
         let Some(req) = self.pending.pop_front() else {
             return;
         };
-        let latency = (now_ms - req.at_ms).max(0);
+        let latency = (now_ms - req.at_ms).clamp(0, PENDING_MAX_MS);
+        let confirmed = match req.code {
+            "23" | "63" => m.field("BL").as_deref() == Some("Y"),
+            "11" | "29" => m.fixed(0) == "1",
+            _ => false,
+        };
+        if let (true, Some(p)) = (confirmed, req.patron.clone()) {
+            self.confirm(&p, req.at_ms, now_ms, out);
+        }
         let session_ref = self
             .session
             .as_ref()
             .map_or(self.connection_ref.clone(), |s| s.reference.clone());
-        let item = m.field("AB").filter(|i| !i.is_empty());
+        // The profile's bounds (4-32 characters): anything else is not an item id.
+        let item = m
+            .field("AB")
+            .filter(|i| (4..=32).contains(&i.chars().count()));
         let media = m
             .field("CK")
             .filter(|c| MEDIA.contains(&c.as_str()))
@@ -490,6 +526,10 @@ impl Tap {
                         _ => {}
                     }
                 }
+                if ok && item.is_none() {
+                    out.push(Derived::Count("sip2_item_unusable"));
+                    return;
+                }
                 let e = if ok {
                     let mut e = json!({
                         "event": event,
@@ -533,7 +573,15 @@ impl Tap {
                 };
                 out.push(Derived::Event(e));
             }
-            "35" => self.end_session("end_session", now_ms, out),
+            "35" => {
+                let mine = self
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| req.patron.as_deref() == Some(s.patron.as_str()));
+                if mine {
+                    self.end_session("end_session", now_ms, out);
+                }
+            }
             _ => {}
         }
     }
@@ -727,6 +775,15 @@ mod tests {
         assert_eq!(out, vec![Derived::Count("sip2_unparsed"); 3]);
         let out = tap.ils_sent(b"941\r", 0);
         assert_eq!(out, [Derived::Count("sip2_unmatched")]);
+        // Requests nobody answered make no patron session (anyone can send them).
+        let d = "20261203    101502";
+        let mut tap = Tap::default();
+        let out = tap.kiosk_sent(
+            format!("23001{d}AOx|AAp1|\r23001{d}AOx|AAp2|\r").as_bytes(),
+            0,
+        );
+        assert!(out.is_empty());
+        assert!(tap.closed(1).is_empty());
     }
 
     proptest::proptest! {
