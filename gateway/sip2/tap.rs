@@ -102,12 +102,19 @@ pub(crate) struct Parsed {
 }
 
 impl Parsed {
-    /// A variable field's value (the first), as text (lossy UTF-8).
+    /// A variable field's value (the first), as text: UTF-8, or else GB18030 (which
+    /// Chinese ILSs use as often), never failing.
     pub(crate) fn field(&self, code: &str) -> Option<String> {
         self.fields
             .iter()
             .find(|(c, _)| c == code.as_bytes())
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .map(|(_, v)| match std::str::from_utf8(v) {
+                Ok(s) => s.to_owned(),
+                Err(_) => encoding_rs::GB18030
+                    .decode_without_bom_handling(v)
+                    .0
+                    .into_owned(),
+            })
     }
 
     fn fixed(&self, i: usize) -> &str {
@@ -766,6 +773,33 @@ mod tests {
         assert_eq!(ends.len(), 1);
         assert_eq!(ends[0]["end_reason"], "timeout");
         assert_eq!(ends[0]["checkouts_ok"], SESSION_MAX_COUNT);
+    }
+
+    /// A refusal's screen message in GB18030 (a Chinese ILS) maps to its reason as in UTF-8.
+    #[test]
+    fn chinese_screen_messages_map_to_reasons() {
+        let d = "20261203    101502";
+        for (text, want) in [
+            ("该书已被其他读者预约", "hold_other_patron"),
+            ("您有欠款未缴", "fines"),
+        ] {
+            for bytes in [
+                text.as_bytes().to_vec(),
+                encoding_rs::GB18030.encode(text).0.into_owned(),
+            ] {
+                let mut tap = Tap::default();
+                tap.kiosk_sent(format!("11YN{d}{d}AOBR01|AAp1|AB3001|\r").as_bytes(), 0);
+                let mut answer = format!("120NUN{d}AOBR01|AB3001|AF").into_bytes();
+                answer.extend(&bytes);
+                answer.extend(b"|\r");
+                let out = tap.ils_sent(&answer, 5);
+                let reason = out.iter().find_map(|d| match d {
+                    Derived::Event(e) => e["reason"].as_str().map(str::to_owned),
+                    _ => None,
+                });
+                assert_eq!(reason.as_deref(), Some(want), "{text}");
+            }
+        }
     }
 
     #[test]
