@@ -438,13 +438,16 @@ impl Conn {
         if connect.keep_alive == 0 {
             shared.stats.zero_keepalive.fetch_add(1, Ordering::Relaxed);
         }
+        // Online from the moment the CONNACK is decided: the device may act on it as
+        // soon as it arrives, and its time online must not start later than that.
+        shared.presence.update(&logged_in.device, true);
         encode::connack_ok(&mut self.wbuf, v5, session_present, &connack);
         if self.flush(GOODBYE_WAIT).await.is_err() {
+            shared.presence.update(&logged_in.device, false);
             let _ = logged_in.tx.send(disconnect_packet()).await;
             return None;
         }
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-        shared.presence.update(&logged_in.device, true);
         // Read only now: a connection taken over has saved its subscriptions.
         if session_present {
             let kept = logged_in.ticket.session_kept();
