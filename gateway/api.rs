@@ -596,6 +596,17 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
             .iter()
             .map(|(d, reason, n)| (format!("{{device=\"{d}\",reason=\"{reason}\"}}"), *n as f64))
             .collect();
+        let sip2: Vec<(String, f64)> = r
+            .sip2
+            .iter()
+            .map(|(d, c, n)| (format!("{{device=\"{d}\",counter=\"{c}\"}}"), *n as f64))
+            .collect();
+        metric(
+            "branch_gateway_sip2_total",
+            "SIP2 tap counters per kiosk (connections, logins, unparsed, checksum errors, ILS unreachable, derived events dropped), since the database was created.",
+            "counter",
+            &sip2,
+        );
         metric(
             "branch_gateway_broker_refused_total",
             "Connections and packets the device broker refused, by device (empty: no configured device) and reason, since the database was created.",

@@ -416,7 +416,19 @@ async fn start_sip2(
     tasks.spawn(async move {
         // Kiosk connections linked to the ILS, per kiosk: online while there is one.
         let mut linked: HashMap<DeviceId, usize> = HashMap::new();
-        while let Some(ev) = events.recv().await {
+        let mut tally = tokio::time::interval(Duration::from_secs(1));
+        tally.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => ev,
+                    None => break,
+                },
+                _ = tally.tick() => {
+                    count_sip2_dropped(&writer).await;
+                    continue;
+                }
+            };
             match ev {
                 Sip2Event::Link { device, up } => {
                     let n = linked.entry(device.clone()).or_default();
@@ -451,8 +463,23 @@ async fn start_sip2(
                 }
             }
         }
+        count_sip2_dropped(&writer).await;
     });
     Ok(())
+}
+
+/// Count what the SIP2 taps dropped on a full queue (see `sip2::offer`), per kiosk.
+async fn count_sip2_dropped(writer: &mpsc::Sender<Write>) {
+    for (device, n) in crate::sip2::take_dropped() {
+        let w = Write::Denied {
+            device,
+            what: "sip2_events_dropped",
+            count: n,
+            at_ms: crate::model::now_ms(),
+            receipt: None,
+        };
+        let _ = writer.send(w).await;
+    }
 }
 
 /// Start one reader per serial device and the task that turns their events into intake

@@ -571,7 +571,24 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
             Some((n, at)) => format!("; ILS unreachable {n} times, last {}", ago(now - at)),
             None => String::new(),
         };
-        println!("kiosk       {}: {status}{link}", d.id);
+        // The tap's other troubles: what it could not read, and what intake lost.
+        let troubles: Vec<String> = r
+            .sip2
+            .iter()
+            .filter(|(k, c, _)| {
+                *k == d.id
+                    && matches!(
+                        c.as_str(),
+                        "sip2_unparsed" | "sip2_checksum_errors" | "sip2_events_dropped"
+                    )
+            })
+            .map(|(_, c, n)| format!("{} {n}", c.trim_start_matches("sip2_")))
+            .collect();
+        let troubles = match troubles.is_empty() {
+            true => String::new(),
+            false => format!("; {}", troubles.join(", ")),
+        };
+        println!("kiosk       {}: {status}{link}{troubles}", d.id);
     }
     if r.quarantined.is_empty() {
         println!("quarantine  none");

@@ -129,7 +129,21 @@ fn read_answers(s: &mut TcpStream, want: usize, got: &mut Vec<u8>) {
 fn a_scripted_day_passes_unchanged_and_becomes_events_without_patron_data() {
     let ils = Ils::start(true);
     let listen = free_port();
-    let branch = kiosk_branch(listen, ils.port);
+    // Central (Mosquitto) receives what the tap derived; the API shows the tap's counters.
+    let central = Central::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut consumer = rt.block_on(Consumer::start(central.port, "lib/b1"));
+    let api = free_port();
+    let branch = Branch::with_extra(
+        &[],
+        &format!(
+            "{}[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"t0ken-for-the-sip2-tests\"\n\
+             [[devices]]\nid = \"kiosk-01\"\nprofile = \"self-check-kiosk\"\n\
+             sip2 = {{ listen = \"127.0.0.1:{listen}\", ils = \"127.0.0.1:{}\" }}\n",
+            upstream_section(central.port, "lib/b1"),
+            ils.port
+        ),
+    );
     let gw = branch.start();
     let mut kiosk = TcpStream::connect(("127.0.0.1", listen)).unwrap();
     kiosk
@@ -240,6 +254,41 @@ fn a_scripted_day_passes_unchanged_and_becomes_events_without_patron_data() {
     assert_eq!(presence, ["online", "offline"]);
     // The SC status carried a right checksum (AY1AZFCA5): nothing counted.
     assert_eq!(branch.counter("kiosk-01", "sip2_checksum_errors"), 0);
+    let (code, metrics) = http_get(api, "/metrics", Some("t0ken-for-the-sip2-tests"));
+    assert_eq!(code, 200);
+    for line in [
+        "branch_gateway_sip2_total{device=\"kiosk-01\",counter=\"sip2_login_ok\"} 1\n",
+        "branch_gateway_sip2_total{device=\"kiosk-01\",counter=\"sip2_connections\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+
+    // Central received the derived events, in order, like any device's.
+    let central_got: Vec<String> = rt.block_on(async {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while got.len() < 5 {
+            match tokio::time::timeout_at(deadline, consumer.rx.recv()).await {
+                Ok(Some((topic, payload))) if topic == "lib/b1/devices/kiosk-01/events" => {
+                    got.push(payload)
+                }
+                Ok(Some(_)) => {}
+                _ => panic!("central got only {got:?}"),
+            }
+        }
+        got
+    });
+    let central_kinds: Vec<String> = central_got
+        .iter()
+        .map(|p| {
+            let v: serde_json::Value = serde_json::from_str(p).unwrap();
+            v["data"]["event"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        central_kinds,
+        ["loan", "failure", "renewal", "return", "session_end"]
+    );
 
     // Patron data: nowhere in the database files or the log.
     let (status, log) = gw.terminate();
@@ -273,6 +322,9 @@ fn a_scripted_day_passes_unchanged_and_becomes_events_without_patron_data() {
             }
         }
         assert!(!log.contains(secret), "{secret} in the log");
+        for p in &central_got {
+            assert!(!p.contains(secret), "{secret} sent to central: {p}");
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use super::report::broker_refusals;
 use super::report::incidents;
 use super::report::open_read_only;
 use super::report::rate_limited;
+use super::report::sip2_counters;
 use super::BufferError;
 use crate::model::{Kind, StoredRef};
 
@@ -74,6 +75,11 @@ impl Outbox {
     /// Messages refused for a profile's rate limit, per device (see [`rate_limited`]).
     pub fn rate_limited(&mut self) -> rusqlite::Result<Vec<(String, i64)>> {
         rate_limited(&self.conn)
+    }
+
+    /// The SIP2 taps' counters (see [`sip2_counters`]).
+    pub fn sip2_counters(&mut self) -> rusqlite::Result<Vec<(String, String, i64)>> {
+        sip2_counters(&self.conn)
     }
 
     /// The broker's refusals (see [`broker_refusals`]).

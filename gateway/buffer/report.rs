@@ -58,6 +58,8 @@ pub struct BufferReport {
     pub quarantined: Vec<(String, String, String, i64)>,
     /// Commands per state (every state, zeros included).
     pub commands: Vec<(super::commands::CommandState, i64)>,
+    /// (device, counter, count) of the SIP2 taps (see [`sip2_counters`]).
+    pub sip2: Vec<(String, String, i64)>,
     pub devices_online: i64,
     pub devices_configured: i64,
 }
@@ -116,6 +118,18 @@ pub fn rate_limited(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
     rows.collect()
 }
 
+/// The SIP2 taps' counters (`sip2_*`: connections, logins, unparsed messages, checksum
+/// errors, ILS failures, derived events dropped, ...): (device, counter, count), by device
+/// then counter, since the database was created.
+pub fn sip2_counters(conn: &Connection) -> rusqlite::Result<Vec<(String, String, i64)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT device, counter, value FROM device_counters
+         WHERE counter LIKE 'sip2\\_%' ESCAPE '\\' AND value > 0 ORDER BY device, counter",
+    )?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
 pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferReport> {
     let one =
         |sql: &str| -> rusqlite::Result<Option<i64>> { conn.query_row(sql, [], |r| r.get(0)) };
@@ -149,6 +163,7 @@ pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferR
         refused: broker_refusals(conn)?,
         quarantined: super::quarantine::quarantine_counts(conn)?,
         commands: super::commands::counts(conn)?,
+        sip2: sip2_counters(conn)?,
         devices_online: one("SELECT COUNT(*) FROM devices WHERE online = 1 AND configured = 1")?
             .unwrap_or(0),
         devices_configured: one("SELECT COUNT(*) FROM devices WHERE configured = 1")?.unwrap_or(0),

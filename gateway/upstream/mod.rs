@@ -207,7 +207,16 @@ impl Forwarder {
             incidents,
             quarantined,
             commands,
+            sip2,
         } = rows;
+        // device -> counter -> count
+        let mut taps = serde_json::Map::new();
+        for (device, counter, count) in sip2 {
+            let entry = taps
+                .entry(device.clone())
+                .or_insert_with(|| serde_json::json!({}));
+            entry[counter] = serde_json::json!(count);
+        }
         let commands: serde_json::Map<String, serde_json::Value> = commands
             .iter()
             .map(|(s, n)| (s.as_str().to_owned(), serde_json::json!(n)))
@@ -256,6 +265,7 @@ impl Forwarder {
             "refused": refusals,
             "quarantined": quarantine,
             "commands": commands,
+            "sip2": taps,
             "incidents": incidents
                 .iter()
                 .map(|(at, kind, detail)| serde_json::json!({
@@ -998,6 +1008,8 @@ struct HealthRows {
     quarantined: Vec<(String, String, String, i64)>,
     /// Commands per state.
     commands: Vec<(crate::buffer::commands::CommandState, i64)>,
+    /// The SIP2 taps' counters: (device, counter, count).
+    sip2: Vec<(String, String, i64)>,
 }
 
 async fn health_rows(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
@@ -1011,6 +1023,7 @@ async fn health_rows(outbox: &mut Option<Outbox>) -> Option<HealthRows> {
                 incidents: ob.incidents()?,
                 quarantined: ob.quarantined()?,
                 commands: ob.commands()?,
+                sip2: ob.sip2_counters()?,
             })
         })();
         (ob, r)
