@@ -328,6 +328,141 @@ fn a_scripted_day_passes_unchanged_and_becomes_events_without_patron_data() {
     }
 }
 
+/// The kiosk's derived events, in order.
+fn kiosk_events(branch: &Branch) -> Vec<serde_json::Value> {
+    branch
+        .db()
+        .prepare("SELECT payload FROM messages WHERE device = 'kiosk-01' AND kind = 'events' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|p| serde_json::from_str(&p.unwrap()).unwrap())
+        .collect()
+}
+
+/// A third-party SIP2 server library as the ILS: pysip2 (PyPI; `scripts/test` installs it
+/// in `target/pysip2-venv`) serving `tests/fixtures/pysip2_ils.py`. Its dialect (its own
+/// dates, field order, no alert type) becomes the same events.
+#[test]
+fn a_third_party_sip2_server_as_the_ils() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = std::env::var_os("BRANCH_GATEWAY_PYSIP2_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target/pysip2-venv/bin/python"));
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut ils = Killed(
+        std::process::Command::new(&python)
+            .arg(root.join("tests/fixtures/pysip2_ils.py"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (scripts/test installs pysip2)", python.display())),
+    );
+    let ils_port: u16 = {
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(ils.0.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        line.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("pysip2 ILS printed {line:?}"))
+    };
+    let listen = free_port();
+    let branch = kiosk_branch(listen, ils_port);
+    let gw = branch.start();
+    let mut kiosk = TcpStream::connect(("127.0.0.1", listen)).unwrap();
+    kiosk
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let day = [
+        "9300CNkiosk-user|COkiosk-secret|CPBR01|".to_owned(),
+        "9900302.00".to_owned(),
+        format!("11YN{D}{D}AOBR01|AA{PATRON}|AB3001|AC|AD{PIN}|"),
+        format!("11YN{D}{D}AOBR01|AA{PATRON}|AB3002|AC|"),
+        format!("29NY{D}{D}AOBR01|AA{PATRON}|AB3003|"),
+        format!("09N{D}{D}APBR01|AOBR01|AB3004|AC|"),
+        format!("35{D}AOBR01|AA{PATRON}|"),
+    ];
+    let mut got = Vec::new();
+    for (i, m) in day.iter().enumerate() {
+        kiosk.write_all(format!("{m}\r").as_bytes()).unwrap();
+        read_answers(&mut kiosk, i + 1, &mut got);
+    }
+    let answers: Vec<&[u8]> = got.split(|&b| b == b'\r').collect();
+    let codes: Vec<&[u8]> = answers
+        .iter()
+        .filter(|a| a.len() >= 2)
+        .map(|a| &a[..2])
+        .collect();
+    assert_eq!(
+        codes,
+        [b"94", b"98", b"12", b"12", b"30", b"10", b"36"],
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(kiosk);
+    let events = "SELECT COUNT(*) FROM messages WHERE device = 'kiosk-01' AND kind = 'events'";
+    assert_eq!(
+        branch.wait_count(events, 5, Duration::from_secs(10)),
+        5,
+        "{}",
+        gw.log()
+    );
+    let rows = kiosk_events(&branch);
+    let kinds: Vec<&str> = rows.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["loan", "failure", "renewal", "return", "session_end"]
+    );
+    assert_eq!(
+        (
+            &rows[0]["item_barcode"],
+            &rows[0]["due_date"],
+            &rows[0]["media_type"]
+        ),
+        (
+            &serde_json::json!("3001"),
+            &serde_json::json!("2026-12-24"),
+            &serde_json::json!("001")
+        )
+    );
+    assert_eq!(rows[1]["reason"], "hold_other_patron");
+    assert_eq!(rows[2]["due_date"], "2026-12-31");
+    assert_eq!(
+        (&rows[3]["alert"], &rows[3]["sort_bin"]),
+        (&serde_json::json!(true), &serde_json::json!("bin3"))
+    );
+    assert_eq!(
+        (&rows[4]["checkouts_ok"], &rows[4]["checkouts_failed"]),
+        (&serde_json::json!(1), &serde_json::json!(1))
+    );
+    assert_eq!(branch.counter("kiosk-01", "sip2_login_ok"), 1);
+    assert_eq!(
+        branch.counter("kiosk-01", "sip2_unparsed"),
+        0,
+        "pysip2's answers all parse"
+    );
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+    drop(ils);
+    let mut stored = std::fs::read(branch.db_path()).unwrap();
+    stored.extend(std::fs::read(format!("{}-wal", branch.db_path().display())).unwrap_or_default());
+    for secret in [PATRON, PIN, "kiosk-secret"] {
+        assert!(
+            !stored.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{secret} stored"
+        );
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
+}
+
 /// The `sip2` crate's client as the kiosk: login and SC status through the tap (it needs
 /// each answer in one read: the ILS writes them whole).
 #[test]
