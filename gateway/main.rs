@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod quarantine_cli;
 use tokio_util::sync::CancellationToken;
 
+use branch_gateway::model::{ago, ago_secs};
 use branch_gateway::{app, buffer, config, model, simulate};
 
 #[derive(Parser)]
@@ -451,6 +452,16 @@ fn print_devices(loaded: &config::Loaded) -> anyhow::Result<()> {
             format!("{}/{}", r.commands_open, r.commands_succeeded),
             rejection
         );
+        // A tapped kiosk: its SC status and ILS link under its row.
+        if loaded
+            .config
+            .devices
+            .iter()
+            .any(|d| d.id == r.id && d.sip2.is_some())
+        {
+            let k = buffer::kiosk_health(&conn, &r.id).context("cannot read the buffer")?;
+            println!("{:<20} sip2: {}", "", k.describe(now));
+        }
     }
     Ok(())
 }
@@ -539,56 +550,10 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
     } else {
         println!("commands    by state: {}", states.join(", "));
     }
-    // Tapped kiosks: when each last sent an SC status, and how often its ILS link failed.
+    // Tapped kiosks: when each last sent an SC status, how often its ILS link failed.
     for d in cfg.devices.iter().filter(|d| d.sip2.is_some()) {
-        let last_status: Option<i64> = conn
-            .query_row(
-                "SELECT MAX(received_ms) FROM messages WHERE device = ?1 AND kind = 'telemetry'
-                   AND payload LIKE '%\"acs_online\"%'",
-                [&d.id],
-                |row| row.get(0),
-            )
-            .context("cannot read the buffer")?;
-        let failed: Option<(i64, i64)> = conn
-            .query_row(
-                "SELECT value, last_ms FROM device_counters
-                 WHERE device = ?1 AND counter = 'sip2_ils_unreachable'",
-                [&d.id],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .ok();
-        let status = match last_status {
-            Some(ms) if now - ms > SC_STATUS_STALE_MS => {
-                format!(
-                    "NO SC STATUS for {} (kiosks send one every few minutes)",
-                    ago(now - ms).trim_end_matches(" ago")
-                )
-            }
-            Some(ms) => format!("SC status {}", ago(now - ms)),
-            None => "no SC status yet".to_owned(),
-        };
-        let link = match failed {
-            Some((n, at)) => format!("; ILS unreachable {n} times, last {}", ago(now - at)),
-            None => String::new(),
-        };
-        // The tap's other troubles: what it could not read, and what intake lost.
-        let troubles: Vec<String> = r
-            .sip2
-            .iter()
-            .filter(|(k, c, _)| {
-                *k == d.id
-                    && matches!(
-                        c.as_str(),
-                        "sip2_unparsed" | "sip2_checksum_errors" | "sip2_events_dropped"
-                    )
-            })
-            .map(|(_, c, n)| format!("{} {n}", c.trim_start_matches("sip2_")))
-            .collect();
-        let troubles = match troubles.is_empty() {
-            true => String::new(),
-            false => format!("; {}", troubles.join(", ")),
-        };
-        println!("kiosk       {}: {status}{link}{troubles}", d.id);
+        let k = buffer::kiosk_health(&conn, &d.id).context("cannot read the buffer")?;
+        println!("kiosk       {}: {}", d.id, k.describe(now));
     }
     if r.quarantined.is_empty() {
         println!("quarantine  none");
@@ -648,27 +613,6 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// A tapped kiosk that has sent no SC status (99) for this long is reported by `status`.
-const SC_STATUS_STALE_MS: i64 = 10 * 60 * 1000;
-
-fn ago_secs(s: i64) -> String {
-    match s {
-        0..=59 => format!("{s} s"),
-        60..=3599 => format!("{} min", s / 60),
-        _ => format!("{:.1} h", s as f64 / 3600.0),
-    }
-}
-
-fn ago(ms: i64) -> String {
-    let s = ms.max(0) / 1000;
-    match s {
-        0..=59 => format!("{s}s ago"),
-        60..=3599 => format!("{}m ago", s / 60),
-        3600..=86399 => format!("{}h ago", s / 3600),
-        _ => format!("{}d ago", s / 86400),
-    }
 }
 
 /// Cancel `shutdown` after `seconds`, if given.

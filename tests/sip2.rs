@@ -532,6 +532,21 @@ fn an_unreachable_ils_closes_the_kiosk_connection() {
         out.contains("kiosk       kiosk-01: no SC status yet; ILS unreachable 1 times, last "),
         "{out}"
     );
+    // `devices` says the same under the kiosk's row (from the same code).
+    let (ok, out, _) = branch.cli(&["devices"]);
+    assert!(ok.success());
+    let row = out
+        .lines()
+        .position(|l| l.starts_with("kiosk-01 "))
+        .expect(&out);
+    assert!(
+        out.lines()
+            .nth(row + 1)
+            .unwrap_or("")
+            .trim_start()
+            .starts_with("sip2: no SC status yet; ILS unreachable 1 times, last "),
+        "{out}"
+    );
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }

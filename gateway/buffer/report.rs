@@ -130,6 +130,89 @@ pub fn sip2_counters(conn: &Connection) -> rusqlite::Result<Vec<(String, String,
     rows.collect()
 }
 
+/// A kiosk sending no SC status for this long is shown as such (kiosks send one every few
+/// minutes).
+pub const SC_STATUS_STALE_MS: i64 = 10 * 60 * 1000;
+
+/// A tapped kiosk's health as `status`, `devices` and the dashboard show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KioskHealth {
+    /// When the kiosk last sent an SC status (its telemetry with `acs_online`).
+    pub last_sc_status_ms: Option<i64>,
+    /// (times, last time) the ILS could not be reached for a kiosk connection.
+    pub ils_unreachable: Option<(i64, i64)>,
+    /// The tap's other troubles: (counter without `sip2_`, count), when not zero.
+    pub troubles: Vec<(String, i64)>,
+}
+
+impl KioskHealth {
+    /// No SC status for [`SC_STATUS_STALE_MS`] (or never).
+    pub fn stale(&self, now_ms: i64) -> bool {
+        self.last_sc_status_ms
+            .is_none_or(|ms| now_ms - ms > SC_STATUS_STALE_MS)
+    }
+
+    /// One line for people, e.g. `SC status 2m ago; ILS unreachable 3 times, last 1h ago`.
+    pub fn describe(&self, now_ms: i64) -> String {
+        use crate::model::ago;
+        let mut out = match self.last_sc_status_ms {
+            Some(ms) if now_ms - ms > SC_STATUS_STALE_MS => format!(
+                "NO SC STATUS for {} (kiosks send one every few minutes)",
+                ago(now_ms - ms).trim_end_matches(" ago")
+            ),
+            Some(ms) => format!("SC status {}", ago(now_ms - ms)),
+            None => "no SC status yet".to_owned(),
+        };
+        if let Some((n, at)) = self.ils_unreachable {
+            out.push_str(&format!(
+                "; ILS unreachable {n} times, last {}",
+                ago(now_ms - at)
+            ));
+        }
+        if !self.troubles.is_empty() {
+            let t: Vec<String> = self
+                .troubles
+                .iter()
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect();
+            out.push_str(&format!("; {}", t.join(", ")));
+        }
+        out
+    }
+}
+
+/// The health of the tapped kiosk `device`.
+pub fn kiosk_health(conn: &Connection, device: &str) -> rusqlite::Result<KioskHealth> {
+    let last_sc_status_ms = conn.query_row(
+        "SELECT MAX(received_ms) FROM messages WHERE device = ?1 AND kind = 'telemetry'
+           AND payload LIKE '%\"acs_online\"%'",
+        [device],
+        |row| row.get(0),
+    )?;
+    let ils_unreachable = conn
+        .query_row(
+            "SELECT value, last_ms FROM device_counters
+             WHERE device = ?1 AND counter = 'sip2_ils_unreachable'",
+            [device],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let mut st = conn.prepare_cached(
+        "SELECT substr(counter, 6), value FROM device_counters
+         WHERE device = ?1 AND value > 0
+           AND counter IN ('sip2_unparsed', 'sip2_checksum_errors', 'sip2_events_dropped')
+         ORDER BY counter",
+    )?;
+    let troubles = st
+        .query_map([device], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(KioskHealth {
+        last_sc_status_ms,
+        ils_unreachable,
+        troubles,
+    })
+}
+
 pub fn buffer_report(conn: &Connection, now_ms: i64) -> rusqlite::Result<BufferReport> {
     let one =
         |sql: &str| -> rusqlite::Result<Option<i64>> { conn.query_row(sql, [], |r| r.get(0)) };
