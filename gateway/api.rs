@@ -7,9 +7,13 @@
 //! Every error is JSON: `{"error": "..."}` with 400, 401, 404, 413 or 503 (with
 //! `Retry-After` when the API is at one of its limits).
 
+mod chart;
 mod commands;
 mod conn;
+mod dashboard;
+mod lobby;
 mod own_metrics;
+mod page;
 mod quarantine;
 mod readers;
 mod server;
@@ -52,6 +56,14 @@ pub struct ApiState {
     pub devices_online: Arc<std::sync::atomic::AtomicUsize>,
     /// Where posted commands go (the dispatcher).
     pub commands: tokio::sync::mpsc::Sender<crate::model::CommandRequest>,
+    /// Today's live figures (the lobby page and its stream).
+    pub live: tokio::sync::watch::Receiver<Arc<crate::live::Snapshot>>,
+    /// The pages' language.
+    pub language: crate::config::Language,
+    /// `storage.max_bytes` (the dashboard shows the buffer against it).
+    pub storage_cap_bytes: u64,
+    /// The tapped SIP2 kiosks (the dashboard shows their health).
+    pub kiosks: Vec<crate::model::DeviceId>,
 }
 
 /// What every handler sees: the gateway's figures plus the API's readers and counters.
@@ -60,6 +72,13 @@ struct Api {
     state: ApiState,
     readers: Arc<Readers>,
     stats: Arc<ApiStats>,
+    /// Who may see the lobby page.
+    lobby_access: crate::config::LobbyAccess,
+    /// Places for lobby pages' live streams (`api.max_live_streams`).
+    streams: Arc<tokio::sync::Semaphore>,
+    max_streams: usize,
+    /// The lobby's stream updates, rendered once per snapshot.
+    feed: Arc<lobby::Feed>,
 }
 
 /// Serve the API on `listener` with the limits of `config` until `shutdown`; returns once
@@ -77,6 +96,14 @@ pub async fn serve(
             Duration::from_millis(config.reader_wait_ms),
         )),
         stats: Arc::new(ApiStats::default()),
+        lobby_access: config.lobby,
+        streams: Arc::new(tokio::sync::Semaphore::new(config.max_live_streams)),
+        max_streams: config.max_live_streams,
+        feed: Arc::new(lobby::Feed::start(
+            state.live.clone(),
+            state.language,
+            state.tz.clone(),
+        )),
         state,
     };
     let stats = api.stats.clone();
@@ -94,6 +121,10 @@ fn router(api: Api) -> Router {
             axum::routing::post(commands::post),
         )
         .route("/metrics", get(metrics))
+        .route("/", get(page::dashboard))
+        .route("/lobby", get(page::lobby))
+        .route("/lobby/events", get(page::lobby_events))
+        .route("/login", get(page::login_form).post(page::login))
         .route("/healthz", get(healthz))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(api)
@@ -629,6 +660,11 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
         "gauge",
         &[(String::new(), size as f64)],
     );
-    own_metrics::render(&mut metric, &api.stats, api.readers.open());
+    own_metrics::render(
+        &mut metric,
+        &api.stats,
+        api.readers.open(),
+        api.max_streams - api.streams.available_permits(),
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -214,6 +214,21 @@ pub async fn run(
         }
         .run(shutdown.clone()),
     );
+    // Today's live figures, for `branch/summary/live` and the lobby page alike.
+    let (live_tx, live_figures) =
+        tokio::sync::watch::channel(Arc::new(crate::live::Snapshot::default()));
+    tasks.spawn(crate::live::run(
+        crate::live::Inputs {
+            database: db_path.clone(),
+            plan: crate::live::Plan::from_profiles(loaded.profiles.values().map(|p| p.as_ref())),
+            tz: cfg.gateway.time_zone(),
+            branch: cfg.gateway.branch_id.clone(),
+            buffer: buffer_stats.clone(),
+            devices_online: figures.devices_online.clone(),
+        },
+        live_tx,
+        shutdown.clone(),
+    ));
     if let Some(api) = &cfg.api {
         let listener = tokio::net::TcpListener::bind(api.listen)
             .await
@@ -231,6 +246,15 @@ pub async fn run(
             intake: figures.intake.clone(),
             devices_online: figures.devices_online.clone(),
             commands: api_tx.clone(),
+            live: live_figures.clone(),
+            language: cfg.gateway.language,
+            storage_cap_bytes: cfg.storage.max_bytes,
+            kiosks: cfg
+                .devices
+                .iter()
+                .filter(|d| d.sip2.is_some())
+                .map(|d| d.id.clone())
+                .collect(),
         };
         tracing::info!(
             listen = %api.listen,
@@ -244,10 +268,7 @@ pub async fn run(
     }
     tasks.spawn(publish_live_summary(
         branch_publisher,
-        db_path.clone(),
-        cfg.gateway.branch_id.clone(),
-        cfg.gateway.time_zone(),
-        figures.devices_online.clone(),
+        live_figures.clone(),
         shutdown.clone(),
     ));
     if cfg.upstream.as_ref().is_some_and(|u| u.push_summaries) {
@@ -665,57 +686,21 @@ async fn push_hourly_summaries(
     }
 }
 
-/// How often the live summary for in-branch screens is refreshed.
-const LIVE_SUMMARY_EVERY: Duration = Duration::from_secs(5);
-
-/// Publish today's branch figures so far, retained on `branch/summary/live`, for the
-/// lobby screens (which subscribe read-only).
+/// Publish each new live snapshot ([`crate::live`]), retained on `branch/summary/live`,
+/// for lobby screens that are MQTT clients (they subscribe read-only).
 async fn publish_live_summary(
     publisher: crate::broker::BranchPublisher,
-    db: std::path::PathBuf,
-    branch: String,
-    tz: jiff::tz::TimeZone,
-    devices_online: Arc<AtomicUsize>,
+    mut live: tokio::sync::watch::Receiver<Arc<crate::live::Snapshot>>,
     shutdown: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(LIVE_SUMMARY_EVERY);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            changed = live.changed() => if changed.is_err() { return },
         }
-        let now = crate::model::now_ms();
-        let (day_ms, date) = crate::summary::bucket(&tz, now, crate::summary::Period::Day);
-        let db2 = db.clone();
-        let today = tokio::task::spawn_blocking(move || {
-            let conn = crate::buffer::open_read_only(&db2).ok()?;
-            crate::buffer::bucket_figures(&conn, "day", day_ms).ok()
-        })
-        .await
-        .ok()
-        .flatten();
-        let Some(today) = today else { continue };
-        let get = |m: &str| today.iter().find(|(k, _)| k == m).map_or(0.0, |(_, v)| *v);
-        let metrics: serde_json::Map<String, serde_json::Value> = today
-            .iter()
-            .map(|(k, v)| (k.clone(), crate::summary::json_number(*v)))
-            .collect();
-        let n = crate::summary::json_number;
-        let payload = serde_json::json!({
-            "branch": branch,
-            "date": date,
-            "at": crate::model::format_ms(now),
-            "visitors_in": n(get("visitors_in")),
-            "visitors_out": n(get("visitors_out")),
-            "occupancy": n((get("visitors_in") - get("visitors_out")).max(0.0)),
-            "loans": n(get("loans")),
-            "returns": n(get("returns")),
-            "booth_sessions": n(get("booth_sessions")),
-            "devices_online": devices_online.load(Ordering::Relaxed),
-            "metrics": metrics,
-        });
+        let payload = live.borrow_and_update().to_json().to_string();
         if let Err(e) = publisher
-            .publish_retained("branch/summary/live", payload.to_string().into_bytes())
+            .publish_retained("branch/summary/live", payload.into_bytes())
             .await
         {
             tracing::warn!(error = %e, "cannot publish the live summary");

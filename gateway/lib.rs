@@ -22,9 +22,12 @@
 //!    mailbox or a serial port ([`serial::Commands`]); central's commands reach it from
 //!    upstream as [`model::FromCentral`], the API's as [`model::CommandRequest`]. They do
 //!    not use each other.
-//! 5. `api` reads the buffer's reports on read-only connections of its own and shows the
-//!    counters of intake and upstream (their `*Stats` types only); `service` probes the
-//!    broker and the writer for the watchdog.
+//!    `live` turns the buffer's rollups into today's live figures (a `watch` channel of
+//!    [`live::Snapshot`]s) and uses nothing else of the middle.
+//! 5. `api` reads the buffer's reports on read-only connections of its own, follows the
+//!    live figures and shows the counters of intake and upstream (their `*Stats` types
+//!    only); its pages (lobby, dashboard) are rendered from the same reports; `service`
+//!    probes the broker and the writer for the watchdog.
 //! 6. `app` wires everything with bounded channels and stops it in order; `simulate`
 //!    drives a whole `app` for the demo; `main` is the command line.
 //!
@@ -48,11 +51,15 @@
 //!   logic is the sans-IO state machine of `upstream/delivery.rs`; the MQTT 5 connection
 //!   is `upstream/link_v5.rs`, the MQTT 3.1.1 one rumqttc's event loop driven in `mod.rs`.
 //! - [`summary`]: rollup arithmetic (what a message adds to which hour and day).
+//! - [`live`]: today's live figures, what they are (from the profiles' rollups) and when
+//!   they change: for `branch/summary/live` and the lobby page alike.
 //! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
 //! - [`burst`]: "once per burst" log limiting.
 //! - [`limit`]: token buckets for the per-device rate limits of profiles.
-//! - [`api`]: HTTP for the central server: summaries, devices, health, metrics; its own
-//!   accept loop with bounded connections, time and requests, and a few shared SQLite readers.
+//! - [`api`]: HTTP for the central server: summaries, devices, health, metrics; the pages
+//!   for people: the lobby screen (live by server-sent events) and branch IT's dashboard,
+//!   charts drawn as SVG on the server; its own accept loop with bounded connections, time
+//!   and requests, and a few shared SQLite readers.
 //! - [`service`]: systemd integration: readiness, watchdog (with liveness probes), status.
 //! - [`app`]: wiring and ordered shutdown.
 
@@ -65,6 +72,7 @@ pub mod commands;
 pub mod config;
 pub mod intake;
 pub mod limit;
+pub mod live;
 pub mod model;
 pub mod receipt;
 pub mod serial;

@@ -511,16 +511,15 @@ fn print_status(loaded: &config::Loaded) -> anyhow::Result<()> {
                 .oldest_undelivered_ms
                 .map(|ms| format!(", oldest received {}", ago(now - ms)))
                 .unwrap_or_default();
-            let eta = match (r.backlog, r.delivered_last_minute) {
-                (0, _) => "nothing to send".to_owned(),
-                (_, 0) => "no deliveries in the last minute: no drain estimate".to_owned(),
-                (b, d) => {
-                    let rate = d as f64 / 60.0;
-                    format!(
-                        "draining at {rate:.0} msg/s, done in about {}",
-                        ago_secs((b as f64 / rate) as i64)
-                    )
+            let eta = match r.drain() {
+                buffer::Drain::Empty => "nothing to send".to_owned(),
+                buffer::Drain::Stalled => {
+                    "no deliveries in the last minute: no drain estimate".to_owned()
                 }
+                buffer::Drain::Draining { per_s, eta_s } => format!(
+                    "draining at {per_s:.0} msg/s, done in about {}",
+                    ago_secs(eta_s)
+                ),
             };
             println!("backlog     {} undelivered{oldest}; {eta}", r.backlog);
         }

@@ -16,6 +16,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("broker", &["burst", "config", "model", "receipt"]),
     ("serial", &["config", "model"]),
     ("sip2", &["config", "model"]),
+    ("live", &["buffer", "config", "model", "summary"]),
     (
         "intake",
         &[
@@ -30,7 +31,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "api",
         &[
-            "buffer", "burst", "config", "intake", "model", "summary", "upstream",
+            "buffer", "burst", "config", "intake", "live", "model", "summary", "upstream",
         ],
     ),
     ("service", &["broker", "buffer", "model"]),

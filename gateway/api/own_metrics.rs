@@ -10,6 +10,7 @@ pub(super) fn render(
     metric: &mut impl FnMut(&str, &str, &str, &[(String, f64)]),
     s: &ApiStats,
     readers_open: usize,
+    live_streams_open: usize,
 ) {
     let n = |e: Event| s.count(e) as f64;
     metric(
@@ -60,13 +61,29 @@ pub(super) fn render(
             ("{limit=\"max_requests\"}".into(), n(Event::MaxRequests)),
             ("{limit=\"readers\"}".into(), n(Event::ReadersBusy)),
             ("{limit=\"max_body_bytes\"}".into(), n(Event::BodyTooLarge)),
+            (
+                "{limit=\"max_live_streams\"}".into(),
+                n(Event::MaxLiveStreams),
+            ),
         ],
+    );
+    metric(
+        "branch_gateway_page_logins_refused_total",
+        "Wrong API tokens given at the pages' login form.",
+        "counter",
+        &[(String::new(), n(Event::LoginFailed))],
     );
     metric(
         "branch_gateway_api_read_errors_total",
         "HTTP API reads of the buffer that failed (answered 503).",
         "counter",
         &[(String::new(), n(Event::ReadFailed))],
+    );
+    metric(
+        "branch_gateway_lobby_streams_open",
+        "Lobby pages following the live figures now (at most api.max_live_streams).",
+        "gauge",
+        &[(String::new(), live_streams_open as f64)],
     );
     metric(
         "branch_gateway_api_readers_open",

@@ -74,6 +74,10 @@ pub(crate) enum Event {
     ReadersBusy,
     /// A body over `api.max_body_bytes`.
     BodyTooLarge,
+    /// A lobby page's live stream over `api.max_live_streams`.
+    MaxLiveStreams,
+    /// A wrong token at the pages' login form.
+    LoginFailed,
     /// A read of the buffer failed. (Keep it last: [`EVENTS`] counts up to it.)
     ReadFailed,
 }
@@ -104,6 +108,10 @@ impl Event {
                 "API request refused with 503: no SQLite reader came free within api.reader_wait_ms"
             }
             Event::BodyTooLarge => "API request refused with 413: body over api.max_body_bytes",
+            Event::MaxLiveStreams => {
+                "lobby live stream refused with 503: api.max_live_streams are open"
+            }
+            Event::LoginFailed => "page login refused: wrong API token",
             Event::ReadFailed => "API cannot read the buffer",
         })
     }

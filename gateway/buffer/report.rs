@@ -64,6 +64,48 @@ pub struct BufferReport {
     pub devices_configured: i64,
 }
 
+/// How the backlog drains, from the deliveries of the last minute.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Drain {
+    /// Nothing to send.
+    Empty,
+    /// A backlog, but nothing delivered in the last minute: no estimate.
+    Stalled,
+    /// Draining at `per_s` messages a second, done in about `eta_s` seconds.
+    Draining { per_s: f64, eta_s: i64 },
+}
+
+impl BufferReport {
+    pub fn drain(&self) -> Drain {
+        match (self.backlog, self.delivered_last_minute) {
+            (0, _) => Drain::Empty,
+            (_, 0) => Drain::Stalled,
+            (b, d) => {
+                let per_s = d as f64 / 60.0;
+                Drain::Draining {
+                    per_s,
+                    eta_s: (b as f64 / per_s) as i64,
+                }
+            }
+        }
+    }
+}
+
+/// Device messages per hour and device profile since `since_ms` (the devices'
+/// `messages` rollups): (hour bucket, profile, count), by hour then profile.
+pub fn messages_by_hour_and_profile(
+    conn: &Connection,
+    since_ms: i64,
+) -> rusqlite::Result<Vec<(i64, String, f64)>> {
+    let mut st = conn.prepare_cached(
+        "SELECT r.bucket_ms, d.profile, SUM(r.value) FROM rollups AS r JOIN devices AS d ON d.id = r.scope
+         WHERE r.period = 'hour' AND r.metric = 'messages' AND r.bucket_ms >= ?1
+         GROUP BY r.bucket_ms, d.profile ORDER BY r.bucket_ms, d.profile",
+    )?;
+    let rows = st.query_map([since_ms], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
 /// The branch's figures for one bucket (`period` `hour` or `day`): (metric, value).
 pub fn bucket_figures(
     conn: &Connection,

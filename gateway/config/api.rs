@@ -41,6 +41,22 @@ pub struct ApiSection {
     /// How long a request waits for a free SQLite reader before a 503.
     #[serde(default = "default_reader_wait_ms")]
     pub reader_wait_ms: u64,
+    /// Who may see `/lobby` (aggregate figures only): `public` (anyone on the LAN, the
+    /// default) or `token` (the API token, as a bearer or the dashboard's login cookie).
+    #[serde(default)]
+    pub lobby: LobbyAccess,
+    /// Lobby pages receiving live updates at once; one more is answered 503.
+    #[serde(default = "default_max_live_streams")]
+    pub max_live_streams: usize,
+}
+
+/// Who may see the lobby page.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LobbyAccess {
+    #[default]
+    Public,
+    Token,
 }
 
 impl fmt::Debug for ApiSection {
@@ -60,6 +76,8 @@ impl fmt::Debug for ApiSection {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("readers", &self.readers)
             .field("reader_wait_ms", &self.reader_wait_ms)
+            .field("lobby", &self.lobby)
+            .field("max_live_streams", &self.max_live_streams)
             .finish()
     }
 }
@@ -87,6 +105,9 @@ fn default_max_body_bytes() -> u64 {
 }
 fn default_readers() -> usize {
     4
+}
+fn default_max_live_streams() -> usize {
+    256
 }
 fn default_reader_wait_ms() -> u64 {
     2_000
@@ -132,6 +153,7 @@ impl ApiSection {
         range("max_body_bytes", self.max_body_bytes, 0, 16 * 1024 * 1024);
         range("readers", self.readers as u64, 1, 64);
         range("reader_wait_ms", self.reader_wait_ms, 1, 60_000);
+        range("max_live_streams", self.max_live_streams as u64, 0, 4096);
     }
 }
 

@@ -24,7 +24,7 @@ use std::sync::{Arc, RwLock};
 use serde::Deserialize;
 
 use crate::model::DeviceId;
-pub use api::ApiSection;
+pub use api::{ApiSection, LobbyAccess};
 pub use broker::BrokerSection;
 pub use profile::Profile;
 
@@ -207,6 +207,18 @@ pub struct GatewaySection {
     /// The branch's time zone (IANA name): summaries cut hours and days in local time.
     #[serde(default = "default_timezone")]
     pub timezone: String,
+    /// The language of the pages' labels (`en` or `zh`).
+    #[serde(default)]
+    pub language: Language,
+}
+
+/// A language the pages are labelled in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    #[default]
+    En,
+    Zh,
 }
 
 fn default_timezone() -> String {
