@@ -29,7 +29,7 @@
 //!    only); its pages (lobby, dashboard) are rendered from the same reports; `service`
 //!    probes the broker and the writer for the watchdog.
 //! 6. `app` wires everything with bounded channels and stops it in order; `simulate`
-//!    drives a whole `app` for the demo; `main` is the command line.
+//!    drives a whole `app` for the demo, `demo` plays its central; `main` is the command line.
 //!
 //! - [`model`]: plain data: device ids, message kinds, accepted and rejected messages,
 //!   summary contributions.
@@ -54,6 +54,7 @@
 //! - [`live`]: today's live figures, what they are (from the profiles' rollups) and when
 //!   they change: for `branch/summary/live` and the lobby page alike.
 //! - [`simulate`]: realistic device traffic from profiles (demo, tests, benchmarks).
+//! - [`demo`]: the demo's central system: a second rumqttd in-process, counted.
 //! - [`burst`]: "once per burst" log limiting.
 //! - [`limit`]: token buckets for the per-device rate limits of profiles.
 //! - [`api`]: HTTP for the central server: summaries, devices, health, metrics; the pages
@@ -70,6 +71,7 @@ pub mod buffer;
 pub mod burst;
 pub mod commands;
 pub mod config;
+pub mod demo;
 pub mod intake;
 pub mod limit;
 pub mod live;

@@ -626,10 +626,27 @@ fn stop_after(seconds: Option<u64>, shutdown: &CancellationToken) {
 }
 
 /// The gateway and the simulator in one process, printing the flow every few seconds.
-async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyhow::Result<()> {
+async fn demo(mut loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
     stop_after(seconds, &shutdown);
+    // Without an [upstream], a central broker in this process (rumqttd) plays central.
+    let central = match loaded.config.upstream {
+        Some(_) => None,
+        None => {
+            let prefix = format!("library/{}", loaded.config.gateway.branch_id);
+            let central = branch_gateway::demo::start(&prefix, shutdown.clone())
+                .await
+                .context("cannot start the demo's central broker")?;
+            let section = format!(
+                "url = \"mqtt://{}\"\nclient_id = \"{}-demo\"\ntopic_prefix = \"{prefix}\"\nprotocol = \"3.1.1\"\n",
+                central.addr, loaded.config.gateway.branch_id
+            );
+            loaded.config.upstream =
+                Some(toml::from_str(&section).context("the demo's [upstream]")?);
+            Some((central, prefix))
+        }
+    };
     let figures = Arc::new(app::Figures::default());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let gateway = tokio::spawn(app::run(
@@ -649,6 +666,22 @@ async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyho
         loaded.config.gateway.branch_id,
         loaded.database_path().display()
     );
+    if let Some((central, prefix)) = &central {
+        println!(
+            "central: a second broker in this process on {0}; what it receives:\n  mosquitto_sub -h 127.0.0.1 -p {1} -t '{prefix}/#' -v",
+            central.addr,
+            central.addr.port()
+        );
+    }
+    if let Some(api) = &loaded.config.api {
+        let base = format!("http://{}", branch_gateway::broker::probe_addr(api.listen));
+        println!("lobby page:  {base}/lobby");
+        println!("dashboard:   {base}/  (sign in with [api] token from the config)");
+        println!(
+            "pull API:    curl -H 'Authorization: Bearer {}' '{base}/api/v1/summaries?period=hour'",
+            api.token
+        );
+    }
     println!(
         "simulating {} devices at {speed}x speed; Ctrl-C to stop\n",
         loaded.config.devices.len()
@@ -768,6 +801,9 @@ async fn demo(loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> anyho
         match report {
             Ok((text, seq)) => {
                 print!("{text}");
+                if let Some((central, _)) = &central {
+                    println!("    central has received {} messages", central.received());
+                }
                 last_seq = seq;
             }
             Err(e) => println!("(cannot read the buffer: {e})"),
