@@ -78,7 +78,10 @@ fn draw(
                 .cloned()
                 .unwrap_or_default()
         })
-        .y_label_formatter(&|y| format!("{y:.0}"))
+        .y_label_formatter(&|y| match top {
+            t if t >= 10.0 => format!("{y:.0}"),
+            _ => format!("{y:.1}"),
+        })
         .label_style(font())
         .draw()?;
     for (i, s) in series.iter().enumerate() {
