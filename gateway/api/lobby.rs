@@ -89,8 +89,8 @@ fn clock(snap: &Snapshot, tz: &jiff::tz::TimeZone) -> String {
         .unwrap_or_default()
 }
 
-/// One update of the live stream: every figure by its metric name, the chart, the notice.
-fn update(lang: Language, tz: &jiff::tz::TimeZone, snap: &Snapshot) -> String {
+/// The figures of an update by their metric names.
+fn figures(tz: &jiff::tz::TimeZone, snap: &Snapshot) -> serde_json::Map<String, serde_json::Value> {
     let mut figures = serde_json::Map::new();
     for (name, v) in &snap.figures {
         figures.insert((*name).to_owned(), number(*v).into());
@@ -100,12 +100,17 @@ fn update(lang: Language, tz: &jiff::tz::TimeZone, snap: &Snapshot) -> String {
         format!("{} / {}", snap.devices_online, snap.devices_configured).into(),
     );
     figures.insert("updated".into(), clock(snap, tz).into());
-    serde_json::json!({
-        "figures": figures,
-        "chart": hourly_chart(lang, snap),
-        "notice": snap.notice,
-    })
-    .to_string()
+    figures
+}
+
+/// One update of the live stream: every figure by its metric name, the notice, and the
+/// chart when it changed ("" otherwise: the page keeps the one it has).
+fn update(
+    figures: &serde_json::Map<String, serde_json::Value>,
+    notice: &Option<String>,
+    chart: &str,
+) -> String {
+    serde_json::json!({ "figures": figures, "chart": chart, "notice": notice }).to_string()
 }
 
 /// The whole page for `snap`.
@@ -209,7 +214,9 @@ h1 { font-size: 6vmin; margin: 0; font-weight: 700; }
 }
 "#;
 
-/// Renders each new snapshot's stream update once and hands it to every open stream.
+/// Renders each new snapshot's stream update once and hands it to every open stream, and
+/// only when what a page shows changed (a commit that moves no lobby figure sends nothing;
+/// the chart is drawn and sent only when its hours changed).
 pub(super) struct Feed {
     pub rx: watch::Receiver<Arc<String>>,
 }
@@ -221,12 +228,31 @@ impl Feed {
         lang: Language,
         tz: jiff::tz::TimeZone,
     ) -> Feed {
-        let first = update(lang, &tz, &live.borrow_and_update());
+        let snap = live.borrow_and_update().clone();
+        let mut shown = (
+            figures(&tz, &snap),
+            snap.notice.clone(),
+            snap.hourly.clone(),
+        );
+        let first = update(&shown.0, &shown.1, &hourly_chart(lang, &snap));
         let (tx, rx) = watch::channel(Arc::new(first));
         tokio::spawn(async move {
             while live.changed().await.is_ok() {
                 let snap = live.borrow_and_update().clone();
-                let text = update(lang, &tz, &snap);
+                let now = (
+                    figures(&tz, &snap),
+                    snap.notice.clone(),
+                    snap.hourly.clone(),
+                );
+                if now == shown {
+                    continue;
+                }
+                let chart = match now.2 == shown.2 {
+                    true => String::new(),
+                    false => hourly_chart(lang, &snap),
+                };
+                let text = update(&now.0, &now.1, &chart);
+                shown = now;
                 if tx.send(Arc::new(text)).is_err() {
                     return;
                 }
