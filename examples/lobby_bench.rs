@@ -152,9 +152,10 @@ fn main() {
         "[gateway]\nbranch_id = \"bench\"\ndata_dir = \"data\"\nprofiles_dir = \"profiles\"\nlog_level = \"warn\"\n\
          [broker]\nlisten = \"127.0.0.1:{port}\"\nmax_connections = {}\n\
          [storage]\nsynchronous = \"normal\"\n\
-         [api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\nmax_connections = {c}\n\
+         [api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\nmax_connections = {}\n\
          max_connections_per_address = {c}\nmax_live_streams = {c}\n",
         devices + 16,
+        2 * (pages + 16),
         c = pages + 16
     );
     cfg.push_str("[[devices]]\nid = \"gate\"\nprofile = \"bench-gate\"\npassword = \"gate-pw\"\n");

@@ -97,8 +97,8 @@ pub async fn serve(
         )),
         stats: Arc::new(ApiStats::default()),
         lobby_access: config.lobby,
-        streams: Arc::new(tokio::sync::Semaphore::new(config.max_live_streams)),
-        max_streams: config.max_live_streams,
+        streams: Arc::new(tokio::sync::Semaphore::new(config.live_streams())),
+        max_streams: config.live_streams(),
         feed: Arc::new(lobby::Feed::start(
             state.live.clone(),
             state.language,
@@ -664,7 +664,8 @@ async fn metrics(State(api): State<Api>, headers: HeaderMap) -> Response {
         &mut metric,
         &api.stats,
         api.readers.open(),
-        api.max_streams - api.streams.available_permits(),
+        api.max_streams
+            .saturating_sub(api.streams.available_permits()),
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

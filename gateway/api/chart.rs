@@ -54,10 +54,13 @@ fn draw(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::with_string(svg, size).into_drawing_area();
     let n = x_labels.len().max(1);
+    // Finite and bounded: plotters loops forever on an infinite range.
     let top = series
         .iter()
         .flat_map(|s| s.values.iter().flatten())
-        .fold(0.0f64, |a, &b| a.max(b));
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, |a, &b| a.max(b))
+        .min(1e300);
     let top = if top <= 0.0 { 1.0 } else { top * 1.15 };
     let font = || (FONT, text_px as f64).into_font().color(&TEXT);
     let mut chart = ChartBuilder::on(&root)
@@ -152,5 +155,23 @@ mod tests {
         // Nothing to draw: still a chart (an empty one), never a panic.
         let empty = lines(&[], &[], 400, 200, 12);
         assert!(empty.starts_with("<svg"));
+        // Values beyond any scale: drawn within bounds, never a hang.
+        let huge = lines(
+            &[Series {
+                label: "x",
+                values: vec![
+                    Some(f64::MAX),
+                    Some(f64::INFINITY),
+                    Some(f64::NAN),
+                    Some(1.0),
+                ],
+                faint: false,
+            }],
+            &["a".into(), "b".into(), "c".into(), "d".into()],
+            400,
+            200,
+            12,
+        );
+        assert!(huge.starts_with("<svg"));
     }
 }

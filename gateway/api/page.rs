@@ -148,9 +148,15 @@ pub(super) struct LoginForm {
     next: String,
 }
 
-/// `GET /login`: the form.
-pub(super) async fn login_form() -> Response {
-    page_response(login_page(""))
+#[derive(Deserialize)]
+pub(super) struct Next {
+    #[serde(default)]
+    next: String,
+}
+
+/// `GET /login`: the form (`?next=lobby` returns to the lobby after signing in).
+pub(super) async fn login_form(axum::extract::Query(q): axum::extract::Query<Next>) -> Response {
+    page_response(login_page("", &q.next))
 }
 
 /// `POST /login`: the right token sets the session cookie and goes on to the dashboard
@@ -159,7 +165,7 @@ pub(super) async fn login(State(api): State<Api>, Form(form): Form<LoginForm>) -
     use subtle::ConstantTimeEq;
     if !bool::from(form.token.as_bytes().ct_eq(api.state.token.as_bytes())) {
         api.stats.note(super::server::Event::LoginFailed);
-        let mut r = page_response(login_page("That is not the API token."));
+        let mut r = page_response(login_page("That is not the API token.", &form.next));
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;
     }
@@ -175,7 +181,8 @@ pub(super) async fn login(State(api): State<Api>, Form(form): Form<LoginForm>) -
     r
 }
 
-fn login_page(message: &str) -> String {
+fn login_page(message: &str, next: &str) -> String {
+    let next = if next == "lobby" { "lobby" } else { "" };
     format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1"><title>branch-gateway: sign in</title>
@@ -184,7 +191,7 @@ form{{background:#3b4252;padding:2em;border-radius:1em;display:grid;gap:1em;min-
 input{{font-size:1.1em;padding:.4em}}button{{font-size:1.1em;padding:.4em}}.err{{color:#bf616a}}</style></head>
 <body><form method="post" action="/login"><h1>branch-gateway</h1>
 <label>API token (from <code>[api] token</code>)<br><input type="password" name="token" autofocus required></label>
-<input type="hidden" name="next" value="">
+<input type="hidden" name="next" value="{next}">
 <p class="err">{}</p><button type="submit">Sign in</button></form></body></html>"#,
         escape(message)
     )

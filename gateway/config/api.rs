@@ -45,7 +45,9 @@ pub struct ApiSection {
     /// default) or `token` (the API token, as a bearer or the dashboard's login cookie).
     #[serde(default)]
     pub lobby: LobbyAccess,
-    /// Lobby pages receiving live updates at once; one more is answered 503.
+    /// Lobby pages receiving live updates at once; one more is answered 503. Each holds a
+    /// connection, so at most half of `max_connections` is used (the rest stays for
+    /// central and branch IT): see [`ApiSection::live_streams`].
     #[serde(default = "default_max_live_streams")]
     pub max_live_streams: usize,
 }
@@ -57,6 +59,14 @@ pub enum LobbyAccess {
     #[default]
     Public,
     Token,
+}
+
+impl ApiSection {
+    /// Lobby live streams allowed at once: `max_live_streams`, at most half of
+    /// `max_connections`.
+    pub fn live_streams(&self) -> usize {
+        self.max_live_streams.min(self.max_connections / 2)
+    }
 }
 
 impl fmt::Debug for ApiSection {
@@ -107,7 +117,7 @@ fn default_readers() -> usize {
     4
 }
 fn default_max_live_streams() -> usize {
-    256
+    32
 }
 fn default_reader_wait_ms() -> u64 {
     2_000
