@@ -20,20 +20,23 @@ use serde_json::{json, Value};
 const TOKEN: &str = "pages-test-token-0123456789";
 
 /// Headless Chromium with a DevTools connection to one page.
+/// A child killed when dropped (so a failing test never leaves a browser running).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Browser {
-    child: Child,
+    _child: Killed,
     ws: tungstenite::WebSocket<TcpStream>,
     next_id: u64,
     /// Every URL the page requested (Network.requestWillBeSent).
     requests: Vec<String>,
     _profile: tempfile::TempDir,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Browser {
@@ -43,29 +46,31 @@ impl Browser {
             .into_iter()
             .find(|b| Command::new(b).arg("--version").output().is_ok())
             .expect("chromium (scripts/test installs it)");
-        let child = Command::new(binary)
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--hide-scrollbars",
-                "--remote-debugging-port=0",
-                // Nothing but loopback resolves: a page that tried the internet would fail
-                // (and be seen in `requests`).
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-                &format!("--window-size={width},{height}"),
-                &format!("--user-data-dir={}", profile.path().display()),
-                "about:blank",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = Killed(
+            Command::new(binary)
+                .args([
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--no-default-browser-check",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--hide-scrollbars",
+                    "--remote-debugging-port=0",
+                    // Nothing but loopback resolves: a page that tried the internet would fail
+                    // (and be seen in `requests`).
+                    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
+                    &format!("--window-size={width},{height}"),
+                    &format!("--user-data-dir={}", profile.path().display()),
+                    "about:blank",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
         // Chromium writes its DevTools port to this file once it listens.
         let file = profile.path().join("DevToolsActivePort");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -115,7 +120,7 @@ impl Browser {
             .unwrap();
         let (ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
         let mut b = Browser {
-            child,
+            _child: child,
             ws,
             next_id: 0,
             requests: Vec::new(),
