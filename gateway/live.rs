@@ -336,7 +336,7 @@ mod tests {
     #[test]
     fn the_plan_shows_only_what_the_profiles_declare() {
         let gate = profile(
-            r#"{"name": "g", "description": "", "telemetry": {"fields": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+            r#"{"name": "g", "description": "", "telemetry": {"max_bytes": 256, "fields": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
                 "rollups": [{"metric": "visitors_in", "kind": "telemetry", "op": "sum", "field": "a"},
                             {"metric": "visitors_out", "kind": "telemetry", "op": "sum", "field": "b"}]}"#,
         );
