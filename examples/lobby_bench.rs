@@ -1,12 +1,16 @@
 //! Lobby page benchmark: lobby pages following the live stream (`/lobby/events`) while
 //! devices publish at a steady total rate, against the real binary.
 //!
-//! Phase 1 (`--seconds`): the devices alone. Phase 2 (`--seconds`): the same devices plus
-//! `--pages` lobby pages (raw SSE clients, as many as the screens of a big branch). The
-//! gateway's CPU share in each phase (user + sys from /proc) and their difference (what
-//! the pages cost), the update latency (a gate pass committed -> the new visitors figure
-//! seen by each page, p50 / p99 / max over every page and pass), the updates each page
-//! got, and the gateway's peak RSS.
+//! `--rounds` rounds (default 6), each of two halves of `--seconds / --rounds`: (a) the
+//! devices alone, (b) the same devices plus `--pages` lobby pages (raw SSE clients, as
+//! many as the screens of a big branch), connected for that half only. A gate pass every
+//! `--pass-ms` (default 2 s) in both halves is the marker. Interleaving the halves keeps
+//! slow drifts of the machine out of the difference. Reported: the gateway's CPU share in
+//! each half (user + sys from /proc), the mean difference (what the pages cost) with its
+//! round-by-round spread, the same for the `gateway` runtime's threads alone (where the
+//! API and the live figures run, away from the devices' runtime and the writer), the update latency (a gate pass committed -> the new visitors figure seen by
+//! each page, p50 / p99 / max over every page and pass), the updates each page got, and
+//! the gateway's peak RSS.
 //!
 //! ```text
 //! cargo build --release --locked
@@ -137,11 +141,126 @@ fn percentile(sorted: &[Duration], p: usize) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
+/// The marker: a gate pass (one visitor in) every `--pass-ms` (default 2,000), each
+/// committed before the next.
+struct Gate {
+    stream: TcpStream,
+    pass: u64,
+    every: Duration,
+}
+
+impl Gate {
+    /// One pass; returns its visitors total once committed (its PUBACK follows the commit).
+    fn pass(&mut self) -> (u64, Instant) {
+        self.pass += 1;
+        let pkid = (self.pass % 65_535 + 1) as u16;
+        self.stream
+            .write_all(&mqtt::publish(
+                b"devices/gate/telemetry",
+                br#"{"delta_in":1,"delta_out":0}"#,
+                1,
+                pkid,
+                None,
+            ))
+            .unwrap();
+        mqtt::read_packet(&mut self.stream, Duration::from_secs(10)).expect("gate PUBACK");
+        (self.pass, Instant::now())
+    }
+}
+
+struct Measured {
+    share: f64,
+    /// The share of the `gateway` runtime's threads alone (the API, the live figures,
+    /// forwarding; the devices' runtime and the writer are elsewhere).
+    runtime: f64,
+    rate: f64,
+    marks: Vec<(u64, Instant)>,
+}
+
+/// The gateway's CPU share and the devices' acknowledged rate over `len`, with a gate
+/// pass every 2 s.
+fn measure(pid: u32, sent: &AtomicU64, len: Duration, gate: &mut Gate) -> Measured {
+    let rt0 = threads_cpu_ms(pid, "gateway");
+    let (cpu0, t0, sent0) = (cpu_ms(pid), Instant::now(), sent.load(Ordering::Relaxed));
+    let mut marks = Vec::new();
+    while t0.elapsed() < len {
+        marks.push(gate.pass());
+        let left = len.saturating_sub(t0.elapsed());
+        std::thread::sleep(left.min(gate.every));
+    }
+    let (cpu1, t1, sent1) = (cpu_ms(pid), Instant::now(), sent.load(Ordering::Relaxed));
+    let rt1 = threads_cpu_ms(pid, "gateway");
+    let ms = (t1 - t0).as_millis() as f64;
+    Measured {
+        share: (cpu1 - cpu0) as f64 / ms * 100.0,
+        runtime: rt1.saturating_sub(rt0) as f64 / ms * 100.0,
+        rate: (sent1 - sent0) as f64 / (t1 - t0).as_secs_f64(),
+        marks,
+    }
+}
+
+struct PagesRound {
+    measured: Measured,
+    latencies: Vec<Duration>,
+    missed: usize,
+    updates: u64,
+}
+
+/// A round with `pages` lobby pages open: they connect, settle for 2 s, are measured for
+/// `len`, get 3 s more for the last pass, and hang up.
+fn with_pages(
+    api: u16,
+    pages: usize,
+    pid: u32,
+    sent: &AtomicU64,
+    len: Duration,
+    gate: &mut Gate,
+) -> PagesRound {
+    let stop = Arc::new(AtomicBool::new(false));
+    let updates = Arc::new(AtomicU64::new(0));
+    let seen: Vec<Seen> = (0..pages).map(|_| Seen::default()).collect();
+    let readers: Vec<_> = seen
+        .iter()
+        .map(|s| {
+            let (stop, s, u) = (stop.clone(), s.clone(), updates.clone());
+            std::thread::spawn(move || page(api, stop, s, u))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = updates.load(Ordering::Relaxed);
+    let measured = measure(pid, sent, len, gate);
+    let counted = updates.load(Ordering::Relaxed) - before;
+    std::thread::sleep(Duration::from_secs(3)); // the last pass reaches the pages
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.join();
+    }
+    let mut latencies = Vec::new();
+    let mut missed = 0;
+    for s in &seen {
+        let s = s.lock().unwrap();
+        for (v, at) in &measured.marks {
+            match s.iter().find(|(x, _)| x >= v) {
+                Some((_, t)) => latencies.push(t.saturating_duration_since(*at)),
+                None => missed += 1,
+            }
+        }
+    }
+    PagesRound {
+        measured,
+        latencies,
+        missed,
+        updates: counted,
+    }
+}
+
 fn main() {
     let pages: usize = arg("--pages", 100);
     let devices: usize = arg("--devices", 200);
     let rate: f64 = arg("--rate", 5000.0);
     let seconds: u64 = arg("--seconds", 60);
+    let rounds: u64 = arg::<u64>("--rounds", 6).max(1);
+    let pass_ms: u64 = arg::<u64>("--pass-ms", 2000).max(100);
     let binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/branch-gateway");
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("profiles")).unwrap();
@@ -177,7 +296,9 @@ fn main() {
     wait_port(port);
     wait_port(api);
     println!(
-        "{devices} devices at {rate} msg/s in all; phase 1: devices only, {seconds} s; phase 2: plus {pages} lobby pages, {seconds} s"
+        "{devices} devices at {rate} msg/s in all; {rounds} rounds of {} s devices only, then {} s with {pages} lobby pages as well; a gate pass every {pass_ms} ms",
+        seconds.div_ceil(rounds),
+        seconds.div_ceil(rounds)
     );
 
     let stop_devices = Arc::new(AtomicBool::new(false));
@@ -192,65 +313,46 @@ fn main() {
         .collect();
     std::thread::sleep(Duration::from_secs(3)); // warm up
     let pid = gw.id();
-    let (cpu0, t0, sent0) = (cpu_ms(pid), Instant::now(), sent.load(Ordering::Relaxed));
-    std::thread::sleep(Duration::from_secs(seconds));
-    let (cpu1, t1, sent1) = (cpu_ms(pid), Instant::now(), sent.load(Ordering::Relaxed));
-    let share1 = (cpu1 - cpu0) as f64 / (t1 - t0).as_millis() as f64 * 100.0;
-    let rate1 = (sent1 - sent0) as f64 / (t1 - t0).as_secs_f64();
-
-    // Phase 2: the pages, and a gate pass every 2 s as the marker.
-    let stop_pages = Arc::new(AtomicBool::new(false));
-    let updates = Arc::new(AtomicU64::new(0));
-    let seen: Vec<Seen> = (0..pages).map(|_| Seen::default()).collect();
-    let readers: Vec<_> = seen
-        .iter()
-        .map(|s| {
-            let (stop, s, u) = (stop_pages.clone(), s.clone(), updates.clone());
-            std::thread::spawn(move || page(api, stop, s, u))
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(2));
-    let mut gate = login(port, "gate");
-    let mut marks: Vec<(u64, Instant)> = Vec::new();
-    let (cpu2, t2, sent2) = (cpu_ms(pid), Instant::now(), sent.load(Ordering::Relaxed));
-    let mut pass = 0u64;
-    while t2.elapsed() < Duration::from_secs(seconds) {
-        pass += 1;
-        let pkid = (pass % 65_535 + 1) as u16;
-        gate.write_all(&mqtt::publish(
-            b"devices/gate/telemetry",
-            br#"{"delta_in":1,"delta_out":0}"#,
-            1,
-            pkid,
-            None,
-        ))
-        .unwrap();
-        mqtt::read_packet(&mut gate, Duration::from_secs(10)).expect("gate PUBACK");
-        marks.push((pass, Instant::now())); // committed: its PUBACK follows the commit
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    let (cpu3, t3, sent3) = (cpu_ms(pid), Instant::now(), sent.load(Ordering::Relaxed));
-    std::thread::sleep(Duration::from_secs(3)); // the last pass reaches the pages
-    stop_pages.store(true, Ordering::Relaxed);
-    for r in readers {
-        let _ = r.join();
+    let mut gate = Gate {
+        stream: login(port, "gate"),
+        pass: 0,
+        every: Duration::from_millis(pass_ms),
+    };
+    let round_len = Duration::from_secs(seconds.div_ceil(rounds));
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let (mut without_rt, mut with_rt) = (Vec::new(), Vec::new());
+    let mut latencies = Vec::new();
+    let (mut missed, mut updates_total, mut page_seconds) = (0, 0u64, 0.0);
+    for r in 0..rounds {
+        let m = measure(pid, &sent, round_len, &mut gate);
+        println!(
+            "round {}a (devices only): {:.0} msg/s, gateway CPU {:.1}% (its gateway runtime {:.2}%)",
+            r + 1,
+            m.rate,
+            m.share,
+            m.runtime
+        );
+        without.push(m.share);
+        without_rt.push(m.runtime);
+        let b = with_pages(api, pages, pid, &sent, round_len, &mut gate);
+        println!(
+            "round {}b (+ {pages} pages): {:.0} msg/s, gateway CPU {:.1}% (its gateway runtime {:.2}%)",
+            r + 1,
+            b.measured.rate,
+            b.measured.share,
+            b.measured.runtime
+        );
+        with.push(b.measured.share);
+        with_rt.push(b.measured.runtime);
+        latencies.extend(b.latencies);
+        missed += b.missed;
+        updates_total += b.updates;
+        page_seconds += pages as f64 * round_len.as_secs_f64();
     }
     stop_devices.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.join();
-    }
-    let share2 = (cpu3 - cpu2) as f64 / (t3 - t2).as_millis() as f64 * 100.0;
-    let rate2 = (sent3 - sent2) as f64 / (t3 - t2).as_secs_f64();
-    let mut latencies = Vec::new();
-    let mut missed = 0;
-    for s in &seen {
-        let s = s.lock().unwrap();
-        for (v, at) in &marks {
-            match s.iter().find(|(x, _)| x >= v) {
-                Some((_, t)) => latencies.push(t.saturating_duration_since(*at)),
-                None => missed += 1,
-            }
-        }
     }
     latencies.sort();
     let rss = vm_hwm_kb(pid) as f64 / 1024.0;
@@ -259,15 +361,25 @@ fn main() {
         libc::kill(pid as i32, libc::SIGTERM);
     }
     let status = gw.wait().unwrap();
-    println!("phase 1 (devices only): {rate1:.0} msg/s acknowledged, gateway CPU {share1:.1}% of one core");
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let diffs: Vec<f64> = with.iter().zip(&without).map(|(b, a)| b - a).collect();
+    let (lo, hi) = diffs.iter().fold((f64::MAX, f64::MIN), |(l, h), d| (l.min(*d), h.max(*d)));
     println!(
-        "phase 2 (+ {pages} pages): {rate2:.0} msg/s acknowledged, gateway CPU {share2:.1}% of one core; the pages cost {:+.1}% of one core",
-        share2 - share1
+        "gateway CPU over {rounds} interleaved rounds of {} s: {:.1}% of one core with the devices only, {:.1}% with {pages} pages as well; the pages cost {:+.2}% of one core (round by round {lo:+.1} .. {hi:+.1})",
+        round_len.as_secs(),
+        mean(&without),
+        mean(&with),
+        mean(&diffs)
     );
     println!(
-        "updates: {} in all, {:.1} per page per second; latency gate pass committed -> page: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} (page, pass) pairs, {missed} missed",
-        updates.load(Ordering::Relaxed),
-        updates.load(Ordering::Relaxed) as f64 / pages.max(1) as f64 / (t3 - t2).as_secs_f64(),
+        "of which the gateway runtime (API, live figures, forwarding): {:.2}% without the pages, {:.2}% with them; the pages cost {:+.2}% of one core there",
+        mean(&without_rt),
+        mean(&with_rt),
+        mean(&with_rt) - mean(&without_rt)
+    );
+    println!(
+        "updates: {updates_total} in all, {:.2} per page per second; latency gate pass committed -> page: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms over {} (page, pass) pairs, {missed} missed",
+        updates_total as f64 / page_seconds.max(1.0),
         percentile(&latencies, 50),
         percentile(&latencies, 99),
         latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),

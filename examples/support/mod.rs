@@ -59,6 +59,34 @@ pub fn cpu_ms(pid: u32) -> u64 {
     f.iter().sum::<u64>() * 1000 / ticks
 }
 
+/// CPU time (user + sys, ms) of the threads of process `pid` whose name starts with
+/// `prefix` (a runtime's `thread_name`), from `/proc/{pid}/task/*/stat`.
+pub fn threads_cpu_ms(pid: u32, prefix: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut ms = 0;
+    for task in tasks.flatten() {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .map_or("", |(n, _)| n);
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: u64 = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum();
+        ms += f * 10; // USER_HZ = 100 on Linux
+    }
+    ms
+}
+
 /// `--name VALUE` from the command line, parsed, or `default`.
 pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let argv: Vec<String> = std::env::args().collect();
