@@ -363,7 +363,9 @@ fn main() {
     let status = gw.wait().unwrap();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let diffs: Vec<f64> = with.iter().zip(&without).map(|(b, a)| b - a).collect();
-    let (lo, hi) = diffs.iter().fold((f64::MAX, f64::MIN), |(l, h), d| (l.min(*d), h.max(*d)));
+    let (lo, hi) = diffs
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), d| (l.min(*d), h.max(*d)));
     println!(
         "gateway CPU over {rounds} interleaved rounds of {} s: {:.1}% of one core with the devices only, {:.1}% with {pages} pages as well; the pages cost {:+.2}% of one core (round by round {lo:+.1} .. {hi:+.1})",
         round_len.as_secs(),

@@ -215,12 +215,15 @@ pub async fn run(
         .run(shutdown.clone()),
     );
     // Today's live figures, for `branch/summary/live` and the lobby page alike.
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(crate::live::Plan::from_profiles(
+        loaded.profiles.values().map(|p| p.as_ref()),
+    ));
     let (live_tx, live_figures) =
         tokio::sync::watch::channel(Arc::new(crate::live::Snapshot::default()));
     tasks.spawn(crate::live::run(
         crate::live::Inputs {
             database: db_path.clone(),
-            plan: crate::live::Plan::from_profiles(loaded.profiles.values().map(|p| p.as_ref())),
+            plan: plan_rx,
             tz: cfg.gateway.time_zone(),
             branch: cfg.gateway.branch_id.clone(),
             buffer: buffer_stats.clone(),
@@ -300,10 +303,13 @@ pub async fn run(
     ));
     tasks.spawn(reload_on_sighup(
         hangup,
-        broker.shared().clone(),
         loaded.clone(),
-        devices.clone(),
-        buffer.sender(),
+        Reloaded {
+            broker: broker.shared().clone(),
+            devices: devices.clone(),
+            writer: buffer.sender(),
+            plan: plan_tx,
+        },
         status.clone(),
         shutdown.clone(),
     ));
@@ -786,20 +792,33 @@ async fn record_broker_events(
     }
 }
 
+/// What a reload changes in the running gateway.
+struct Reloaded {
+    broker: Arc<crate::broker::Shared>,
+    devices: SharedDevices,
+    writer: mpsc::Sender<Write>,
+    plan: tokio::sync::watch::Sender<crate::live::Plan>,
+}
+
 /// `systemctl reload` (SIGHUP): re-read the config file and the profiles. Device changes
-/// (added, removed, new password or profile, privacy key) take effect at once without
+/// (added, removed, new password or profile, privacy key) and the profiles' rollups (what
+/// the live figures show) take effect at once without
 /// touching other connections or the buffer; an invalid file is refused and the running
 /// config stays; changes only a restart applies are named in the log.
 async fn reload_on_sighup(
     hangup: std::io::Result<tokio::signal::unix::Signal>,
-    broker: Arc<crate::broker::Shared>,
     // What is running: sections needing a restart are compared with this one forever.
     running: Loaded,
-    devices: SharedDevices,
-    writer: mpsc::Sender<Write>,
+    to: Reloaded,
     status: impl Fn() -> String + Send + 'static,
     shutdown: CancellationToken,
 ) {
+    let Reloaded {
+        broker,
+        devices,
+        writer,
+        plan,
+    } = to;
     let Ok(mut hangup) = hangup else {
         tracing::warn!("cannot listen for SIGHUP: reload unavailable");
         return;
@@ -842,6 +861,14 @@ async fn reload_on_sighup(
                     .map(|d| (d.id.clone(), d.profile.clone()))
                     .collect();
                 let _ = writer.send(Write::Configured(list)).await;
+                // The live figures follow the profiles' rollups.
+                let new_plan =
+                    crate::live::Plan::from_profiles(loaded.profiles.values().map(|p| p.as_ref()));
+                plan.send_if_modified(|p| {
+                    let changed = *p != new_plan;
+                    *p = new_plan;
+                    changed
+                });
                 tracing::info!(
                     path = %path.display(),
                     devices = loaded.config.devices.len(),

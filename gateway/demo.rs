@@ -1,8 +1,8 @@
 //! The demo's central system, in-process: a second rumqttd on a free loopback port as the
-//! central broker (MQTT 3.1.1), and a subscriber to everything under the branch's topic
-//! prefix that counts what central receives. `branch-gateway demo` points the gateway's
-//! `[upstream]` at it, so the demo shows forwarding end to end without anything else
-//! installed.
+//! central broker (MQTT 5), and a client of it playing central: it counts everything it
+//! receives under the branch's topic prefix and publishes a branch notice (retained).
+//! `branch-gateway demo` points the gateway's `[upstream]` at it, so the demo shows
+//! forwarding, central's PUBACKs and a notice end to end without anything else installed.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,10 +11,14 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+/// The branch notice the demo's central publishes (shown on the lobby page).
+pub const NOTICE: &str =
+    "三楼阅览室今晚 20:00 关闭 · The reading room on floor 3 closes at 20:00 tonight";
+
 /// The demo's central broker and what it has received.
 pub struct Central {
     pub addr: SocketAddr,
-    /// Messages received under the topic prefix (any topic).
+    /// Messages received under the topic prefix (any topic but its own notice's).
     pub received: Arc<AtomicU64>,
 }
 
@@ -59,7 +63,7 @@ pub async fn start(topic_prefix: &str, shutdown: CancellationToken) -> std::io::
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(servers),
+        v5: Some(servers),
         ..Default::default()
     };
     std::thread::Builder::new()
@@ -78,11 +82,20 @@ pub async fn start(topic_prefix: &str, shutdown: CancellationToken) -> std::io::
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let received = Arc::new(AtomicU64::new(0));
-    let mut o = rumqttc::MqttOptions::new("demo-central-consumer", "127.0.0.1", port);
+    use rumqttc::v5::{mqttbytes::v5::Packet, mqttbytes::QoS, AsyncClient, Event, MqttOptions};
+    let mut o = MqttOptions::new("demo-central-consumer", "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(30));
-    o.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut events) = rumqttc::AsyncClient::new(o, 64);
+    o.set_max_packet_size(Some(1 << 20));
+    let (client, mut events) = AsyncClient::new(o, 64);
     let filter = format!("{topic_prefix}/#");
+    let notices = format!("{topic_prefix}/branch/notices");
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(8);
+    let notice = serde_json::json!({
+        "text": NOTICE,
+        "level": "info",
+        "expires_at": expires.to_string(),
+    })
+    .to_string();
     let count = received.clone();
     tokio::spawn(async move {
         loop {
@@ -91,10 +104,15 @@ pub async fn start(topic_prefix: &str, shutdown: CancellationToken) -> std::io::
                 ev = events.poll() => ev,
             };
             match ev {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                    let _ = client.subscribe(&filter, rumqttc::QoS::AtLeastOnce).await;
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe(&filter, QoS::AtLeastOnce).await;
+                    // A branch notice as central publishes one: retained, so the gateway
+                    // gets it whenever its subscription starts.
+                    let _ = client
+                        .publish(&notices, QoS::AtLeastOnce, true, notice.clone())
+                        .await;
                 }
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(_))) => {
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic != notices.as_bytes() => {
                     count.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(_) => {}

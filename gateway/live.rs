@@ -270,7 +270,9 @@ fn hours(
 /// What [`run`] reads.
 pub struct Inputs {
     pub database: PathBuf,
-    pub plan: Plan,
+    /// The plan in force: a reload (SIGHUP) that changes the profiles' rollups sends a new
+    /// one, and the next snapshot follows it.
+    pub plan: watch::Receiver<Plan>,
     pub tz: jiff::tz::TimeZone,
     pub branch: String,
     pub buffer: Arc<BufferStats>,
@@ -281,9 +283,11 @@ pub struct Inputs {
 pub async fn run(inputs: Inputs, tx: watch::Sender<Arc<Snapshot>>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut plan_rx = inputs.plan.clone();
     let inputs = Arc::new(inputs);
     let mut conn: Option<Connection> = None;
-    let mut seen: Option<(u64, usize, i64)> = None;
+    let mut seen: Option<(u64, usize, i64, u64)> = None;
+    let mut plans = 0u64;
     let mut last = tokio::time::Instant::now() - MIN_INTERVAL;
     loop {
         tokio::select! {
@@ -292,10 +296,15 @@ pub async fn run(inputs: Inputs, tx: watch::Sender<Arc<Snapshot>>, shutdown: Can
         }
         let now = crate::model::now_ms();
         let online = inputs.devices_online.load(Ordering::Relaxed);
+        if plan_rx.has_changed().unwrap_or(false) {
+            plans += 1;
+        }
+        let plan = plan_rx.borrow_and_update().clone();
         let key = (
             inputs.buffer.transactions.load(Ordering::Relaxed),
             online,
             now / 60_000,
+            plans,
         );
         if seen == Some(key) || last.elapsed() < MIN_INTERVAL {
             continue;
@@ -307,7 +316,7 @@ pub async fn run(inputs: Inputs, tx: watch::Sender<Arc<Snapshot>>, shutdown: Can
                 Some(c) => c,
                 None => crate::buffer::open_read_only(&inp.database).ok()?,
             };
-            let snap = compute(&c, &inp.plan, &inp.tz, &inp.branch, now, online);
+            let snap = compute(&c, &plan, &inp.tz, &inp.branch, now, online);
             Some((c, snap))
         })
         .await;

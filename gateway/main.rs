@@ -639,7 +639,7 @@ async fn demo(mut loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> a
                 .await
                 .context("cannot start the demo's central broker")?;
             let section = format!(
-                "url = \"mqtt://{}\"\nclient_id = \"{}-demo\"\ntopic_prefix = \"{prefix}\"\nprotocol = \"3.1.1\"\n",
+                "url = \"mqtt://{}\"\nclient_id = \"{}-demo\"\ntopic_prefix = \"{prefix}\"\nprotocol = \"5\"\n",
                 central.addr, loaded.config.gateway.branch_id
             );
             loaded.config.upstream =
@@ -668,9 +668,10 @@ async fn demo(mut loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> a
     );
     if let Some((central, prefix)) = &central {
         println!(
-            "central: a second broker in this process on {0}; what it receives:\n  mosquitto_sub -h 127.0.0.1 -p {1} -t '{prefix}/#' -v",
+            "central: a second broker in this process on {0} (MQTT 5); what it receives:\n  mosquitto_sub -V mqttv5 -h 127.0.0.1 -p {1} -t '{prefix}/#' -v\ncentral publishes a branch notice for the lobby: {2:?}",
             central.addr,
-            central.addr.port()
+            central.addr.port(),
+            branch_gateway::demo::NOTICE
         );
     }
     if let Some(api) = &loaded.config.api {

@@ -112,3 +112,110 @@ fn demo_runs_a_branch_and_prints_what_flows() {
     assert!(stdout.contains("stopped"), "{stdout}");
     assert!(branch.count("SELECT COUNT(*) FROM messages") > 10);
 }
+
+/// The README's first command on the shipped example branch (its ports moved to free ones,
+/// its serial device's path into a temp dir): the devices flow, central receives and
+/// publishes a notice, the lobby shows it, the dashboard asks to sign in, the pull API
+/// answers with the token from the config.
+#[test]
+fn the_demo_of_the_example_branch_shows_central_the_pages_and_the_api() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let (mqtt, api, tap, ils) = (free_port(), free_port(), free_port(), free_port());
+    let example = std::fs::read_to_string(root.join("gateway.example.toml")).unwrap();
+    let token = example
+        .lines()
+        .find_map(|l| l.strip_prefix("token = \""))
+        .and_then(|l| l.split('"').next())
+        .expect("the example has an [api] token")
+        .to_owned();
+    let config = example
+        .replace("127.0.0.1:1883", &format!("127.0.0.1:{mqtt}"))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{api}"))
+        .replace("127.0.0.1:16001", &format!("127.0.0.1:{tap}"))
+        .replace("127.0.0.1:16101", &format!("127.0.0.1:{ils}"))
+        .replace(
+            "/tmp/branch-gateway-example",
+            &dir.path().join("serial").display().to_string(),
+        )
+        .replace(
+            "./device-profiles",
+            &root.join("device-profiles").display().to_string(),
+        );
+    std::fs::create_dir_all(dir.path().join("serial")).unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    let demo = std::thread::spawn(move || {
+        run_bounded(
+            Command::new(BIN)
+                .args(["demo", "--seconds", "14", "--config"])
+                .arg(&path),
+            Duration::from_secs(60),
+        )
+    });
+    // The lobby shows central's notice once it has come down the upstream link.
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let lobby = loop {
+        let page = std::net::TcpStream::connect(("127.0.0.1", api))
+            .ok()
+            .map(|_| http_get(api, "/lobby", None));
+        if let Some((200, body)) = &page {
+            if body.contains("closes at 20:00 tonight") {
+                break body.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notice on the lobby: {page:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(lobby.contains(r#"data-metric="visitors_in""#), "{lobby}");
+    assert!(
+        lobby.contains("三楼阅览室"),
+        "the notice as central sent it"
+    );
+    let (status, _) = http_get(api, "/", None);
+    assert_eq!(status, 303, "the dashboard sends a stranger to /login");
+    let (status, body) = http_get(api, "/login", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("API token"), "{body}");
+    let today = jiff::Timestamp::now();
+    let query = format!(
+        "/api/v1/summaries?period=hour&from={}&to={}",
+        today.strftime("%Y-%m-%d"),
+        (today + jiff::SignedDuration::from_hours(24)).strftime("%Y-%m-%d")
+    );
+    let (status, _) = http_get(api, &query, None);
+    assert_eq!(status, 401, "the pull API wants the token");
+    let (status, body) = http_get(api, &query, Some(&token));
+    assert_eq!(status, 200, "{body}");
+    let out = demo.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for line in [
+        format!("lobby page:  http://127.0.0.1:{api}/lobby"),
+        format!("dashboard:   http://127.0.0.1:{api}/"),
+        "central has received".to_owned(),
+        "mosquitto_sub -V mqttv5 -h 127.0.0.1 -p".to_owned(),
+        "curl -H \"Authorization: Bearer $TOKEN\"".to_owned(),
+    ] {
+        assert!(
+            stdout.contains(&line),
+            "the demo prints {line:?}:\n{stdout}"
+        );
+    }
+    let received: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("central has received "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        received.len() >= 2 && received.windows(2).all(|w| w[0] < w[1]) && received[0] > 0,
+        "central receives more and more: {received:?}"
+    );
+    assert!(
+        !token.is_empty() && !stdout.contains(&token),
+        "the token is never printed"
+    );
+}

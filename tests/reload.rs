@@ -1,6 +1,6 @@
 //! `systemctl reload` (SIGHUP): device changes take effect without touching other
 //! connections or the buffer; an invalid config is refused and the running one stays;
-//! changes that need a restart are named.
+//! changes that need a restart are named; the live figures follow the profiles' rollups.
 
 mod common;
 
@@ -139,6 +139,61 @@ async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
         15
     );
     drop((ca, cd, cb_old, cc));
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// A reload that changes a profile's rollups changes the live figures at once: the lobby
+/// page shows occupancy as soon as the gate's profile declares `visitors_out` too.
+#[test]
+fn the_live_figures_follow_the_profiles_rollups_on_sighup() {
+    const TOKEN: &str = "reload-test-token-0123456789";
+    let gate = |rollups: &str| {
+        format!(
+            r#"{{"name": "test-gate", "description": "a gate",
+  "telemetry": {{"max_bytes": 256, "fields": {{"delta_in": {{"type": "integer"}}, "delta_out": {{"type": "integer"}}}}}},
+  "rollups": [{rollups}]}}"#
+        )
+    };
+    let visitors_in =
+        r#"{"metric": "visitors_in", "kind": "telemetry", "op": "sum", "field": "delta_in"}"#;
+    let visitors_out =
+        r#"{"metric": "visitors_out", "kind": "telemetry", "op": "sum", "field": "delta_out"}"#;
+    let api = free_port();
+    let branch = Branch::with_extra(
+        &[device("gate-1", "test-gate")],
+        &format!("[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n"),
+    );
+    let profile = branch.dir.path().join("profiles/test-gate.json");
+    std::fs::write(&profile, gate(visitors_in)).unwrap();
+    let gw = branch.start();
+    let lobby = || http_get(api, "/lobby", None).1;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        let page = lobby();
+        if page.contains(r#"data-metric="visitors_in""#) {
+            break page; // the first snapshot is computed
+        }
+        assert!(Instant::now() < deadline, "no visitors figure:\n{page}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!first.contains(r#"data-metric="occupancy""#), "{first}");
+
+    std::fs::write(&profile, gate(&format!("{visitors_in}, {visitors_out}"))).unwrap();
+    hangup(&gw);
+    wait_log(&gw, "configuration reloaded", 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let page = lobby();
+        if page.contains(r#"data-metric="occupancy""#) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no occupancy after the reload:\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }
