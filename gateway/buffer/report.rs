@@ -225,12 +225,15 @@ impl KioskHealth {
 
 /// The health of the tapped kiosk `device`.
 pub fn kiosk_health(conn: &Connection, device: &str) -> rusqlite::Result<KioskHealth> {
-    let last_sc_status_ms = conn.query_row(
-        "SELECT MAX(received_ms) FROM messages WHERE device = ?1 AND kind = 'telemetry'
-           AND payload LIKE '%\"acs_online\"%'",
-        [device],
-        |row| row.get(0),
-    )?;
+    // One row per kiosk and counter: no scan of the messages, however many there are.
+    let last_sc_status_ms = conn
+        .query_row(
+            "SELECT last_ms FROM device_counters
+             WHERE device = ?1 AND counter = 'sip2_sc_status'",
+            [device],
+            |row| row.get(0),
+        )
+        .optional()?;
     let ils_unreachable = conn
         .query_row(
             "SELECT value, last_ms FROM device_counters

@@ -492,6 +492,9 @@ impl Tap {
                 "sip2_login_failed"
             })),
             "99" => {
+                // Counted too: its `last_ms` is when the kiosk last had an SC status
+                // answered (kiosk health reads that, not the messages).
+                out.push(Derived::Count("sip2_sc_status"));
                 let (status, version) = req.status.unwrap_or((-1, String::new()));
                 let mut t = json!({
                     "acs_online": m.fixed(0) == "Y",
