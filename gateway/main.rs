@@ -678,11 +678,13 @@ async fn demo(mut loaded: config::Loaded, seconds: Option<u64>, speed: f64) -> a
         let base = format!("http://{}", branch_gateway::broker::probe_addr(api.listen));
         println!("lobby page:  {base}/lobby");
         println!("dashboard:   {base}/  (sign in with [api] token from the config)");
-        let today = jiff::Timestamp::now();
+        // Today in the branch's time zone, as the summaries count days.
+        let today = jiff::Timestamp::now()
+            .to_zoned(loaded.config.gateway.time_zone())
+            .date();
         println!(
-            "pull API:    curl -H \"Authorization: Bearer $TOKEN\" '{base}/api/v1/summaries?period=hour&from={}&to={}'  (TOKEN: [api] token in {})",
-            today.strftime("%Y-%m-%d"),
-            (today + jiff::SignedDuration::from_hours(24)).strftime("%Y-%m-%d"),
+            "pull API:    curl -H \"Authorization: Bearer $TOKEN\" '{base}/api/v1/summaries?period=hour&from={today}&to={}'  (TOKEN: [api] token in {})",
+            today.tomorrow().unwrap_or(today),
             loaded.path.display()
         );
     }

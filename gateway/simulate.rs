@@ -827,6 +827,7 @@ impl DeviceSim {
                 .as_ref()
                 .map(|_| event_rate(&profile.name) * self.speed);
             let start = Instant::now();
+            let mut inside = 0i64;
             let mut next_telemetry = telemetry_every.map(|p| start + p.mul_f64(rng.gen::<f64>()));
             let mut next_event = event_rate.map(|r| start + exponential(r, &mut rng));
             loop {
@@ -848,14 +849,14 @@ impl DeviceSim {
                 let now = Instant::now();
                 if let (Some(at), Some(every)) = (next_telemetry, telemetry_every) {
                     if at <= now {
-                        self.publish(&dev, Kind::Telemetry, &mut rng, &enqueue);
+                        self.publish(&dev, Kind::Telemetry, &mut rng, &mut inside, &enqueue);
                         // Keep the rhythm, but never burst to catch up after a stall.
                         next_telemetry = Some((at + every).max(now));
                     }
                 }
                 if let (Some(at), Some(rate)) = (next_event, event_rate) {
                     if at <= now {
-                        self.publish(&dev, Kind::Events, &mut rng, &enqueue);
+                        self.publish(&dev, Kind::Events, &mut rng, &mut inside, &enqueue);
                         next_event = Some(at.max(now) + exponential(rate, &mut rng));
                     }
                 }
@@ -872,6 +873,7 @@ impl DeviceSim {
         dev: &SimDevice,
         kind: Kind,
         rng: &mut R,
+        inside: &mut i64,
         enqueue: &impl Fn(&str, Vec<u8>, bool, Sent),
     ) {
         if self.invalid_every > 0 && rng.gen_range(0..self.invalid_every) == 0 {
@@ -884,6 +886,7 @@ impl DeviceSim {
                 Sent::Invalid,
             );
         } else if let Some(payload) = generate(&dev.profile, kind, rng) {
+            let payload = people_counted(payload, inside, rng);
             enqueue(
                 &format!("devices/{}/{kind}", dev.id),
                 payload.into_bytes(),
@@ -894,7 +897,31 @@ impl DeviceSim {
     }
 }
 
-/// A period in seconds as a `Duration`, at least `MIN_GAP` and at most a day.
+/// A gate's telemetry made to count people as a building has them: a few in and out per
+/// interval, never more out than are inside, and `occupancy_est` the people inside (so
+/// the lobby's "in the building now" follows the visitors instead of a random walk
+/// around zero). Any other payload is returned as it is.
+fn people_counted<R: Rng>(payload: String, inside: &mut i64, rng: &mut R) -> String {
+    let Ok(Value::Object(mut o)) = serde_json::from_str::<Value>(&payload) else {
+        return payload;
+    };
+    if !(o.get("delta_in").is_some_and(Value::is_i64)
+        && o.get("delta_out").is_some_and(Value::is_i64))
+    {
+        return payload;
+    }
+    let came: i64 = rng.gen_range(0..=14);
+    // Leaving grows with the crowd: about 200 people inside per gate is the balance.
+    let left = (rng.gen_range(0..=12) + *inside / 200).min(*inside + came);
+    *inside += came - left;
+    o.insert("delta_in".into(), came.into());
+    o.insert("delta_out".into(), left.into());
+    if o.contains_key("occupancy_est") {
+        o.insert("occupancy_est".into(), (*inside).into());
+    }
+    Value::Object(o).to_string()
+}
+
 /// The `succeeded` reply to a command payload (`{"command_id", "args"}`), if it is one.
 fn command_reply(payload: &[u8]) -> Option<Vec<u8>> {
     let v: Value = serde_json::from_slice(payload).ok()?;
@@ -903,6 +930,7 @@ fn command_reply(payload: &[u8]) -> Option<Vec<u8>> {
     Some(reply.to_string().into_bytes())
 }
 
+/// A period in seconds as a `Duration`, at least `MIN_GAP` and at most a day.
 fn gap(seconds: f64) -> Duration {
     Duration::from_secs_f64(seconds.clamp(0.0, 86_400.0)).max(MIN_GAP)
 }
@@ -1119,6 +1147,33 @@ mod tests {
             impossible.validate(kind, &payload).unwrap_err().reason,
             reason
         );
+    }
+
+    /// Simulated gates never let out more people than came in, and report who is inside.
+    #[test]
+    fn gates_count_people_as_a_building_has_them() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut inside = 0i64;
+        let (mut came, mut left) = (0i64, 0i64);
+        for _ in 0..5_000 {
+            let p = people_counted(
+                r#"{"delta_in":1999,"delta_out":2000,"occupancy_est":0,"link":"ok"}"#.into(),
+                &mut inside,
+                &mut rng,
+            );
+            let v: Value = serde_json::from_str(&p).unwrap();
+            came += v["delta_in"].as_i64().unwrap();
+            left += v["delta_out"].as_i64().unwrap();
+            assert!(left <= came, "never more out than in");
+            assert_eq!(v["occupancy_est"].as_i64(), Some(came - left));
+            assert_eq!(v["link"], "ok");
+        }
+        assert!(
+            (50..=600).contains(&inside),
+            "a crowd of a few hundred: {inside}"
+        );
+        let other = r#"{"uptime_s":5}"#.to_owned();
+        assert_eq!(people_counted(other.clone(), &mut inside, &mut rng), other);
     }
 
     #[test]

@@ -180,21 +180,33 @@ fn the_demo_of_the_example_branch_shows_central_the_pages_and_the_api() {
     let (status, body) = http_get(api, "/login", None);
     assert_eq!(status, 200);
     assert!(body.contains("API token"), "{body}");
-    let today = jiff::Timestamp::now();
+    // The example branch's days are Shanghai's, as is the demo's curl line.
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::get("Asia/Shanghai").unwrap())
+        .date();
     let query = format!(
-        "/api/v1/summaries?period=hour&from={}&to={}",
-        today.strftime("%Y-%m-%d"),
-        (today + jiff::SignedDuration::from_hours(24)).strftime("%Y-%m-%d")
+        "/api/v1/summaries?period=hour&from={today}&to={}",
+        today.tomorrow().unwrap()
     );
     let (status, _) = http_get(api, &query, None);
     assert_eq!(status, 401, "the pull API wants the token");
     let (status, body) = http_get(api, &query, Some(&token));
     assert_eq!(status, 200, "{body}");
+    let summaries: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let visitors = summaries["items"]
+        .as_array()
+        .and_then(|items| items.last())
+        .and_then(|hour| hour["metrics"]["visitors_in"].as_f64());
+    assert!(
+        visitors.is_some_and(|v| v > 0.0),
+        "this hour has visitors: {body}"
+    );
     let out = demo.join().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     for line in [
         format!("lobby page:  http://127.0.0.1:{api}/lobby"),
+        format!("'http://127.0.0.1:{api}{query}'"),
         format!("dashboard:   http://127.0.0.1:{api}/"),
         "central has received".to_owned(),
         "mosquitto_sub -V mqttv5 -h 127.0.0.1 -p".to_owned(),
