@@ -178,7 +178,7 @@ struct Measured {
 }
 
 /// The gateway's CPU share and the devices' acknowledged rate over `len`, with a gate
-/// pass every 2 s.
+/// pass every `gate.every`.
 fn measure(pid: u32, sent: &AtomicU64, len: Duration, gate: &mut Gate) -> Measured {
     let rt0 = threads_cpu_ms(pid, "gateway");
     let (cpu0, t0, sent0) = (cpu_ms(pid), Instant::now(), sent.load(Ordering::Relaxed));

@@ -223,12 +223,12 @@ pub async fn run(
     tasks.spawn(crate::live::run(
         crate::live::Inputs {
             database: db_path.clone(),
-            plan: plan_rx,
             tz: cfg.gateway.time_zone(),
             branch: cfg.gateway.branch_id.clone(),
             buffer: buffer_stats.clone(),
             devices_online: figures.devices_online.clone(),
         },
+        plan_rx,
         live_tx,
         shutdown.clone(),
     ));

@@ -9,8 +9,8 @@
 //! a device's message or a patron datum.
 //!
 //! [`run`] recomputes the snapshot when a commit happened (the writer's transaction
-//! count moved), the number of devices online changed, or a minute passed (midnight,
-//! expiring notices), at most once per [`MIN_INTERVAL`], on a read-only connection on the
+//! count moved), the number of devices online changed, a reload changed the plan, or a
+//! minute passed (midnight, expiring notices), at most once per [`MIN_INTERVAL`], on a read-only connection on the
 //! blocking pool. Readers take the newest snapshot from a `watch` channel: one computation
 //! serves any number of screens.
 
@@ -270,20 +270,22 @@ fn hours(
 /// What [`run`] reads.
 pub struct Inputs {
     pub database: PathBuf,
-    /// The plan in force: a reload (SIGHUP) that changes the profiles' rollups sends a new
-    /// one, and the next snapshot follows it.
-    pub plan: watch::Receiver<Plan>,
     pub tz: jiff::tz::TimeZone,
     pub branch: String,
     pub buffer: Arc<BufferStats>,
     pub devices_online: Arc<AtomicUsize>,
 }
 
-/// Keep `tx` holding the newest snapshot until `shutdown`.
-pub async fn run(inputs: Inputs, tx: watch::Sender<Arc<Snapshot>>, shutdown: CancellationToken) {
+/// Keep `tx` holding the newest snapshot until `shutdown`, following the plan in force
+/// (`plan`: a reload that changes the profiles' rollups sends a new one).
+pub async fn run(
+    inputs: Inputs,
+    mut plan_rx: watch::Receiver<Plan>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut plan_rx = inputs.plan.clone();
     let inputs = Arc::new(inputs);
     let mut conn: Option<Connection> = None;
     let mut seen: Option<(u64, usize, i64, u64)> = None;
@@ -296,10 +298,9 @@ pub async fn run(inputs: Inputs, tx: watch::Sender<Arc<Snapshot>>, shutdown: Can
         }
         let now = crate::model::now_ms();
         let online = inputs.devices_online.load(Ordering::Relaxed);
-        if plan_rx.has_changed().unwrap_or(false) {
-            plans += 1;
+        if plan_rx.borrow_and_update().has_changed() {
+            plans += 1; // a reload changed the profiles' rollups
         }
-        let plan = plan_rx.borrow_and_update().clone();
         let key = (
             inputs.buffer.transactions.load(Ordering::Relaxed),
             online,
@@ -309,6 +310,7 @@ pub async fn run(inputs: Inputs, tx: watch::Sender<Arc<Snapshot>>, shutdown: Can
         if seen == Some(key) || last.elapsed() < MIN_INTERVAL {
             continue;
         }
+        let plan = plan_rx.borrow().clone();
         last = tokio::time::Instant::now();
         let (inp, c) = (inputs.clone(), conn.take());
         let done = tokio::task::spawn_blocking(move || {

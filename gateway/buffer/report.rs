@@ -179,7 +179,7 @@ pub const SC_STATUS_STALE_MS: i64 = 10 * 60 * 1000;
 /// A tapped kiosk's health as `status`, `devices` and the dashboard show it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KioskHealth {
-    /// When the kiosk last sent an SC status (its telemetry with `acs_online`).
+    /// When the kiosk last had an SC status answered (its `sip2_sc_status` counter).
     pub last_sc_status_ms: Option<i64>,
     /// (times, last time) the ILS could not be reached for a kiosk connection.
     pub ils_unreachable: Option<(i64, i64)>,

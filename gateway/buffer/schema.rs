@@ -240,6 +240,14 @@ CREATE TABLE notice (
     expires_ms INTEGER NOT NULL
 );
 "#,
+    // v13: a tapped kiosk's last SC status is its `sip2_sc_status` counter; seeded once
+    // from the SC status telemetry already stored.
+    r#"
+INSERT OR IGNORE INTO device_counters (device, counter, value, last_ms)
+SELECT device, 'sip2_sc_status', COUNT(*), MAX(received_ms) FROM messages
+ WHERE kind = 'telemetry' AND payload LIKE '%"acs_online"%'
+ GROUP BY device;
+"#,
 ];
 
 /// Connection settings, in the order SQLite needs them (auto_vacuum before WAL).
@@ -484,6 +492,38 @@ mod tests {
             )
             .unwrap();
         assert_eq!(old, 0, "the text table is gone");
+    }
+
+    /// v13 seeds each tapped kiosk's `sip2_sc_status` from its stored SC status telemetry.
+    #[test]
+    fn the_last_sc_status_is_seeded_from_stored_telemetry() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        register_distinct_key(&conn).unwrap();
+        for sql in &MIGRATIONS[..12] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 12).unwrap();
+        for (device, ms, payload) in [
+            ("kiosk-1", 1_000, r#"{"acs_online":true,"sip_link":"up"}"#),
+            ("kiosk-1", 5_000, r#"{"acs_online":false,"sip_link":"up"}"#),
+            ("kiosk-1", 9_000, r#"{"uptime_s":3}"#),
+            ("gate-1", 7_000, r#"{"delta_in":1}"#),
+        ] {
+            conn.execute(
+                "INSERT INTO messages (device, kind, received_ms, payload) VALUES (?1, 'telemetry', ?2, ?3)",
+                rusqlite::params![device, ms, payload],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn, Path::new(":memory:")).unwrap();
+        let rows: Vec<(String, i64, i64)> = conn
+            .prepare("SELECT device, value, last_ms FROM device_counters WHERE counter = 'sip2_sc_status'")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [("kiosk-1".to_owned(), 2, 5_000)]);
     }
 
     /// v9 keeps every bucket row, now numbered in time order (what a batch rewrites shares
