@@ -11,6 +11,7 @@ mod chart;
 mod commands;
 mod conn;
 mod dashboard;
+mod guesses;
 mod lobby;
 mod own_metrics;
 mod page;

@@ -2,7 +2,8 @@
 //! are cut at the header timeout while a normal request still gets through; a burst of
 //! 400 concurrent requests gets 200s and 503s only, leaving the SQLite descriptors bounded;
 //! connections over the limits (total and per source address) are refused and counted; a
-//! client that stops reading is cut at the write timeout; a large body is a 413.
+//! client that stops reading is cut at the write timeout; a large body is a 413; an
+//! address guessing tokens is refused for a minute.
 
 mod common;
 
@@ -578,4 +579,65 @@ async fn idle_keep_alive_and_a_late_head_have_their_own_bounds() {
     assert_eq!(sample(&m, &series("idle")), 1.0, "{m}");
     assert_eq!(sample(&m, &series("header")), 1.0, "{m}");
     assert_eq!(sample(&m, &series("write")), 0.0, "{m}");
+}
+
+/// Ten wrong tokens within a minute (bearer or the login form) and the address is refused
+/// with 429 for a minute, whatever token it presents, without any wait; requests that
+/// present no token and other addresses are served as before; the refusals are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_guessing_tokens_is_refused_for_a_minute() {
+    let (branch, port) = branch("");
+    let _gw = branch.start();
+    let mut s = connect(port).await;
+    let wrong = "GET /api/v1/devices HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer not-the-token-0123456789\r\n\r\n";
+    for i in 0..9 {
+        let (status, _, _) = exchange(&mut s, wrong).await;
+        assert_eq!(status, 401, "wrong token {}", i + 1);
+    }
+    let form = "token=wrong&next=";
+    let login = format!(
+        "POST /login HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+        form.len()
+    );
+    let (status, _, _) = exchange(&mut s, &login).await;
+    assert_eq!(status, 401, "the tenth, at the form");
+    // Now even the right token is refused from here, at once.
+    let asked = Instant::now();
+    let (status, head, _) = exchange(&mut s, &get("/api/v1/devices")).await;
+    assert_eq!(status, 429, "{head}");
+    assert!(asked.elapsed() < Duration::from_millis(500), "no waiting");
+    let retry: u64 = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("retry-after: ")
+                .or(l.strip_prefix("Retry-After: "))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("Retry-After in {head}"));
+    assert!((55..=60).contains(&retry), "{retry}");
+    let (status, _, _) = exchange(&mut s, &login).await;
+    assert_eq!(status, 429);
+    // Without a token: served.
+    let (status, _, _) = exchange(&mut s, "GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n").await;
+    assert_eq!(status, 200);
+    // Another address with the right token: served, and the refusals are counted.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = sock
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    let (status, _, metrics) = exchange(&mut other, &get("/metrics")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(
+            &metrics,
+            "branch_gateway_api_requests_refused_total{limit=\"wrong_tokens\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(&metrics, "branch_gateway_page_logins_refused_total"),
+        1.0
+    );
 }

@@ -459,8 +459,7 @@ fn the_lobby_can_be_behind_the_token() {
     let bearer = format!("Authorization: Bearer {TOKEN}\r\n");
     assert!(raw("/lobby", &bearer).starts_with("HTTP/1.1 200"));
     assert!(raw("/", &bearer).starts_with("HTTP/1.1 200"));
-    // A wrong token at the form: 401 after a second, counted.
-    let asked = std::time::Instant::now();
+    // A wrong token at the form: 401, counted.
     let mut s = TcpStream::connect(("127.0.0.1", api)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let body = "token=wrong&next=";
@@ -473,10 +472,6 @@ fn the_lobby_can_be_behind_the_token() {
     let mut head = String::new();
     std::io::BufReader::new(s).read_line(&mut head).unwrap();
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
-    assert!(
-        asked.elapsed() >= Duration::from_secs(1),
-        "a wrong token waits"
-    );
     let (_, metrics) = http_get(api, "/metrics", Some(TOKEN));
     assert!(
         metrics.contains("branch_gateway_page_logins_refused_total 1\n"),

@@ -65,6 +65,10 @@ pub(super) fn render(
                 "{limit=\"max_live_streams\"}".into(),
                 n(Event::MaxLiveStreams),
             ),
+            (
+                "{limit=\"wrong_tokens\"}".into(),
+                n(Event::TokenGuessesBlocked),
+            ),
         ],
     );
     metric(

@@ -159,18 +159,12 @@ pub(super) async fn login_form(axum::extract::Query(q): axum::extract::Query<Nex
     page_response(login_page("", &q.next))
 }
 
-/// How long a wrong token at `/login` waits for its answer.
-const LOGIN_PENALTY: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// `POST /login`: the right token sets the session cookie and goes on to the dashboard
 /// (or the lobby); a wrong one shows the form again with a 401.
 pub(super) async fn login(State(api): State<Api>, Form(form): Form<LoginForm>) -> Response {
     use subtle::ConstantTimeEq;
     if !bool::from(form.token.as_bytes().ct_eq(api.state.token.as_bytes())) {
         api.stats.note(super::server::Event::LoginFailed);
-        // A wrong token costs its connection a second: with the per-address connection
-        // cap this bounds how fast one address can guess.
-        tokio::time::sleep(LOGIN_PENALTY).await;
         let mut r = page_response(login_page("That is not the API token.", &form.next));
         *r.status_mut() = StatusCode::UNAUTHORIZED;
         return r;

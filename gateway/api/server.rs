@@ -78,6 +78,8 @@ pub(crate) enum Event {
     MaxLiveStreams,
     /// A wrong token at the pages' login form.
     LoginFailed,
+    /// A request refused with 429: its address presented too many wrong tokens.
+    TokenGuessesBlocked,
     /// A read of the buffer failed. (Keep it last: [`EVENTS`] counts up to it.)
     ReadFailed,
 }
@@ -112,6 +114,9 @@ impl Event {
                 "lobby live stream refused with 503: api.max_live_streams are open"
             }
             Event::LoginFailed => "page login refused: wrong API token",
+            Event::TokenGuessesBlocked => {
+                "API request refused with 429: its address presented too many wrong tokens (refused for a minute)"
+            }
             Event::ReadFailed => "API cannot read the buffer",
         })
     }
@@ -198,6 +203,7 @@ struct Shared {
     limits: Limits,
     stats: Arc<ApiStats>,
     requests: Arc<Semaphore>,
+    guesses: Mutex<super::guesses::Guesses>,
 }
 
 /// Accept and serve connections on `listener` until `shutdown`; returns once every
@@ -219,6 +225,7 @@ pub(crate) async fn serve(
         requests: Arc::new(Semaphore::new(limits.max_requests)),
         limits,
         stats,
+        guesses: Mutex::default(),
     });
     let tracker = tokio_util::task::TaskTracker::new();
     let mut backoff = ACCEPT_BACKOFF.0;
@@ -261,7 +268,13 @@ pub(crate) async fn serve(
             .stats
             .connections_open
             .fetch_add(1, Ordering::Relaxed);
-        tracker.spawn(connection(stream, shared.clone(), slot, shutdown.clone()));
+        tracker.spawn(connection(
+            stream,
+            peer.ip(),
+            shared.clone(),
+            slot,
+            shutdown.clone(),
+        ));
     }
     drop(listener);
     tracker.close();
@@ -343,6 +356,7 @@ impl Drop for AddressSlot {
 
 async fn connection(
     stream: TcpStream,
+    peer: IpAddr,
     shared: Arc<Shared>,
     slot: Slot,
     shutdown: CancellationToken,
@@ -357,7 +371,7 @@ async fn connection(
         hyper::service::service_fn(move |req: Request<Incoming>| {
             clock.head_received();
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+            async move { Ok::<_, Infallible>(handle(&shared, peer, req).await) }
         })
     };
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -388,8 +402,42 @@ async fn connection(
     drop(conn);
 }
 
-/// One request: within `api.max_requests` and `api.max_body_bytes`, through the router.
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response {
+/// One request: within `api.max_requests` and `api.max_body_bytes`, through the router;
+/// one that presents a token is refused at once while its address is blocked for wrong
+/// tokens (`guesses`), and its 401 counts against the address.
+async fn handle(shared: &Shared, peer: IpAddr, req: Request<Incoming>) -> Response {
+    let presents_token = req.headers().contains_key(header::AUTHORIZATION)
+        || (req.method() == hyper::Method::POST && req.uri().path() == "/login");
+    if presents_token {
+        let blocked = shared
+            .guesses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .blocked(peer, crate::model::now_ms());
+        if let Some(seconds) = blocked {
+            shared.stats.note(Event::TokenGuessesBlocked);
+            let mut r = super::error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many wrong tokens from this address; retry later",
+            );
+            if let Ok(v) = HeaderValue::from_str(&seconds.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return r;
+        }
+    }
+    let response = route(shared, req).await;
+    if presents_token && response.status() == StatusCode::UNAUTHORIZED {
+        shared
+            .guesses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failed(peer, crate::model::now_ms());
+    }
+    response
+}
+
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response {
     let Ok(_permit) = shared.requests.clone().try_acquire_owned() else {
         shared.stats.note(Event::MaxRequests);
         return super::busy("too many requests being handled; retry shortly");
