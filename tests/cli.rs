@@ -113,6 +113,16 @@ fn demo_runs_a_branch_and_prints_what_flows() {
     assert!(branch.count("SELECT COUNT(*) FROM messages") > 10);
 }
 
+/// A child process killed when dropped.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The README's first command on the shipped example branch (its ports moved to free ones,
 /// its serial device's path into a temp dir): the devices flow, central receives and
 /// publishes a notice, the lobby shows it, the dashboard asks to sign in, the pull API
@@ -145,16 +155,32 @@ fn the_demo_of_the_example_branch_shows_central_the_pages_and_the_api() {
     std::fs::create_dir_all(dir.path().join("serial")).unwrap();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, config).unwrap();
-    let demo = std::thread::spawn(move || {
-        run_bounded(
-            Command::new(BIN)
-                .args(["demo", "--seconds", "14", "--config"])
-                .arg(&path),
-            Duration::from_secs(60),
-        )
-    });
+    // Until stopped, as the README runs it; killed on drop if the test fails first.
+    let mut demo = Demo(
+        Command::new(BIN)
+            .args(["demo", "--config"])
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.path().join("demo.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let printed = printed.clone();
+        let mut out = std::io::BufReader::new(demo.0.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            while out.read_line(&mut line).is_ok_and(|n| n > 0) {
+                printed.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        })
+    };
     // The lobby shows central's notice once it has come down the upstream link.
-    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let lobby = loop {
         let page = std::net::TcpStream::connect(("127.0.0.1", api))
             .ok()
@@ -201,9 +227,43 @@ fn the_demo_of_the_example_branch_shows_central_the_pages_and_the_api() {
         visitors.is_some_and(|v| v > 0.0),
         "this hour has visitors: {body}"
     );
-    let out = demo.join().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    // Two 5-second reports of what central received, then Ctrl-C.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while printed
+        .lock()
+        .unwrap()
+        .matches("central has received")
+        .count()
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reports:\n{}",
+            printed.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = demo.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = demo.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    let stdout = printed.lock().unwrap().clone();
+    assert!(status.success(), "{stdout}");
+    assert!(stdout.contains("stopped;"), "{stdout}");
     for line in [
         format!("lobby page:  http://127.0.0.1:{api}/lobby"),
         format!("'http://127.0.0.1:{api}{query}'"),
