@@ -178,6 +178,27 @@ fn the_live_figures_follow_the_profiles_rollups_on_sighup() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!first.contains(r#"data-metric="occupancy""#), "{first}");
+    assert!(
+        first.contains(r#"data-layout="visitors_in+hourly""#),
+        "{first}"
+    );
+    // A lobby screen already open follows the stream: its updates name the layout.
+    use std::io::{BufRead, Write};
+    let mut screen = std::net::TcpStream::connect(("127.0.0.1", api)).unwrap();
+    screen
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(screen, "GET /lobby/events HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut screen = std::io::BufReader::new(screen);
+    let mut layout_seen = || loop {
+        let mut line = String::new();
+        assert!(screen.read_line(&mut line).unwrap() > 0, "the stream ended");
+        if let Some(data) = line.strip_prefix("data: ") {
+            let v: serde_json::Value = serde_json::from_str(data).unwrap();
+            return v["layout"].as_str().unwrap().to_owned();
+        }
+    };
+    assert_eq!(layout_seen(), "visitors_in+hourly");
 
     std::fs::write(&profile, gate(&format!("{visitors_in}, {visitors_out}"))).unwrap();
     hangup(&gw);
@@ -194,6 +215,13 @@ fn the_live_figures_follow_the_profiles_rollups_on_sighup() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The open screen is told at once (its script then loads the page again).
+    // (An update of the old layout may come first: the clock ticks each minute.)
+    let mut after = layout_seen();
+    while after == "visitors_in+hourly" {
+        after = layout_seen();
+    }
+    assert_eq!(after, "visitors_in,occupancy+hourly");
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }

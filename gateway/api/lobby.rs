@@ -103,14 +103,26 @@ fn figures(tz: &jiff::tz::TimeZone, snap: &Snapshot) -> serde_json::Map<String, 
     figures
 }
 
-/// One update of the live stream: every figure by its metric name, the notice, and the
-/// chart when it changed ("" otherwise: the page keeps the one it has).
+/// Which tiles and chart the page has: the headline figures in order, and `+hourly` with
+/// the chart. A page that was drawn for another layout (a reload changed the profiles'
+/// rollups) loads itself again.
+fn layout(snap: &Snapshot) -> String {
+    let names: Vec<&str> = snap.figures.iter().map(|(n, _)| *n).collect();
+    let chart = if snap.hourly.is_some() { "+hourly" } else { "" };
+    format!("{}{chart}", names.join(","))
+}
+
+/// One update of the live stream: the page's layout, every figure by its metric name,
+/// the notice, and the chart when it changed ("" otherwise: the page keeps the one it
+/// has).
 fn update(
+    layout: &str,
     figures: &serde_json::Map<String, serde_json::Value>,
     notice: &Option<String>,
     chart: &str,
 ) -> String {
-    serde_json::json!({ "figures": figures, "chart": chart, "notice": notice }).to_string()
+    serde_json::json!({ "layout": layout, "figures": figures, "chart": chart, "notice": notice })
+        .to_string()
 }
 
 /// The whole page for `snap`.
@@ -150,7 +162,7 @@ pub(super) fn page(lang: Language, tz: &jiff::tz::TimeZone, snap: &Snapshot) -> 
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{title}</title>
 <style>{STYLE}</style></head>
-<body>
+<body data-layout="{layout}">
 <header><h1>{title}</h1><div class="updated">{updated} <span data-metric="updated">{clock}</span></div></header>
 <aside id="notice" data-metric="notice"{hidden}><span class="tag">{notice_label}</span> <span id="notice-text">{notice_text}</span></aside>
 <main class="tiles">{tiles}</main>
@@ -158,6 +170,7 @@ pub(super) fn page(lang: Language, tz: &jiff::tz::TimeZone, snap: &Snapshot) -> 
 <script>{SCRIPT}</script>
 </body></html>"#,
         title = l("title"),
+        layout = escape(&layout(snap)),
         updated = l("updated"),
         clock = clock(snap, tz),
         hidden = if notice.is_empty() { " hidden" } else { "" },
@@ -167,11 +180,12 @@ pub(super) fn page(lang: Language, tz: &jiff::tz::TimeZone, snap: &Snapshot) -> 
 }
 
 /// The page's own script: apply each update of the stream (EventSource reconnects by
-/// itself after a restart of the gateway).
+/// itself after a restart of the gateway), or load the page again when its layout changed.
 const SCRIPT: &str = r#"
 const es = new EventSource("/lobby/events" + location.search);
 es.onmessage = (e) => {
   const d = JSON.parse(e.data);
+  if (d.layout !== document.body.dataset.layout) { es.close(); location.reload(); return; }
   for (const [k, v] of Object.entries(d.figures))
     document.querySelectorAll(`[data-metric="${k}"]`).forEach((el) => { el.textContent = v; });
   const chart = document.getElementById("chart");
@@ -233,8 +247,9 @@ impl Feed {
             figures(&tz, &snap),
             snap.notice.clone(),
             snap.hourly.clone(),
+            layout(&snap),
         );
-        let first = update(&shown.0, &shown.1, &hourly_chart(lang, &snap));
+        let first = update(&shown.3, &shown.0, &shown.1, &hourly_chart(lang, &snap));
         let (tx, rx) = watch::channel(Arc::new(first));
         tokio::spawn(async move {
             while live.changed().await.is_ok() {
@@ -243,6 +258,7 @@ impl Feed {
                     figures(&tz, &snap),
                     snap.notice.clone(),
                     snap.hourly.clone(),
+                    layout(&snap),
                 );
                 if now == shown {
                     continue;
@@ -251,7 +267,7 @@ impl Feed {
                     true => String::new(),
                     false => hourly_chart(lang, &snap),
                 };
-                let text = update(&now.0, &now.1, &chart);
+                let text = update(&now.3, &now.0, &now.1, &chart);
                 shown = now;
                 if tx.send(Arc::new(text)).is_err() {
                     return;
@@ -292,6 +308,36 @@ mod tests {
             !html.contains("http://") && !html.contains("https://"),
             "nothing from elsewhere"
         );
+    }
+
+    /// The page says which layout it was drawn for, and so does every update: another
+    /// plan (a reload) is another layout.
+    #[test]
+    fn the_layout_names_the_tiles_and_the_chart() {
+        let snap = snapshot();
+        let html = page(Language::En, &jiff::tz::TimeZone::UTC, &snap);
+        assert!(
+            html.contains(r#"<body data-layout="visitors_in,loans">"#),
+            "{html}"
+        );
+        let more = Snapshot {
+            figures: vec![("visitors_in", 1.0), ("occupancy", 1.0), ("loans", 2.0)],
+            hourly: Some(crate::live::Hourly {
+                metric: "visitors_in",
+                today: vec![None; 24],
+                last_week: vec![0.0; 24],
+            }),
+            ..snapshot()
+        };
+        assert_eq!(layout(&more), "visitors_in,occupancy,loans+hourly");
+        let u: serde_json::Value = serde_json::from_str(&update(
+            &layout(&more),
+            &figures(&jiff::tz::TimeZone::UTC, &more),
+            &None,
+            "",
+        ))
+        .unwrap();
+        assert_eq!(u["layout"], "visitors_in,occupancy,loans+hourly");
     }
 
     #[test]
