@@ -641,3 +641,68 @@ async fn an_address_guessing_tokens_is_refused_for_a_minute() {
         1.0
     );
 }
+
+/// Clients that send their request bodies a byte a second, as many as `max_requests`,
+/// are answered 408 and closed at `header_timeout_ms` after their heads; meanwhile other
+/// requests are still served (the slow bodies hold no request slot past the bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_are_cut_at_the_header_timeout() {
+    const CLIENTS: usize = 4;
+    let (branch, port) = branch(&format!(
+        "max_requests = {CLIENTS}\nheader_timeout_ms = 2000\n"
+    ));
+    let _gw = branch.start();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(tokio::spawn(async move {
+            let mut s = connect(port).await;
+            s.write_all(
+                b"POST /login HTTP/1.1\r\nHost: gw\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 40\r\n\r\nt",
+            )
+            .await
+            .unwrap();
+            let sent = Instant::now();
+            for _ in 0..30 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if s.write_all(b"o").await.is_err() {
+                    break;
+                }
+                if sent.elapsed() > Duration::from_millis(2400) {
+                    break;
+                }
+            }
+            let (status, head, _) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+                .await
+                .expect("an answer");
+            (status, head, sent.elapsed())
+        }));
+    }
+    // While the slow bodies are pending, every request slot is theirs: a request then
+    // gets a 503 (counted), and once they are cut it is served again.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut s = connect(port).await;
+    let (status, _, _) = exchange(&mut s, &get("/healthz")).await;
+    assert_eq!(status, 503, "the slots are held by the slow bodies");
+    for c in clients {
+        let (status, head, after) = c.await.unwrap();
+        assert_eq!(status, 408, "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+        assert!(
+            after >= Duration::from_millis(1800) && after < Duration::from_secs(4),
+            "cut after {after:?}"
+        );
+    }
+    let (status, _, _) = exchange(&mut s, &get("/healthz")).await;
+    assert_eq!(status, 200);
+    let m = metrics(port).await;
+    assert_eq!(
+        sample(
+            &m,
+            "branch_gateway_api_connections_timed_out_total{timeout=\"body\"}"
+        ),
+        CLIENTS as f64
+    );
+}

@@ -45,11 +45,12 @@ pub(super) fn render(
     );
     metric(
         "branch_gateway_api_connections_timed_out_total",
-        "HTTP API connections closed by a time bound: header, write, or idle keep-alive.",
+        "HTTP API connections closed by a time bound: header, write, body, or idle keep-alive.",
         "counter",
         &[
             ("{timeout=\"header\"}".into(), n(Event::HeaderTimeout)),
             ("{timeout=\"write\"}".into(), n(Event::WriteTimeout)),
+            ("{timeout=\"body\"}".into(), n(Event::BodyTimeout)),
             ("{timeout=\"idle\"}".into(), n(Event::IdleClosed)),
         ],
     );

@@ -29,6 +29,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
@@ -66,6 +67,8 @@ pub(crate) enum Event {
     HeaderTimeout,
     /// A response not written within `api.write_timeout_ms`.
     WriteTimeout,
+    /// A request body not complete within `api.header_timeout_ms` of its head.
+    BodyTimeout,
     /// A keep-alive connection idle for `api.idle_timeout_ms` (normal; not logged).
     IdleClosed,
     /// A request over `api.max_requests`.
@@ -103,6 +106,9 @@ impl Event {
             }
             Event::WriteTimeout => {
                 "API connection closed: response not taken by the client within api.write_timeout_ms"
+            }
+            Event::BodyTimeout => {
+                "API connection closed: request body not complete within api.header_timeout_ms"
             }
             Event::IdleClosed => return None,
             Event::MaxRequests => "API request refused with 503: api.max_requests are being handled",
@@ -458,7 +464,45 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response {
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
-    let req = req.map(|body| Body::new(http_body_util::Limited::new(body, max as usize)));
+    // The whole body before routing, within the head's time bound: a client that sends
+    // its body a byte at a time holds no request slot for longer than that.
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, max as usize);
+    let body = match tokio::time::timeout(shared.limits.header_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
+            let too_large = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            let (status, message) = if too_large {
+                shared.stats.note(Event::BodyTooLarge);
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body over {max} bytes"),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    "the request body could not be read".to_owned(),
+                )
+            };
+            let mut r = super::error(status, message);
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+        Err(_) => {
+            shared.stats.note(Event::BodyTimeout);
+            let mut r = super::error(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not complete in time",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+    };
+    let req = Request::from_parts(parts, Body::from(body));
     match shared.router.clone().oneshot(req).await {
         Ok(response) => response.into_response(),
         Err(never) => match never {},
