@@ -3,7 +3,8 @@
 //! binary. The figures in the DOM (by their `data-metric`) equal the API's; a gate pass
 //! reaches the open lobby page within 2 s without a reload; the dashboard shows a device
 //! going offline; every request the browser makes goes to the gateway on 127.0.0.1.
-//! Screenshots of both pages at 1920x1080 go to `target/screenshots/`.
+//! Screenshots of both pages at 1920x1080 (and the lobby at 1080x1920, where every figure
+//! must still be on screen) go to `target/screenshots/`.
 
 mod common;
 use common::mqtt::{self, Connect};
@@ -187,6 +188,17 @@ impl Browser {
         }
     }
 
+    /// The page's viewport exactly `width` x `height` CSS pixels (a screen of that size).
+    fn viewport(&mut self, width: u32, height: u32) {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false}),
+        );
+        let want = format!("{width}x{height}");
+        let got = self.wait("innerWidth + 'x' + innerHeight", 5, |v| v == want.as_str());
+        assert_eq!(got, want.as_str());
+    }
+
     /// Every `data-metric` of the page and its text.
     fn metrics(&mut self) -> Value {
         self.eval(
@@ -204,6 +216,10 @@ impl Browser {
         std::fs::write(path, png).unwrap();
     }
 }
+
+/// True when every figure of the page (each `data-metric` element shown) lies inside the
+/// viewport: a lobby screen cannot scroll.
+const ALL_FIGURES_ON_SCREEN: &str = "[...document.querySelectorAll('[data-metric]')].filter(e => e.getClientRects().length).every(e => { const r = e.getBoundingClientRect(); return r.top >= 0 && r.left >= 0 && r.bottom <= innerHeight + 1 && r.right <= innerWidth + 1; })";
 
 fn screenshots() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots")
@@ -298,6 +314,7 @@ fn the_lobby_and_the_dashboard_in_a_browser() {
     let base = format!("http://127.0.0.1:{api}");
 
     let mut b = Browser::start(1920, 1080);
+    b.viewport(1920, 1080);
     b.open(&format!("{base}/lobby"));
     // The first render already holds the committed figures (or the stream brings them).
     let m = b.wait(
@@ -354,7 +371,21 @@ fn the_lobby_and_the_dashboard_in_a_browser() {
     assert!(took < Duration::from_secs(2), "the update took {took:?}");
     assert_eq!(b.eval("window.__not_reloaded === true"), true);
     assert_eq!(api_day(api, "visitors_in"), 8.0);
+    assert_eq!(
+        b.eval(ALL_FIGURES_ON_SCREEN),
+        true,
+        "landscape: every figure on screen"
+    );
     b.screenshot(&screenshots().join("lobby.png"));
+    // Portrait screens (1080x1920): every figure still on screen.
+    b.viewport(1080, 1920);
+    assert_eq!(
+        b.eval(ALL_FIGURES_ON_SCREEN),
+        true,
+        "portrait: every figure on screen"
+    );
+    b.screenshot(&screenshots().join("lobby-portrait.png"));
+    b.viewport(1920, 1080);
 
     // The dashboard: the login form, then every device and the figures of `status`.
     b.open(&format!("{base}/"));

@@ -82,7 +82,7 @@ fn draw(
                 .unwrap_or_default()
         })
         .y_label_formatter(&|y| match top {
-            t if t >= 10.0 => format!("{y:.0}"),
+            t if t >= 5.0 => format!("{y:.0}"),
             _ => format!("{y:.1}"),
         })
         .label_style(font())

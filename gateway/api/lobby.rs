@@ -76,9 +76,10 @@ fn hourly_chart(lang: Language, snap: &Snapshot) -> String {
             },
         ],
         &hours,
-        1600,
-        520,
-        26,
+        // Drawn small and scaled up by the page: the labels end up large on the screen.
+        1200,
+        330,
+        30,
     )
 }
 
@@ -222,8 +223,12 @@ h1 { font-size: 6vmin; margin: 0; font-weight: 700; }
 #chart { flex: 1; min-height: 0; }
 #chart svg { width: 100%; height: 100%; }
 @media (orientation: portrait) {
-  .tiles { grid-template-columns: repeat(2, 1fr); }
-  .value { font-size: 12vmin; }
+  .tiles { grid-template-columns: repeat(2, 1fr); flex: 1; grid-auto-rows: 1fr; }
+  .tile { display: flex; flex-direction: column; justify-content: center; }
+  .chart { flex: none; }
+  #chart svg { height: auto; }
+  .value { font-size: 16vmin; }
+  .tile.small .value { font-size: 11vmin; }
   h1 { font-size: 7vmin; }
 }
 "#;
