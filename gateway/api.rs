@@ -108,7 +108,8 @@ pub async fn serve(
         state,
     };
     let stats = api.stats.clone();
-    server::serve(listener, router(api), config.into(), stats, shutdown).await;
+    let token = api.state.token.clone();
+    server::serve(listener, router(api), config.into(), token, stats, shutdown).await;
 }
 
 fn router(api: Api) -> Router {

@@ -5,7 +5,9 @@
 //! request slot and no connection longer than any other answer.
 //!
 //! Sans-IO: the server asks [`Guesses::blocked`] before routing a request that presents a
-//! token and tells [`Guesses::failed`] when the answer was 401. IPv6 addresses count by
+//! token and tells [`Guesses::failed`] when the token was wrong (a bearer token that is
+//! not the API's, whatever the answer, or a 401 from the login form). Times are the
+//! server's monotonic milliseconds. IPv6 addresses count by
 //! their /64 (one host can hold a whole /64). Bounded: at most [`MAX_ADDRESSES`] addresses
 //! are tracked; when full, entries past their window go first, then the unblocked one
 //! whose last failure is oldest.

@@ -184,9 +184,13 @@ pub(super) fn page(lang: Language, tz: &jiff::tz::TimeZone, snap: &Snapshot) -> 
 /// itself after a restart of the gateway), or load the page again when its layout changed.
 const SCRIPT: &str = r#"
 const es = new EventSource("/lobby/events" + location.search);
+// Load the page again only once it answers (never leave a screen on an error page).
+const again = () => fetch(location.href, { cache: "no-store" })
+  .then((r) => { if (r.ok) location.reload(); else throw r; })
+  .catch(() => setTimeout(again, 5000 + Math.random() * 10000));
 es.onmessage = (e) => {
   const d = JSON.parse(e.data);
-  if (d.layout !== document.body.dataset.layout) { es.close(); location.reload(); return; }
+  if (d.layout !== document.body.dataset.layout) { es.close(); again(); return; }
   for (const [k, v] of Object.entries(d.figures))
     document.querySelectorAll(`[data-metric="${k}"]`).forEach((el) => { el.textContent = v; });
   const chart = document.getElementById("chart");

@@ -209,7 +209,11 @@ struct Shared {
     limits: Limits,
     stats: Arc<ApiStats>,
     requests: Arc<Semaphore>,
+    /// The API token, to tell a wrong bearer token from none.
+    token: Arc<str>,
     guesses: Mutex<super::guesses::Guesses>,
+    /// The guesses' clock (monotonic: a step of the wall clock moves no block).
+    started: std::time::Instant,
 }
 
 /// Accept and serve connections on `listener` until `shutdown`; returns once every
@@ -218,6 +222,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    token: Arc<str>,
     stats: Arc<ApiStats>,
     shutdown: CancellationToken,
 ) {
@@ -231,7 +236,9 @@ pub(crate) async fn serve(
         requests: Arc::new(Semaphore::new(limits.max_requests)),
         limits,
         stats,
+        token,
         guesses: Mutex::default(),
+        started: std::time::Instant::now(),
     });
     let tracker = tokio_util::task::TaskTracker::new();
     let mut backoff = ACCEPT_BACKOFF.0;
@@ -408,18 +415,39 @@ async fn connection(
     drop(conn);
 }
 
-/// One request: within `api.max_requests` and `api.max_body_bytes`, through the router;
-/// one that presents a token is refused at once while its address is blocked for wrong
-/// tokens (`guesses`), and its 401 counts against the address.
+/// A response with `Connection: close`.
+fn closing(status: StatusCode, message: impl Into<String>) -> Response {
+    let mut r = super::error(status, message.into());
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// One request, in this order: its whole body (within `api.max_body_bytes` and
+/// `header_timeout_ms` of its head, so a slow body holds its connection, never a request
+/// slot); if it presents a token, the address's standing for wrong tokens (`guesses`:
+/// 429 at once while blocked); a request slot (`api.max_requests`); the router. A
+/// presented token that is wrong (a bearer token not the API's, or a 401 from
+/// `/login`) counts against the address.
 async fn handle(shared: &Shared, peer: IpAddr, req: Request<Incoming>) -> Response {
-    let presents_token = req.headers().contains_key(header::AUTHORIZATION)
-        || (req.method() == hyper::Method::POST && req.uri().path() == "/login");
+    let req = match read_body(shared, req).await {
+        Ok(req) => req,
+        Err(refused) => return refused,
+    };
+    let bearer = req.headers().get(header::AUTHORIZATION).map(|v| {
+        use subtle::ConstantTimeEq;
+        let given = v.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b"");
+        bool::from(given.ct_eq(shared.token.as_bytes()))
+    });
+    let presents_token =
+        bearer.is_some() || (req.method() == hyper::Method::POST && req.uri().path() == "/login");
+    let now = || shared.started.elapsed().as_millis() as i64;
     if presents_token {
         let blocked = shared
             .guesses
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .blocked(peer, crate::model::now_ms());
+            .blocked(peer, now());
         if let Some(seconds) = blocked {
             shared.stats.note(Event::TokenGuessesBlocked);
             let mut r = super::error(
@@ -432,22 +460,29 @@ async fn handle(shared: &Shared, peer: IpAddr, req: Request<Incoming>) -> Respon
             return r;
         }
     }
-    let response = route(shared, req).await;
-    if presents_token && response.status() == StatusCode::UNAUTHORIZED {
-        shared
-            .guesses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .failed(peer, crate::model::now_ms());
-    }
-    response
-}
-
-async fn route(shared: &Shared, req: Request<Incoming>) -> Response {
     let Ok(_permit) = shared.requests.clone().try_acquire_owned() else {
         shared.stats.note(Event::MaxRequests);
         return super::busy("too many requests being handled; retry shortly");
     };
+    let response = match shared.router.clone().oneshot(req).await {
+        Ok(response) => response.into_response(),
+        Err(never) => match never {},
+    };
+    let wrong =
+        bearer == Some(false) || (presents_token && response.status() == StatusCode::UNAUTHORIZED);
+    if wrong {
+        shared
+            .guesses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failed(peer, now());
+    }
+    response
+}
+
+/// The request with its whole body read, or the refusal (413 over `api.max_body_bytes`,
+/// 408 when not complete within `header_timeout_ms`, 400 unreadable; each closes).
+async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Request<Body>, Response> {
     let max = shared.limits.max_body_bytes;
     let declared = req
         .headers()
@@ -456,56 +491,36 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response {
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
         shared.stats.note(Event::BodyTooLarge);
-        let mut r = super::error(
+        return Err(closing(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body over {max} bytes"),
-        );
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return r;
+        ));
     }
-    // The whole body before routing, within the head's time bound: a client that sends
-    // its body a byte at a time holds no request slot for longer than that.
     let (parts, body) = req.into_parts();
     let limited = http_body_util::Limited::new(body, max as usize);
-    let body = match tokio::time::timeout(shared.limits.header_timeout, limited.collect()).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) => {
-            let too_large = e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
-            let (status, message) = if too_large {
-                shared.stats.note(Event::BodyTooLarge);
-                (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body over {max} bytes"),
-                )
-            } else {
-                (
-                    StatusCode::BAD_REQUEST,
-                    "the request body could not be read".to_owned(),
-                )
-            };
-            let mut r = super::error(status, message);
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
+    match tokio::time::timeout(shared.limits.header_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(Request::from_parts(parts, Body::from(collected.to_bytes()))),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            shared.stats.note(Event::BodyTooLarge);
+            Err(closing(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {max} bytes"),
+            ))
         }
+        Ok(Err(_)) => Err(closing(
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read",
+        )),
         Err(_) => {
             shared.stats.note(Event::BodyTimeout);
-            let mut r = super::error(
+            Err(closing(
                 StatusCode::REQUEST_TIMEOUT,
                 "request body not complete in time",
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
+            ))
         }
-    };
-    let req = Request::from_parts(parts, Body::from(body));
-    match shared.router.clone().oneshot(req).await {
-        Ok(response) => response.into_response(),
-        Err(never) => match never {},
     }
 }
 
