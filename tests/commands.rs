@@ -17,6 +17,10 @@ use common::*;
 
 const PREFIX: &str = "library/cmd";
 const TOKEN: &str = "commands-test-token-0123456789";
+/// The gateway's log line once central granted its subscription (a command or notice
+/// published before it would be dropped by central: nobody subscribed yet).
+const SUBSCRIBED: &str = "subscribed at central to commands and branch notices";
+
 const PYTHON: &str = "/usr/bin/python3";
 
 /// A paho-mqtt device taking commands; killed when dropped.
@@ -246,6 +250,8 @@ async fn states_offline_devices_expiry_rejections_repeats_and_the_api() {
 
     // Connected: every state in order.
     let paho = Paho::start(&branch, &s1, &done, 0, "5");
+    // Central drops what nobody subscribes to: wait for the gateway's subscription.
+    gw.wait_log(SUBSCRIBED, 1);
     command(&central, "s1", &notice_cmd("c1", "closing in 15 minutes"));
     states.wait(&mut consumer, "c1", &DONE, log).await;
 
@@ -466,6 +472,7 @@ async fn no_command_lost_or_run_twice_across_kill_stop_and_central_outage() {
     // The device takes 150 ms per command: when the gateway goes, some are delivered,
     // one is sent, the rest queued.
     let _paho = Paho::start(&branch, &s1, &done, 150, "5");
+    gw.as_ref().unwrap().wait_log(SUBSCRIBED, 1);
     for (round, stop) in ["kill", "term"].into_iter().enumerate() {
         let ids: Vec<String> = (0..8).map(|i| format!("k{round}-{i}")).collect();
         for id in &ids {
@@ -543,6 +550,7 @@ async fn branch_notices_are_retained_for_screens_and_expire() {
     let screen = device("screen-1", "lobby-screen");
     let branch = branch_with(std::slice::from_ref(&screen), &central, free_port(), "");
     let gw = branch.start();
+    gw.wait_log(SUBSCRIBED, 1);
     let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3);
     publish(
         &central,

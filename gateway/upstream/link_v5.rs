@@ -472,6 +472,8 @@ pub(super) async fn drive(
                         .count();
                     if refused > 0 {
                         tracing::warn!(refused, codes = ?ack.return_codes, "central refused the gateway's subscription to commands or notices: none will arrive (check central's ACL)");
+                    } else {
+                        tracing::info!("subscribed at central to commands and branch notices");
                     }
                     continue;
                 }
