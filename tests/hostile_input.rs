@@ -128,8 +128,8 @@ async fn a_refused_reload_prints_no_secret() {
     let mut gw = branch.start();
     for (i, (broken, line, key)) in broken_variants(&valid).iter().enumerate() {
         std::fs::write(branch.config(), broken).unwrap();
-        hangup(&gw);
-        wait_log(&gw, "reload refused", i + 1);
+        gw.hangup();
+        gw.wait_log("reload refused", i + 1);
         let log = gw.log();
         let last = log
             .lines()
@@ -146,37 +146,21 @@ async fn a_refused_reload_prints_no_secret() {
     let n = broken_variants(&valid).len();
     std::fs::remove_file(branch.config()).unwrap();
     mkfifo(&branch.config());
-    hangup(&gw);
-    wait_log(&gw, "reload refused", n + 1);
+    gw.hangup();
+    gw.wait_log("reload refused", n + 1);
     assert!(gw
         .log()
         .contains("refused: a FIFO (named pipe), not a regular file"));
     std::fs::remove_file(branch.config()).unwrap();
     std::fs::write(branch.config(), &valid).unwrap();
-    hangup(&gw);
-    wait_log(&gw, "configuration reloaded", 1);
+    gw.hangup();
+    gw.wait_log("configuration reloaded", 1);
     assert!(gw.is_running());
     // The running config stayed: the device logs in with its password.
     drop(connect(branch.port, "k1", DEVICE_PW).await);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
     assert_no_secret("the log", &log);
-}
-
-fn hangup(gw: &Gateway) {
-    assert!(Command::new("kill")
-        .args(["-HUP", &gw.pid().to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
-fn wait_log(gw: &Gateway, needle: &str, times: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.log().matches(needle).count() < times {
-        assert!(Instant::now() < deadline, "no {needle:?}:\n{}", gw.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn mkfifo(path: &Path) {

@@ -3,6 +3,7 @@
 //! binary. The figures in the DOM (by their `data-metric`) equal the API's; a gate pass
 //! reaches the open lobby page within 2 s without a reload; the dashboard shows a device
 //! going offline; every request the browser makes goes to the gateway on 127.0.0.1.
+//! A reload that changes the figures reaches an open screen.
 //! Screenshots of both pages at 1920x1080 (and the lobby at 1080x1920, where every figure
 //! must still be on screen) go to `target/screenshots/`.
 
@@ -454,6 +455,87 @@ fn the_lobby_and_the_dashboard_in_a_browser() {
         );
     }
     drop(kiosk);
+    let (status, log) = gw.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// A reload that changes which figures the lobby shows reaches a screen already open: it
+/// loads itself again and shows the new figure, without anyone touching it.
+#[test]
+fn an_open_lobby_loads_itself_again_when_a_reload_changes_its_figures() {
+    let gate_profile = |rollups: &str| {
+        format!(
+            r#"{{"name": "test-gate", "description": "a gate",
+  "telemetry": {{"max_bytes": 256, "fields": {{"delta_in": {{"type": "integer"}}, "delta_out": {{"type": "integer"}}}}}},
+  "rollups": [{rollups}]}}"#
+        )
+    };
+    let visitors_in =
+        r#"{"metric": "visitors_in", "kind": "telemetry", "op": "sum", "field": "delta_in"}"#;
+    let visitors_out =
+        r#"{"metric": "visitors_out", "kind": "telemetry", "op": "sum", "field": "delta_out"}"#;
+    let api = free_port();
+    let branch = Branch::with_extra(
+        &[device("gate-1", "test-gate")],
+        &format!("[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n"),
+    );
+    let profile = branch.dir.path().join("profiles/test-gate.json");
+    std::fs::write(&profile, gate_profile(visitors_in)).unwrap();
+    let gw = branch.start();
+    let mut gate1 = Mqtt::connect(branch.port, "gate-1");
+    gate1.publish(
+        "devices/gate-1/telemetry",
+        r#"{"delta_in":5,"delta_out":2}"#,
+    );
+
+    let mut b = Browser::start(1920, 1080);
+    b.open(&format!("http://127.0.0.1:{api}/lobby"));
+    let shown = b.wait(
+        "document.querySelector('[data-metric=\"visitors_in\"]').textContent",
+        5,
+        |v| v == "5",
+    );
+    assert_eq!(shown, "5", "{}", gw.log());
+    assert_eq!(b.eval("document.body.dataset.layout"), "visitors_in+hourly");
+    assert_eq!(
+        b.eval("document.querySelectorAll('[data-metric=\"occupancy\"]').length"),
+        0
+    );
+    b.eval("window.__drawn_before_the_reload = true");
+
+    std::fs::write(
+        &profile,
+        gate_profile(&format!("{visitors_in}, {visitors_out}")),
+    )
+    .unwrap();
+    gw.hangup();
+    gw.wait_log("configuration reloaded", 1);
+    // The stream tells the page at once; it checks the page answers, then loads it again.
+    let layout = b.wait(
+        "document.readyState === 'complete' && document.body.dataset.layout",
+        10,
+        |v| v == "visitors_in,occupancy+hourly",
+    );
+    assert_eq!(layout, "visitors_in,occupancy+hourly", "{}", gw.log());
+    assert_eq!(
+        b.eval("window.__drawn_before_the_reload === undefined"),
+        true,
+        "the page was loaded again"
+    );
+    // The new figure counts from the reload on (what was committed before had no
+    // visitors_out rollup): 5 in before; 1 in and 4 out after it.
+    gate1.publish(
+        "devices/gate-1/telemetry",
+        r#"{"delta_in":1,"delta_out":4}"#,
+    );
+    let occupancy = b.wait(
+        "(document.querySelector('[data-metric=\"occupancy\"]') || {}).textContent",
+        5,
+        |v| v == "2",
+    );
+    assert_eq!(occupancy, "2");
+    assert_eq!(b.metrics()["visitors_in"], "6");
+    drop(gate1);
     let (status, log) = gw.terminate();
     assert!(status.success(), "{log}");
 }

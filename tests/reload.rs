@@ -20,22 +20,6 @@ async fn refused(port: u16, id: &str, password: &str) -> bool {
     !matches!(c.connack().await, Ok(rumqttc::ConnectReturnCode::Success))
 }
 
-fn hangup(gw: &Gateway) {
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &gw.pid().to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
-fn wait_log(gw: &Gateway, needle: &str, times: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.log().matches(needle).count() < times {
-        assert!(Instant::now() < deadline, "no {needle:?}:\n{}", gw.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
     let a = device("kiosk-a", "test-sensor");
@@ -61,8 +45,8 @@ async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
         .unwrap()
         .replace("log_level = \"info\"", "log_level = \"debug\"");
     std::fs::write(branch.config(), text).unwrap();
-    hangup(&gw);
-    wait_log(&gw, "configuration reloaded", 1);
+    gw.hangup();
+    gw.wait_log("configuration reloaded", 1);
     let log = gw.log();
     assert!(
         log.contains(r#"added=["kiosk-d"] removed=["kiosk-c"] changed=["kiosk-b"]"#),
@@ -124,8 +108,8 @@ async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
 
     // An invalid file is refused; the running config (with D) stays.
     std::fs::write(branch.config(), "[gateway\nbranch_id = ").unwrap();
-    hangup(&gw);
-    wait_log(&gw, "reload refused", 1);
+    gw.hangup();
+    gw.wait_log("reload refused", 1);
     assert!(gw.is_running());
     send(&mut ca, &a.id, 10, 2).await;
     let _cd2 = connect(branch.port, &d.id, &d.password).await;
@@ -201,8 +185,8 @@ fn the_live_figures_follow_the_profiles_rollups_on_sighup() {
     assert_eq!(layout_seen(), "visitors_in+hourly");
 
     std::fs::write(&profile, gate(&format!("{visitors_in}, {visitors_out}"))).unwrap();
-    hangup(&gw);
-    wait_log(&gw, "configuration reloaded", 1);
+    gw.hangup();
+    gw.wait_log("configuration reloaded", 1);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let page = lobby();

@@ -245,6 +245,20 @@ impl Gateway {
         assert!(ok.success());
     }
 
+    /// SIGHUP: reload the configuration.
+    pub fn hangup(&self) {
+        self.signal("-HUP");
+    }
+
+    /// Wait (at most 10 s) until `needle` is in the log `times` times.
+    pub fn wait_log(&self, needle: &str, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches(needle).count() < times {
+            assert!(Instant::now() < deadline, "no {needle:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then wait (at most 15 s) for the exit status.
     pub fn terminate(self) -> (ExitStatus, String) {
         self.terminate_within(Duration::from_secs(15))
