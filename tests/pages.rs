@@ -463,24 +463,12 @@ fn the_lobby_and_the_dashboard_in_a_browser() {
 /// loads itself again and shows the new figure, without anyone touching it.
 #[test]
 fn an_open_lobby_loads_itself_again_when_a_reload_changes_its_figures() {
-    let gate_profile = |rollups: &str| {
-        format!(
-            r#"{{"name": "test-gate", "description": "a gate",
-  "telemetry": {{"max_bytes": 256, "fields": {{"delta_in": {{"type": "integer"}}, "delta_out": {{"type": "integer"}}}}}},
-  "rollups": [{rollups}]}}"#
-        )
-    };
-    let visitors_in =
-        r#"{"metric": "visitors_in", "kind": "telemetry", "op": "sum", "field": "delta_in"}"#;
-    let visitors_out =
-        r#"{"metric": "visitors_out", "kind": "telemetry", "op": "sum", "field": "delta_out"}"#;
     let api = free_port();
     let branch = Branch::with_extra(
         &[device("gate-1", "test-gate")],
         &format!("[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n"),
     );
-    let profile = branch.dir.path().join("profiles/test-gate.json");
-    std::fs::write(&profile, gate_profile(visitors_in)).unwrap();
+    branch.write_test_gate(false);
     let gw = branch.start();
     let mut gate1 = Mqtt::connect(branch.port, "gate-1");
     gate1.publish(
@@ -503,11 +491,7 @@ fn an_open_lobby_loads_itself_again_when_a_reload_changes_its_figures() {
     );
     b.eval("window.__drawn_before_the_reload = true");
 
-    std::fs::write(
-        &profile,
-        gate_profile(&format!("{visitors_in}, {visitors_out}")),
-    )
-    .unwrap();
+    branch.write_test_gate(true);
     gw.hangup();
     gw.wait_log("configuration reloaded", 1);
     // The stream tells the page at once; it checks the page answers, then loads it again.

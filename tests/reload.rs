@@ -132,24 +132,12 @@ async fn devices_change_on_sighup_and_an_invalid_config_is_refused() {
 #[test]
 fn the_live_figures_follow_the_profiles_rollups_on_sighup() {
     const TOKEN: &str = "reload-test-token-0123456789";
-    let gate = |rollups: &str| {
-        format!(
-            r#"{{"name": "test-gate", "description": "a gate",
-  "telemetry": {{"max_bytes": 256, "fields": {{"delta_in": {{"type": "integer"}}, "delta_out": {{"type": "integer"}}}}}},
-  "rollups": [{rollups}]}}"#
-        )
-    };
-    let visitors_in =
-        r#"{"metric": "visitors_in", "kind": "telemetry", "op": "sum", "field": "delta_in"}"#;
-    let visitors_out =
-        r#"{"metric": "visitors_out", "kind": "telemetry", "op": "sum", "field": "delta_out"}"#;
     let api = free_port();
     let branch = Branch::with_extra(
         &[device("gate-1", "test-gate")],
         &format!("[api]\nlisten = \"127.0.0.1:{api}\"\ntoken = \"{TOKEN}\"\n"),
     );
-    let profile = branch.dir.path().join("profiles/test-gate.json");
-    std::fs::write(&profile, gate(visitors_in)).unwrap();
+    branch.write_test_gate(false);
     let gw = branch.start();
     let lobby = || http_get(api, "/lobby", None).1;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -184,7 +172,7 @@ fn the_live_figures_follow_the_profiles_rollups_on_sighup() {
     };
     assert_eq!(layout_seen(), "visitors_in+hourly");
 
-    std::fs::write(&profile, gate(&format!("{visitors_in}, {visitors_out}"))).unwrap();
+    branch.write_test_gate(true);
     gw.hangup();
     gw.wait_log("configuration reloaded", 1);
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -105,6 +105,26 @@ impl Branch {
         self.dir.path().join("gateway.toml")
     }
 
+    /// Write the profile `test-gate` (telemetry `delta_in`, `delta_out`): its rollups are
+    /// `visitors_in`, and `visitors_out` too when `with_visitors_out` (which makes the live
+    /// figures show occupancy).
+    pub fn write_test_gate(&self, with_visitors_out: bool) {
+        let visitors_in =
+            r#"{"metric": "visitors_in", "kind": "telemetry", "op": "sum", "field": "delta_in"}"#;
+        let visitors_out = r#", {"metric": "visitors_out", "kind": "telemetry", "op": "sum", "field": "delta_out"}"#;
+        let rollups = if with_visitors_out {
+            format!("{visitors_in}{visitors_out}")
+        } else {
+            visitors_in.to_owned()
+        };
+        let profile = format!(
+            r#"{{"name": "test-gate", "description": "a gate",
+  "telemetry": {{"max_bytes": 256, "fields": {{"delta_in": {{"type": "integer"}}, "delta_out": {{"type": "integer"}}}}}},
+  "rollups": [{rollups}]}}"#
+        );
+        std::fs::write(self.dir.path().join("profiles/test-gate.json"), profile).unwrap();
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("data/branch-gateway.sqlite")
     }
