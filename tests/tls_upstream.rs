@@ -90,7 +90,7 @@ fn start_tls_central(
 
 fn tls_upstream(tls_port: u16, prefix: &str, ca_file: &Path) -> String {
     format!(
-        "[upstream]\nurl = \"mqtts://localhost:{tls_port}\"\nclient_id = \"gw-tls-{tls_port}\"\ntopic_prefix = \"{prefix}\"\npush_summaries = false\nca_file = \"{}\"\n",
+        "[upstream]\nurl = \"mqtts://127.0.0.1:{tls_port}\"\nclient_id = \"gw-tls-{tls_port}\"\ntopic_prefix = \"{prefix}\"\npush_summaries = false\nca_file = \"{}\"\n",
         ca_file.display()
     )
 }
