@@ -14,24 +14,14 @@ use common::*;
 use std::io::{BufRead, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 const TOKEN: &str = "pages-test-token-0123456789";
 
-/// Headless Chromium with a DevTools connection to one page.
-/// A child killed when dropped (so a failing test never leaves a browser running).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// Headless Chromium with a DevTools connection to one page (killed when dropped).
 struct Browser {
     _child: Killed,
     ws: tungstenite::WebSocket<TcpStream>,

@@ -349,13 +349,6 @@ fn a_third_party_sip2_server_as_the_ils() {
     let python = std::env::var_os("BRANCH_GATEWAY_PYSIP2_PYTHON")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target/pysip2-venv/bin/python"));
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let mut ils = Killed(
         std::process::Command::new(&python)
             .arg(root.join("tests/fixtures/pysip2_ils.py"))

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -57,7 +57,7 @@ fn start_tls_central(
     tls_port: u16,
     plain_port: u16,
     require_client_cert: bool,
-) -> Child {
+) -> Killed {
     std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
     std::fs::write(dir.join("server.pem"), &pki.server_pem).unwrap();
     std::fs::write(dir.join("server.key"), &pki.server_key).unwrap();
@@ -71,13 +71,15 @@ fn start_tls_central(
         ),
     )
     .unwrap();
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = Killed(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     for port in [tls_port, plain_port] {
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -128,7 +130,7 @@ async fn tls_with_the_right_ca_delivers_and_a_wrong_ca_sends_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki();
     let (tls_port, plain_port) = (free_port(), free_port());
-    let mut central = start_tls_central(dir.path(), &pki, tls_port, plain_port, false);
+    let central = start_tls_central(dir.path(), &pki, tls_port, plain_port, false);
     let mut consumer = Consumer::start(plain_port, "library/tls").await;
 
     // The right CA: messages arrive.
@@ -202,8 +204,7 @@ async fn tls_with_the_right_ca_delivers_and_a_wrong_ca_sends_nothing() {
         err.contains("upstream.ca_file") && err.contains("garbage.pem"),
         "{err}"
     );
-    let _ = central.kill();
-    let _ = central.wait();
+    drop(central);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -211,7 +212,7 @@ async fn a_broker_that_requires_client_certificates_accepts_the_configured_one()
     let dir = tempfile::tempdir().unwrap();
     let pki = make_pki();
     let (tls_port, plain_port) = (free_port(), free_port());
-    let mut central = start_tls_central(dir.path(), &pki, tls_port, plain_port, true);
+    let central = start_tls_central(dir.path(), &pki, tls_port, plain_port, true);
     std::fs::write(dir.path().join("client.pem"), &pki.client_pem).unwrap();
     std::fs::write(dir.path().join("client.key"), &pki.client_key).unwrap();
     let ca_file = dir.path().join("ca.pem");
@@ -268,6 +269,5 @@ async fn a_broker_that_requires_client_certificates_accepts_the_configured_one()
     refused_and_still_buffered(&branch, &gw, "m2", &mut refused_consumer).await;
     let (ok, _) = gw.terminate();
     assert!(ok.success());
-    let _ = central.kill();
-    let _ = central.wait();
+    drop(central);
 }

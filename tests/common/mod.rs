@@ -239,6 +239,16 @@ fn crate_time() -> u128 {
         .as_nanos()
 }
 
+/// A child process killed when dropped: a failing test never leaves it running.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct Gateway {
     child: Option<Child>,
     log: PathBuf,
