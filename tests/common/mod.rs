@@ -27,25 +27,6 @@ pub const TEST_PROFILE: &str = r#"{
   }}
 }"#;
 
-/// A free TCP port on loopback (bound and released; the gateway binds it right after).
-/// Never the same port twice in one process: the kernel may hand a released port out
-/// again at once, and two listeners of one config on one port are refused.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct Device {
     pub id: String,
@@ -684,6 +665,12 @@ pub fn upstream_section(port: u16, prefix: &str) -> String {
         "[upstream]\nurl = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"gw-test-{port}\"\ntopic_prefix = \"{prefix}\"\npush_summaries = false\n"
     )
 }
+
+/// Free loopback ports (shared with the benchmarks).
+#[path = "../../examples/support/ports.rs"]
+mod ports;
+#[allow(unused_imports)] // not every binary that includes this asks for a port
+pub use ports::free_port;
 
 /// Raw MQTT packets (shared with the fuzzer and the attack benchmark).
 #[path = "../../examples/support/mqtt.rs"]
